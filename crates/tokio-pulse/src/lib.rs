@@ -1,0 +1,1 @@
+//! Tokio-Pulse: CPU supervision for Tokio tasks.
