@@ -18,4 +18,10 @@
 pub mod budget;
 pub mod clock;
 pub mod isolation;
+pub mod supervise;
 pub mod tier;
+
+pub use supervise::{
+    JoinHandle, Supervisor, SupervisorConfig, SupervisorError, TaskStats, WorkerInfo,
+};
+pub use tier::{Tier, TierConfig};

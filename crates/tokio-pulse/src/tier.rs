@@ -374,7 +374,6 @@ pub struct WorkerStats {
     tasks: AtomicU64,
 }
 
-#[allow(dead_code)] // used by the supervisor (next step)
 impl WorkerStats {
     /// Adds `n` polls (single writer: a load and a store, no atomic read-modify-write).
     #[inline]

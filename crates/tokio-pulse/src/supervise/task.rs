@@ -1,0 +1,482 @@
+//! A supervised task: the timed poll, the Yield action, migration to and from the isolation
+//! runtime, and the join handle.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use crate::budget::TaskBudget;
+use crate::tier::{Tier, Transition};
+
+use super::worker::{WorkerSlot, slot_for_current_thread, thread_key};
+use super::{Core, Shared, telemetry};
+
+/// What other threads can see of a task.
+#[derive(Debug)]
+pub(crate) struct TaskShared {
+    pub(crate) id: u64,
+    pub(crate) label: String,
+    pub(crate) tier: AtomicU8,
+    pub(crate) cpu_ns: AtomicU64,
+    pub(crate) polls: AtomicU64,
+    pub(crate) violations: AtomicU64,
+    pub(crate) migrations: AtomicU64,
+    pub(crate) isolated: AtomicBool,
+}
+
+impl TaskShared {
+    pub(crate) fn new(id: u64, label: String) -> Self {
+        Self {
+            id,
+            label,
+            tier: AtomicU8::new(Tier::Monitor as u8),
+            cpu_ns: AtomicU64::new(0),
+            polls: AtomicU64::new(0),
+            violations: AtomicU64::new(0),
+            migrations: AtomicU64::new(0),
+            isolated: AtomicBool::new(false),
+        }
+    }
+
+    fn stats(&self) -> TaskStats {
+        TaskStats {
+            id: self.id,
+            tier: Tier::from_u8(self.tier.load(Ordering::Relaxed)),
+            polls: self.polls.load(Ordering::Relaxed),
+            violations: self.violations.load(Ordering::Relaxed),
+            cpu_time: Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed)),
+            migrations: self.migrations.load(Ordering::Relaxed),
+            isolated: self.isolated.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A snapshot of what the supervisor knows about one task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskStats {
+    /// The supervisor's id of the task.
+    pub id: u64,
+    /// Its tier.
+    pub tier: Tier,
+    /// Polls so far (published every few dozen polls and at every tier change).
+    pub polls: u64,
+    /// Polls over budget.
+    pub violations: u64,
+    /// CPU time charged to it by sampling.
+    pub cpu_time: Duration,
+    /// Moves between the runtimes.
+    pub migrations: u64,
+    /// Whether it is on the isolation runtime now.
+    pub isolated: bool,
+}
+
+/// What a timed poll asks of the side that polls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Continue,
+    Yield,
+    Isolate,
+    Return,
+}
+
+/// Poll counts are published, and a poll duration sampled, once in `PUBLISH_MASK + 1` polls.
+const PUBLISH_MASK: u64 = 63;
+
+/// The watcher that travels with a task's future between runtimes.
+pub(crate) struct Watch {
+    core: Arc<Core>,
+    task: Arc<TaskShared>,
+    budget: TaskBudget,
+    /// Raw clock reading at which to review the tier (u64::MAX at Monitor).
+    review_at: u64,
+    key: u64,
+    slot: Option<Arc<WorkerSlot>>,
+    polls: u64,
+    published_polls: u64,
+    isolated: bool,
+}
+
+impl Watch {
+    pub(crate) fn new(core: Arc<Core>, task: Arc<TaskShared>) -> Self {
+        let budget = TaskBudget::new(core.now_ns());
+        Self {
+            core,
+            task,
+            budget,
+            review_at: u64::MAX,
+            key: 0,
+            slot: None,
+            polls: 0,
+            published_polls: 0,
+            isolated: false,
+        }
+    }
+
+    #[cold]
+    fn switch_slot(&mut self, key: u64) {
+        let slot = slot_for_current_thread(self.core.id, &self.core.workers);
+        if self.polls == 0 {
+            slot.stats.add_task();
+        }
+        self.slot = Some(slot);
+        self.key = key;
+    }
+
+    /// Polls `fut` once, timed, and decides what the task must do next.
+    #[inline]
+    fn poll<F: Future + ?Sized>(
+        &mut self,
+        fut: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> (Poll<F::Output>, Action) {
+        let key = thread_key();
+        if key != self.key || self.slot.is_none() {
+            self.switch_slot(key);
+        }
+        let Some(slot) = self.slot.as_deref() else {
+            return (fut.poll(cx), Action::Continue);
+        };
+        let core = &*self.core;
+        let guard = slot.enter(self.task.id);
+        let start = core.clock.raw();
+        let result = fut.poll(cx);
+        let end = core.clock.raw();
+        drop(guard);
+        slot.stats.add_polls(1);
+        let over = end.wrapping_sub(start) > core.budget_ticks || end >= self.review_at;
+        self.polls += 1;
+        let action = if over {
+            self.slow_path(start, end)
+        } else {
+            Action::Continue
+        };
+        if self.polls & PUBLISH_MASK == 0 {
+            self.publish(start, end);
+        }
+        (result, action)
+    }
+
+    #[cold]
+    fn publish(&mut self, start: u64, end: u64) {
+        self.core
+            .metrics
+            .poll_duration
+            .record(self.core.clock.nanos_between(start, end) as f64 / 1e9);
+        let delta = self.polls - self.published_polls;
+        self.published_polls = self.polls;
+        self.task.polls.fetch_add(delta, Ordering::Relaxed);
+        self.core.metrics.polls.increment(delta);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn slow_path(&mut self, start: u64, end: u64) -> Action {
+        let core = Arc::clone(&self.core);
+        let poll_ns = core.clock.nanos_between(start, end);
+        let now = core.ns_at(end);
+        let mut changes: Option<Transition> = None;
+        if core.tiers.is_violation(poll_ns) {
+            if let Some(slot) = &self.slot {
+                slot.stats.add_violation();
+            }
+            changes = core.tiers.on_poll(&mut self.budget, poll_ns, now);
+            let tier = self.budget.tier();
+            self.task.violations.fetch_add(1, Ordering::Relaxed);
+            core.metrics.violation(tier);
+            core.metrics.poll_duration.record(poll_ns as f64 / 1e9);
+            if tier == Tier::Warn || changes.is_some() {
+                tracing::warn!(
+                    task = %self.task.label,
+                    poll_us = poll_ns / 1_000,
+                    budget_us = core.tiers.config().poll_budget.as_micros() as u64,
+                    tier = %tier,
+                    "tokio-pulse: poll over budget"
+                );
+            }
+            self.review_at = if tier == Tier::Monitor {
+                u64::MAX
+            } else {
+                end.saturating_add(core.ticks_for_ns(duration_ns(core.tiers.config().cooldown)))
+            };
+        } else if end >= self.review_at {
+            let review = core.tiers.review(&mut self.budget, now);
+            changes = review.change;
+            self.review_at = if review.next_review_ns == u64::MAX {
+                u64::MAX
+            } else {
+                end.saturating_add(core.ticks_for_ns(review.next_review_ns.saturating_sub(now)))
+            };
+        }
+        if let Some(change) = changes {
+            self.task.tier.store(change.to as u8, Ordering::Relaxed);
+            core.count_tier(change);
+            telemetry::transition(&self.task.label, change);
+            if change.to < change.from {
+                tracing::info!(task = %self.task.label, from = %change.from, to = %change.to, "tokio-pulse: task behaves, tier lowered");
+            }
+        }
+        let tier = self.budget.tier();
+        match (self.isolated, tier) {
+            (false, Tier::Isolate) => Action::Isolate,
+            (false, Tier::Yield) if core.tiers.is_violation(poll_ns) => Action::Yield,
+            (true, t) if t < Tier::Isolate => Action::Return,
+            _ => Action::Continue,
+        }
+    }
+
+    fn finish(&mut self) {
+        let delta = self.polls - self.published_polls;
+        self.published_polls = self.polls;
+        self.task.polls.fetch_add(delta, Ordering::Relaxed);
+        self.core.metrics.polls.increment(delta);
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // Whether finished, cancelled or panicked: the task leaves its tier.
+        self.core.task_gone(&self.task, self.budget.tier());
+    }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What comes back from the isolation runtime.
+enum Back<T> {
+    Done(T),
+    Returned(BoxFuture<T>, Box<Watch>),
+}
+
+/// The part that runs on the isolation runtime.
+struct IsolatedRun<T> {
+    fut: Option<BoxFuture<T>>,
+    watch: Option<Box<Watch>>,
+}
+
+impl<T> Future for IsolatedRun<T> {
+    type Output = Back<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Back<T>> {
+        let this = self.get_mut();
+        let (Some(fut), Some(watch)) = (this.fut.as_mut(), this.watch.as_mut()) else {
+            return Poll::Pending;
+        };
+        let (result, action) = watch.poll(fut.as_mut(), cx);
+        match result {
+            Poll::Ready(out) => {
+                watch.finish();
+                Poll::Ready(Back::Done(out))
+            }
+            Poll::Pending if action == Action::Return => {
+                match (this.fut.take(), this.watch.take()) {
+                    (Some(fut), Some(mut watch)) => {
+                        watch.isolated = false;
+                        watch.task.isolated.store(false, Ordering::Relaxed);
+                        watch.task.migrations.fetch_add(1, Ordering::Relaxed);
+                        telemetry::migration("return");
+                        // It was pending on something that will wake this task; make sure the
+                        // anchor polls it once itself so the waker is the anchor's.
+                        Poll::Ready(Back::Returned(fut, watch))
+                    }
+                    _ => Poll::Pending,
+                }
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+enum Stage<T> {
+    Local {
+        fut: BoxFuture<T>,
+        watch: Box<Watch>,
+        yield_next: bool,
+    },
+    Away(tokio::task::JoinHandle<Back<T>>),
+    Done,
+}
+
+/// The task spawned on the caller's runtime. It owns the join handle's side of the task
+/// wherever the future runs.
+pub(crate) struct Anchor<T> {
+    stage: Stage<T>,
+    shared: Arc<Shared>,
+}
+
+impl<T: Send + 'static> Anchor<T> {
+    pub(crate) fn new(fut: BoxFuture<T>, watch: Watch, shared: Arc<Shared>) -> Self {
+        Self {
+            stage: Stage::Local {
+                fut,
+                watch: Box::new(watch),
+                yield_next: false,
+            },
+            shared,
+        }
+    }
+
+    fn migrate(&mut self) {
+        let Stage::Local { .. } = &self.stage else {
+            return;
+        };
+        let Some(runtime) = self.shared.isolation_runtime() else {
+            return;
+        };
+        let Stage::Local { fut, mut watch, .. } = std::mem::replace(&mut self.stage, Stage::Done)
+        else {
+            return;
+        };
+        watch.isolated = true;
+        watch.slot = None;
+        watch.key = 0;
+        watch.task.isolated.store(true, Ordering::Relaxed);
+        watch.task.migrations.fetch_add(1, Ordering::Relaxed);
+        telemetry::migration("isolate");
+        let run = IsolatedRun {
+            fut: Some(fut),
+            watch: Some(watch),
+        };
+        match runtime.spawn(run) {
+            Some(handle) => self.stage = Stage::Away(handle),
+            None => {
+                // Cannot happen while the runtime lives; the future is lost with the spawn.
+                tracing::error!("tokio-pulse: isolation runtime unavailable during migration");
+            }
+        }
+    }
+}
+
+impl<T: Send + 'static> Future for Anchor<T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.stage {
+                Stage::Local {
+                    fut,
+                    watch,
+                    yield_next,
+                } => {
+                    if *yield_next {
+                        *yield_next = false;
+                        // Give way once: tokio reschedules a yielding task behind the
+                        // worker's queue and after its timers and I/O.
+                        let mut y = std::pin::pin!(tokio::task::yield_now());
+                        if y.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                    }
+                    let (result, action) = watch.poll(fut.as_mut(), cx);
+                    if let Poll::Ready(out) = result {
+                        watch.finish();
+                        this.stage = Stage::Done;
+                        return Poll::Ready(out);
+                    }
+                    match action {
+                        Action::Yield => {
+                            *yield_next = true;
+                            return Poll::Pending;
+                        }
+                        Action::Isolate => {
+                            this.migrate();
+                            if matches!(this.stage, Stage::Local { .. }) {
+                                return Poll::Pending;
+                            }
+                        }
+                        Action::Continue | Action::Return => return Poll::Pending,
+                    }
+                }
+                Stage::Away(handle) => match Pin::new(handle).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(Back::Done(out))) => {
+                        this.stage = Stage::Done;
+                        return Poll::Ready(out);
+                    }
+                    Poll::Ready(Ok(Back::Returned(fut, watch))) => {
+                        this.stage = Stage::Local {
+                            fut,
+                            watch,
+                            yield_next: false,
+                        };
+                    }
+                    Poll::Ready(Err(err)) => {
+                        this.stage = Stage::Done;
+                        if err.is_panic() {
+                            // The original panic, payload and all, reaches the join handle.
+                            std::panic::resume_unwind(err.into_panic());
+                        }
+                        // The isolation runtime lives as long as this anchor holds `shared`,
+                        // so only an abort of the isolated task gets here.
+                        std::panic::resume_unwind(Box::new(
+                            "tokio-pulse: isolated task was cancelled by its runtime",
+                        ));
+                    }
+                },
+                Stage::Done => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<T> Drop for Anchor<T> {
+    fn drop(&mut self) {
+        // Cancellation of the handle reaches the future wherever it runs.
+        if let Stage::Away(handle) = &self.stage {
+            handle.abort();
+        }
+    }
+}
+
+/// An owned permission to await a supervised task, like [`tokio::task::JoinHandle`].
+///
+/// Awaiting it gives the task's output, or a [`tokio::task::JoinError`] when the task
+/// panicked (with the original payload, also when it panicked on the isolation runtime) or
+/// was aborted. Dropping it detaches the task.
+#[derive(Debug)]
+pub struct JoinHandle<T> {
+    pub(crate) inner: tokio::task::JoinHandle<T>,
+    pub(crate) task: Arc<TaskShared>,
+}
+
+impl<T> JoinHandle<T> {
+    /// Cancels the task wherever it runs; its future is dropped.
+    pub fn abort(&self) {
+        self.inner.abort();
+    }
+
+    /// Whether the task has finished.
+    pub fn is_finished(&self) -> bool {
+        self.inner.is_finished()
+    }
+
+    /// The supervisor's id of the task.
+    pub fn id(&self) -> u64 {
+        self.task.id
+    }
+
+    /// The task's tier now.
+    pub fn tier(&self) -> Tier {
+        Tier::from_u8(self.task.tier.load(Ordering::Relaxed))
+    }
+
+    /// What the supervisor knows about the task now.
+    pub fn stats(&self) -> TaskStats {
+        self.task.stats()
+    }
+}
+
+impl<T> Future for JoinHandle<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.inner).poll(cx)
+    }
+}

@@ -1,0 +1,80 @@
+//! Metric names and handles. Everything goes through the `metrics` facade; install a recorder
+//! before creating the [`Supervisor`](super::Supervisor) so its cached handles reach it.
+//!
+//! | name | kind | labels | meaning |
+//! |---|---|---|---|
+//! | `tokio_pulse_task_tier` | gauge | `task` | tier of a task (0 Monitor … 3 Isolate) |
+//! | `tokio_pulse_tasks` | gauge | `tier` | live supervised tasks in each tier |
+//! | `tokio_pulse_violations_total` | counter | `tier` | polls over budget, by the tier after the poll |
+//! | `tokio_pulse_tier_transitions_total` | counter | `from`, `to` | tier changes |
+//! | `tokio_pulse_migrations_total` | counter | `direction` (`isolate`, `return`) | moves between runtimes |
+//! | `tokio_pulse_polls_total` | counter | | supervised polls |
+//! | `tokio_pulse_poll_duration_seconds` | histogram | | every poll over budget, and one in 64 of the others |
+//! | `tokio_pulse_isolation_cpu_seconds` | gauge | | CPU time used by the isolation runtime's threads |
+//! | `tokio_pulse_isolation_cpu_percent` | gauge | | their share of the machine since the previous sample |
+
+use metrics::{Counter, Histogram};
+
+use crate::tier::{Tier, Transition};
+
+/// Gauge: tier of a task.
+pub const TASK_TIER: &str = "tokio_pulse_task_tier";
+/// Gauge: live tasks per tier.
+pub const TASKS: &str = "tokio_pulse_tasks";
+/// Counter: violations.
+pub const VIOLATIONS: &str = "tokio_pulse_violations_total";
+/// Counter: tier transitions.
+pub const TRANSITIONS: &str = "tokio_pulse_tier_transitions_total";
+/// Counter: migrations.
+pub const MIGRATIONS: &str = "tokio_pulse_migrations_total";
+/// Counter: supervised polls.
+pub const POLLS: &str = "tokio_pulse_polls_total";
+/// Histogram: poll duration in seconds.
+pub const POLL_DURATION: &str = "tokio_pulse_poll_duration_seconds";
+/// Gauge: CPU seconds of the isolation runtime.
+pub const ISOLATION_CPU_SECONDS: &str = "tokio_pulse_isolation_cpu_seconds";
+/// Gauge: CPU percent of the isolation runtime.
+pub const ISOLATION_CPU_PERCENT: &str = "tokio_pulse_isolation_cpu_percent";
+
+/// Handles resolved once.
+#[derive(Debug)]
+pub(crate) struct Handles {
+    pub(crate) poll_duration: Histogram,
+    pub(crate) polls: Counter,
+    violations: [Counter; 4],
+}
+
+impl Handles {
+    pub(crate) fn new() -> Self {
+        Self {
+            poll_duration: metrics::histogram!(POLL_DURATION),
+            polls: metrics::counter!(POLLS),
+            violations: Tier::ALL.map(|t| metrics::counter!(VIOLATIONS, "tier" => t.as_str())),
+        }
+    }
+
+    pub(crate) fn violation(&self, tier: Tier) {
+        self.violations[tier as usize].increment(1);
+    }
+}
+
+pub(crate) fn transition(task_label: &str, change: Transition) {
+    metrics::counter!(TRANSITIONS, "from" => change.from.as_str(), "to" => change.to.as_str())
+        .increment(1);
+    metrics::gauge!(TASK_TIER, "task" => task_label.to_owned()).set(f64::from(change.to as u8));
+}
+
+pub(crate) fn migration(direction: &'static str) {
+    metrics::counter!(MIGRATIONS, "direction" => direction).increment(1);
+}
+
+pub(crate) fn tier_counts(counts: [u64; 4]) {
+    for (tier, count) in Tier::ALL.iter().zip(counts) {
+        metrics::gauge!(TASKS, "tier" => tier.as_str()).set(count as f64);
+    }
+}
+
+pub(crate) fn isolation_cpu(total_ns: u64, percent: f32) {
+    metrics::gauge!(ISOLATION_CPU_SECONDS).set(total_ns as f64 / 1e9);
+    metrics::gauge!(ISOLATION_CPU_PERCENT).set(f64::from(percent));
+}
