@@ -1,3 +1,56 @@
-fn main() {
-    println!("Hello, world!");
+//! `pulseflow-bench`: side-by-side benchmarks of pulseflow and Tokio-Pulse against baselines
+//! measured in the same process and run.
+//!
+//! Every scenario prints a readable table and, as its very last line, one JSON object whose
+//! ratios (`vs_*`) compare pulseflow with the baselines of the same run.
+//!
+//! ```text
+//! cargo run --release -p pulseflow-bench -- linear --quick
+//! ```
+
+mod report;
+mod scenarios;
+
+use clap::{Parser, Subcommand};
+
+/// Command line of the benchmark binary.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pulseflow-bench",
+    about = "Benchmarks pulseflow against baselines in one run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+/// Options shared by every scenario.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonOpts {
+    /// Run a smaller workload that finishes well under a minute.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Source -> map -> filter -> sink against hand-written channel chains and a single loop.
+    Linear(CommonOpts),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.scenario {
+        Scenario::Linear(opts) => scenarios::linear::run(&opts),
+    };
+    match outcome {
+        Ok(report) => {
+            report.print();
+            std::process::ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("pulseflow-bench: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,257 @@
+//! `linear`: source of u64 -> map -> filter (keeps half) -> summing sink, through the public
+//! builder API, against three baselines doing the same work in the same process:
+//! a chain of tokio mpsc channels sending one item per message, the same chain sending
+//! `Vec` batches of 1024, and a single task running the loop.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use pulseflow::prelude::*;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::CommonOpts;
+use crate::report::{Report, per_sec};
+
+const BATCH: usize = 1024;
+const CHANNEL_MESSAGES: usize = 1024;
+
+#[inline]
+fn work(x: u64) -> u64 {
+    x.wrapping_mul(3)
+}
+
+#[inline]
+fn keep(x: &u64) -> bool {
+    x % 2 == 0
+}
+
+/// Sums what it receives and publishes the total when closed.
+struct SumSink {
+    sum: u64,
+    out: Arc<AtomicU64>,
+}
+
+impl Sink for SumSink {
+    type Item = u64;
+
+    async fn write(&mut self, item: Envelope<u64>) -> Result<(), ItemFailure<u64>> {
+        self.sum = self.sum.wrapping_add(item.payload);
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<(), StageError> {
+        self.out.store(self.sum, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+async fn pulseflow_run(n: u64) -> Result<(Duration, u64), String> {
+    let total = Arc::new(AtomicU64::new(0));
+    let mut p = PipelineBuilder::new("linear");
+    p.source("numbers", sources::iter(0..n))
+        .map("triple", work)
+        .filter("even", keep)
+        .sink(
+            "sum",
+            SumSink {
+                sum: 0,
+                out: total.clone(),
+            },
+        );
+    let pipeline = p.build().map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let result = ExecutionEngine::new()
+        .run(pipeline, ExecutionOptions::default().with_batch_size(BATCH))
+        .await;
+    let elapsed = started.elapsed();
+    if !result.success || !result.accounting.reconciles() {
+        return Err(format!("pulseflow run failed: {:?}", result.error));
+    }
+    Ok((elapsed, total.load(Ordering::Relaxed)))
+}
+
+async fn mpsc_per_item(n: u64) -> (Duration, u64) {
+    let started = Instant::now();
+    let (tx1, mut rx1) = mpsc::channel::<u64>(CHANNEL_MESSAGES);
+    let (tx2, mut rx2) = mpsc::channel::<u64>(CHANNEL_MESSAGES);
+    let (tx3, mut rx3) = mpsc::channel::<u64>(CHANNEL_MESSAGES);
+    let source = tokio::spawn(async move {
+        for x in 0..n {
+            if tx1.send(x).await.is_err() {
+                return;
+            }
+        }
+    });
+    let map = tokio::spawn(async move {
+        while let Some(x) = rx1.recv().await {
+            if tx2.send(work(x)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let filter = tokio::spawn(async move {
+        while let Some(x) = rx2.recv().await {
+            if keep(&x) && tx3.send(x).await.is_err() {
+                return;
+            }
+        }
+    });
+    let sink = tokio::spawn(async move {
+        let mut sum = 0u64;
+        while let Some(x) = rx3.recv().await {
+            sum = sum.wrapping_add(x);
+        }
+        sum
+    });
+    let _ = tokio::join!(source, map, filter);
+    let sum = sink.await.unwrap_or_default();
+    (started.elapsed(), sum)
+}
+
+async fn mpsc_batched(n: u64) -> (Duration, u64) {
+    let started = Instant::now();
+    let cap = CHANNEL_MESSAGES / BATCH * 8;
+    let (tx1, mut rx1) = mpsc::channel::<Vec<u64>>(cap.max(8));
+    let (tx2, mut rx2) = mpsc::channel::<Vec<u64>>(cap.max(8));
+    let (tx3, mut rx3) = mpsc::channel::<Vec<u64>>(cap.max(8));
+    let source = tokio::spawn(async move {
+        let mut x = 0;
+        while x < n {
+            let end = (x + BATCH as u64).min(n);
+            if tx1.send((x..end).collect()).await.is_err() {
+                return;
+            }
+            x = end;
+        }
+    });
+    let map = tokio::spawn(async move {
+        while let Some(v) = rx1.recv().await {
+            if tx2.send(v.into_iter().map(work).collect()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let filter = tokio::spawn(async move {
+        while let Some(mut v) = rx2.recv().await {
+            v.retain(keep);
+            if tx3.send(v).await.is_err() {
+                return;
+            }
+        }
+    });
+    let sink = tokio::spawn(async move {
+        let mut sum = 0u64;
+        while let Some(v) = rx3.recv().await {
+            for x in v {
+                sum = sum.wrapping_add(x);
+            }
+        }
+        sum
+    });
+    let _ = tokio::join!(source, map, filter);
+    let sum = sink.await.unwrap_or_default();
+    (started.elapsed(), sum)
+}
+
+async fn single_task(n: u64) -> (Duration, u64) {
+    let started = Instant::now();
+    let sum = tokio::spawn(async move {
+        let mut sum = 0u64;
+        for x in 0..n {
+            let y = work(std::hint::black_box(x));
+            if keep(&y) {
+                sum = sum.wrapping_add(y);
+            }
+        }
+        sum
+    })
+    .await
+    .unwrap_or_default();
+    (started.elapsed(), sum)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// Runs the scenario.
+pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
+    let n: u64 = if opts.quick { 2_000_000 } else { 10_000_000 };
+    let rounds = if opts.quick { 3 } else { 5 };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(pulseflow::policy::cores())
+        .enable_all()
+        .build()?;
+    let expected: u64 = (0..n).map(work).filter(keep).fold(0u64, u64::wrapping_add);
+    let mut times: [Vec<Duration>; 4] = Default::default();
+    rt.block_on(async {
+        for _ in 0..rounds {
+            let (t, s) = pulseflow_run(n).await?;
+            check(s, expected, "pulseflow")?;
+            times[0].push(t);
+            let (t, s) = mpsc_per_item(n).await;
+            check(s, expected, "mpsc per item")?;
+            times[1].push(t);
+            let (t, s) = mpsc_batched(n).await;
+            check(s, expected, "mpsc batched")?;
+            times[2].push(t);
+            let (t, s) = single_task(n).await;
+            check(s, expected, "single task")?;
+            times[3].push(t);
+        }
+        Ok::<(), String>(())
+    })?;
+    let rates: Vec<f64> = times
+        .into_iter()
+        .map(|t| n as f64 / median(t).as_secs_f64())
+        .collect();
+    let names = [
+        "pulseflow (builder, envelopes, batches)",
+        "tokio mpsc, one item per message",
+        "tokio mpsc, Vec batches of 1024",
+        "single task loop",
+    ];
+    let mut report = Report::new(
+        format!(
+            "linear: {n} items, source -> map -> filter(1/2) -> sum, median of {rounds} rounds"
+        ),
+        &["contender", "items/s", "pulseflow ÷ this"],
+    );
+    for (name, rate) in names.iter().zip(&rates) {
+        report.row(vec![
+            (*name).to_owned(),
+            per_sec(*rate),
+            format!("{:.2}", rates[0] / rate),
+        ]);
+    }
+    report.note(format!(
+        "runtime: tokio multi-thread, {} workers; ratios are pulseflow's items/s over each contender's",
+        pulseflow::policy::cores()
+    ));
+    report.summary(json!({
+        "scenario": "linear",
+        "items": n,
+        "rounds": rounds,
+        "items_per_sec": rates[0].round(),
+        "vs_mpsc_per_item": round2(rates[0] / rates[1]),
+        "vs_mpsc_batched": round2(rates[0] / rates[2]),
+        "vs_single_task": round2(rates[0] / rates[3]),
+        "cores": pulseflow::policy::cores(),
+    }));
+    Ok(report)
+}
+
+fn check(got: u64, expected: u64, who: &str) -> Result<(), String> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(format!("{who} computed {got}, expected {expected}"))
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}

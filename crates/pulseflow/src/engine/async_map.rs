@@ -1,0 +1,158 @@
+//! Runs `map_async`: an async function per item, at most `concurrency` at once, outputs in
+//! input order or in completion order.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt, stream};
+
+use super::downstream::Downstream;
+use super::failure::{Failures, Next};
+use crate::envelope::{Batch, Envelope};
+use crate::error::{BoxError, ItemFailure, StageError};
+use crate::metrics::{DropReason, StageStatus, Tally};
+use crate::policy::ErrorPolicy;
+
+pub(crate) struct AsyncMapHandler<T, U, F> {
+    pub f: Arc<F>,
+    pub concurrency: usize,
+    pub ordered: bool,
+    pub failures: Failures,
+    pub next: Box<dyn Downstream<U>>,
+    pub _types: PhantomData<fn(T)>,
+}
+
+type Outcome<T, U> = (Envelope<()>, Option<Envelope<T>>, Result<U, StageError>);
+
+async fn call<T, U, F, Fut, E>(f: Arc<F>, item: Envelope<T>, keep: bool) -> Outcome<T, U>
+where
+    T: Clone + Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<U, E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    let original = keep.then(|| item.clone());
+    let (payload, meta) = item.into_parts();
+    let result = std::panic::AssertUnwindSafe(async move { f(payload).await })
+        .catch_unwind()
+        .await;
+    let result = match result {
+        Ok(Ok(u)) => Ok(u),
+        Ok(Err(e)) => Err(StageError::from_error(e)),
+        Err(panic) => Err(StageError::from_panic(&*panic)),
+    };
+    (meta, original, result)
+}
+
+impl<T, U, F, Fut, E> AsyncMapHandler<T, U, F>
+where
+    T: Clone + Send + 'static,
+    U: Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<U, E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    async fn handle(&mut self, batch: Batch<T>) {
+        let started = Instant::now();
+        let n = batch.len();
+        let mut tally = Tally {
+            received: n as u64,
+            ..Tally::default()
+        };
+        if self.failures.failed {
+            tally.count_drop(DropReason::StageFailed, n as u64);
+            self.failures.stats.add(&tally, None);
+            return;
+        }
+        let keep = matches!(
+            self.failures.policy,
+            ErrorPolicy::Retry { .. } | ErrorPolicy::DeadLetter
+        );
+        let calls = batch
+            .into_iter()
+            .map(|item| call(self.f.clone(), item, keep));
+        let limit = self.concurrency.max(1);
+        let outcomes: Vec<Outcome<T, U>> = if self.ordered {
+            stream::iter(calls).buffered(limit).collect().await
+        } else {
+            stream::iter(calls).buffer_unordered(limit).collect().await
+        };
+        let mut out = Vec::with_capacity(n);
+        for (meta, original, result) in outcomes {
+            let mut attempts = 1;
+            let mut delays = self.failures.delays();
+            let mut pending = match result {
+                Ok(u) => {
+                    out.push(meta.map(|()| u));
+                    tally.outputs(1);
+                    continue;
+                }
+                Err(error) => match original {
+                    Some(item) => ItemFailure::new(item, error),
+                    None => ItemFailure::consumed(meta.seq, error),
+                },
+            };
+            loop {
+                match self
+                    .failures
+                    .settle(pending, attempts, &mut delays, &mut tally)
+                {
+                    Next::Done => break,
+                    Next::Retry(item, wait, attempt) => {
+                        attempts = attempt;
+                        tokio::time::sleep(wait).await;
+                        let (meta, original, result) = call(self.f.clone(), item, true).await;
+                        match result {
+                            Ok(u) => {
+                                out.push(meta.map(|()| u));
+                                tally.outputs(1);
+                                break;
+                            }
+                            Err(error) => {
+                                pending = match original {
+                                    Some(item) => ItemFailure::new(item, error),
+                                    None => ItemFailure::consumed(meta.seq, error),
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        tally.emitted = out.len() as u64;
+        self.failures.stats.add(&tally, Some(started.elapsed()));
+        self.next.push(Batch::from_items(out)).await;
+    }
+}
+
+impl<T, U, F, Fut, E> Downstream<T> for AsyncMapHandler<T, U, F>
+where
+    T: Clone + Send + 'static,
+    U: Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<U, E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    fn start(&mut self) -> BoxFuture<'_, bool> {
+        self.failures.stats.worker_started();
+        self.failures.stats.set_status(StageStatus::Running);
+        self.next.start()
+    }
+
+    fn push(&mut self, batch: Batch<T>) -> BoxFuture<'_, ()> {
+        Box::pin(self.handle(batch))
+    }
+
+    fn finish(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.next.finish().await;
+            self.failures.stats.worker_stopped();
+            if self.failures.stats.workers() == 0 {
+                self.failures.stats.set_status(StageStatus::Completed);
+            }
+        })
+    }
+}

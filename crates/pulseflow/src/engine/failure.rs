@@ -1,0 +1,142 @@
+//! Applies a stage's [`ErrorPolicy`] to failed items: retry with exponential backoff and
+//! jitter, dead-letter, fail the run, or ignore. Every outcome is counted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use super::dead_letter::DeadLetter;
+use super::run::RunShared;
+use crate::envelope::Envelope;
+use crate::error::{ItemFailure, PipelineError, StageError};
+use crate::metrics::{DropReason, StageStats, Tally};
+use crate::policy::ErrorPolicy;
+
+/// The longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The error policy of one stage, with what it needs to act.
+pub(crate) struct Failures {
+    pub policy: ErrorPolicy,
+    pub stats: Arc<StageStats>,
+    pub run: Arc<RunShared>,
+    /// Set once an item failed under `Fail`: later input is dropped as `stage_failed`.
+    pub failed: bool,
+}
+
+/// What to do with a failure after counting it.
+pub(crate) enum Next<T> {
+    /// Wait, then try the item again (attempt number given).
+    Retry(Envelope<T>, Duration, u32),
+    /// Settled: dead-lettered, dropped or failed.
+    Done,
+}
+
+impl Failures {
+    pub fn new(policy: ErrorPolicy, stats: Arc<StageStats>, run: Arc<RunShared>) -> Self {
+        Self {
+            policy,
+            stats,
+            run,
+            failed: false,
+        }
+    }
+
+    /// The waits before each retry: exponential from `backoff`, with jitter.
+    pub fn delays(&self) -> impl Iterator<Item = Duration> + use<> {
+        let (max, backoff) = match self.policy {
+            ErrorPolicy::Retry {
+                max_retries,
+                backoff,
+            } => (max_retries as usize, backoff),
+            _ => (0, Duration::ZERO),
+        };
+        ExponentialBuilder::default()
+            .with_min_delay(backoff)
+            .with_max_delay(MAX_BACKOFF.max(backoff))
+            .with_max_times(max)
+            .with_jitter()
+            .build()
+            .take(max)
+    }
+
+    /// Counts one failure and decides its fate. `attempts` is how many tries were made;
+    /// `delays` yields the next wait while retries remain.
+    pub fn settle<T: Send + 'static>(
+        &mut self,
+        failure: ItemFailure<T>,
+        attempts: u32,
+        delays: &mut impl Iterator<Item = Duration>,
+        tally: &mut Tally,
+    ) -> Next<T> {
+        tally.errors += 1;
+        let ItemFailure { item, seq, error } = failure;
+        self.stats.record_error(format!("item {seq}: {error}"));
+        tracing::debug!(stage = %self.stats.id, seq, attempts, %error, "item failed");
+        match self.policy {
+            ErrorPolicy::Retry { .. } => match (item, delays.next()) {
+                (Some(item), Some(wait)) => {
+                    tally.retries += 1;
+                    Next::Retry(item, wait, attempts + 1)
+                }
+                (item, _) => {
+                    self.dead_letter(item, seq, error, attempts, tally);
+                    Next::Done
+                }
+            },
+            ErrorPolicy::DeadLetter => {
+                self.dead_letter(item, seq, error, attempts, tally);
+                Next::Done
+            }
+            ErrorPolicy::Ignore => {
+                tally.count_drop(DropReason::Ignored, 1);
+                Next::Done
+            }
+            ErrorPolicy::Fail => {
+                tally.count_drop(DropReason::StageFailed, 1);
+                self.failed = true;
+                self.stats.set_status(crate::metrics::StageStatus::Failed);
+                self.run.fail(PipelineError::Item {
+                    stage: self.stats.id.to_string(),
+                    seq,
+                    source: error,
+                });
+                Next::Done
+            }
+        }
+    }
+
+    fn dead_letter<T: Send + 'static>(
+        &self,
+        item: Option<Envelope<T>>,
+        seq: u64,
+        error: StageError,
+        attempts: u32,
+        tally: &mut Tally,
+    ) {
+        tally.dead_lettered += 1;
+        self.run.dead_letters.send(DeadLetter {
+            stage: self.stats.id.to_string(),
+            seq,
+            error: error.to_string(),
+            attempts,
+            payload: item.map(|e| Box::new(e.payload) as Box<dyn std::any::Any + Send>),
+        });
+    }
+
+    /// Reports a stage-level error (not tied to an item): under `Fail`, `Retry` or
+    /// `DeadLetter` it ends the run; under `Ignore` it is only counted.
+    pub fn stage_error(&mut self, error: StageError, tally: &mut Tally) {
+        tally.errors += 1;
+        self.stats.record_error(error.to_string());
+        if self.policy != ErrorPolicy::Ignore {
+            self.failed = true;
+            self.stats.set_status(crate::metrics::StageStatus::Failed);
+            self.run.fail(PipelineError::Stage {
+                stage: self.stats.id.to_string(),
+                source: error,
+            });
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The [`ExecutionEngine`]: runs a built [`Pipeline`](crate::Pipeline) on Tokio, answers
+//! [`inspect`](ExecutionEngine::inspect) while it runs, and stops it gracefully
+//! ([`stop`](ExecutionEngine::stop)) or at once ([`abort`](ExecutionEngine::abort)).
+//!
+//! ```
+//! use pulseflow::prelude::*;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let mut p = PipelineBuilder::new("evens");
+//! let (sink, collected) = sinks::collect();
+//! p.source("numbers", sources::iter(0u64..100))
+//!     .filter("even", |x| x % 2 == 0)
+//!     .sink("keep", sink);
+//! let result = ExecutionEngine::new()
+//!     .run(p.build().expect("valid"), ExecutionOptions::default())
+//!     .await;
+//! assert!(result.success);
+//! assert_eq!(collected.len(), 50);
+//! assert_eq!(result.accounting.filtered, 50);
+//! assert!(result.accounting.reconciles());
+//! # }
+//! ```
+
+mod async_map;
+mod branch;
+mod dead_letter;
+mod downstream;
+mod failure;
+mod options;
+mod result;
+mod run;
+mod sink;
+mod source;
+mod transform;
+mod wiring;
+mod workers;
+
+pub use dead_letter::{DeadLetter, DeadLetterSink};
+pub use options::ExecutionOptions;
+pub use result::PipelineResult;
+
+pub(crate) use async_map::AsyncMapHandler;
+pub(crate) use branch::{BranchHandler, MergeHandler, Predicate};
+pub(crate) use downstream::Entry;
+pub(crate) use failure::Failures;
+pub(crate) use sink::SinkHandler;
+pub(crate) use source::run_source;
+pub(crate) use transform::TransformHandler;
+pub(crate) use wiring::{NodeFactory, Resolved, Wiring};
+pub(crate) use workers::{MakeWorker, Pool, PoolOrder, pump};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::{Notify, watch};
+use tracing::Instrument;
+
+use crate::builder::Pipeline;
+use crate::error::PipelineError;
+use crate::metrics::{StageRuntimeState, StageStats};
+use crate::policy::ChannelOrdering;
+use crate::stage::StageContext;
+use dead_letter::DeadLetters;
+use run::RunShared;
+
+/// Runs pipelines. Clones share the engine, so one task can `run` while another `inspect`s,
+/// `stop`s or `abort`s.
+#[derive(Clone, Default)]
+pub struct ExecutionEngine {
+    control: Arc<Control>,
+}
+
+#[derive(Default)]
+struct Control {
+    current: Mutex<Option<Arc<RunShared>>>,
+    last: Mutex<Option<Arc<RunShared>>>,
+    deadline: Mutex<Option<tokio::time::Instant>>,
+    changed: Notify,
+    finished: Mutex<Option<watch::Receiver<bool>>>,
+}
+
+impl ExecutionEngine {
+    /// A new engine.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs the pipeline to its end and reports what happened. Never panics on a stage's
+    /// behalf: failures, panics in user code and aborts end up in the result.
+    pub async fn run(&self, pipeline: Pipeline, options: ExecutionOptions) -> PipelineResult {
+        let started = Instant::now();
+        let Pipeline {
+            id,
+            graph,
+            factories,
+            consumers,
+            extras,
+            mut registry,
+        } = pipeline;
+        registry.extend(&options.policies);
+        let plan = graph.fusion_plan(&registry);
+        let pipeline_id: Arc<str> = Arc::from(id.as_str());
+        let stats: Vec<Arc<StageStats>> = graph
+            .nodes
+            .iter()
+            .map(|n| {
+                Arc::new(StageStats::new(
+                    &id,
+                    Arc::from(n.id.as_str()),
+                    n.kind,
+                    options.metrics,
+                ))
+            })
+            .collect();
+        let feeds: Vec<Vec<usize>> = consumers
+            .iter()
+            .map(|ports| ports.iter().map(|(c, _)| *c).collect())
+            .collect();
+        let run = Arc::new(RunShared::new(
+            pipeline_id.clone(),
+            stats.clone(),
+            feeds,
+            DeadLetters::new(options.dead_letter_sink.clone(), options.dead_letter_keep),
+            options.batch_size.max(1),
+            options.cancellation.child_token(),
+        ));
+        let (done_tx, done_rx) = watch::channel(false);
+        {
+            let mut current = self.control.current.lock();
+            if current.is_some() {
+                return PipelineResult::refused(PipelineError::AlreadyRunning);
+            }
+            *current = Some(run.clone());
+            *self.control.finished.lock() = Some(done_rx);
+            *self.control.deadline.lock() = None;
+        }
+
+        let mut entries = HashMap::new();
+        let mut extras = extras;
+        for (index, factory) in factories.into_iter().enumerate().rev() {
+            let node = &graph.nodes[index];
+            let resolved = Resolved {
+                buffer: node
+                    .buffer
+                    .as_ref()
+                    .and_then(|b| b.resolve(|k| registry.buffer(k)))
+                    .unwrap_or_default(),
+                error_policy: node
+                    .error_policy
+                    .resolve(|k| registry.error_policy(k))
+                    .unwrap_or_default(),
+                parallelism: node.parallelism,
+                ordered: node.ordering == ChannelOrdering::Ordered,
+                fused: plan.is_fused(index),
+            };
+            let span = tracing::info_span!("stage", pipeline = %pipeline_id, stage = %node.id);
+            let mut wiring = Wiring {
+                resolved: &resolved,
+                run: &run,
+                ctx: StageContext {
+                    pipeline_id: pipeline_id.clone(),
+                    stage_id: stats[index].id.clone(),
+                    config: options
+                        .stage_config
+                        .get(&node.id)
+                        .cloned()
+                        .map(Arc::new)
+                        .unwrap_or_else(|| Arc::new(serde_json::Value::Null)),
+                    span: span.clone(),
+                },
+                stats: stats[index].clone(),
+                extra: extras.remove(&index),
+                index,
+                entries: &mut entries,
+                consumers: &consumers[index],
+            };
+            let wired = {
+                let _enter = span.enter();
+                factory(&mut wiring)
+            };
+            if let Err(e) = wired {
+                run.fail(e);
+            }
+        }
+        drop(entries);
+        run.gate.seal();
+        run.close_tracker();
+
+        self.wait(&run)
+            .instrument(tracing::info_span!("pipeline", id = %pipeline_id))
+            .await;
+
+        let result = PipelineResult::collect(&run, started.elapsed());
+        *self.control.last.lock() = Some(run);
+        *self.control.current.lock() = None;
+        let _ = done_tx.send(true);
+        result
+    }
+
+    async fn wait(&self, run: &Arc<RunShared>) {
+        let tasks = run.wait_tasks();
+        tokio::pin!(tasks);
+        loop {
+            let changed = self.control.changed.notified();
+            let deadline = *self.control.deadline.lock();
+            tokio::select! {
+                _ = &mut tasks => return,
+                _ = changed => {}
+                _ = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    run.abort_all();
+                    *self.control.deadline.lock() = None;
+                }
+            }
+        }
+    }
+
+    /// The live state of a stage of the running pipeline (or of the last run, once it ended).
+    pub fn inspect(&self, stage_id: &str) -> Option<StageRuntimeState> {
+        let run = self
+            .control
+            .current
+            .lock()
+            .clone()
+            .or_else(|| self.control.last.lock().clone())?;
+        let index = run.stages.iter().position(|s| &*s.id == stage_id)?;
+        Some(result::snapshot(&run, index))
+    }
+
+    /// The live state of every stage, in graph order.
+    pub fn inspect_all(&self) -> Vec<StageRuntimeState> {
+        let run = self
+            .control
+            .current
+            .lock()
+            .clone()
+            .or_else(|| self.control.last.lock().clone());
+        run.map(|run| {
+            (0..run.stages.len())
+                .map(|i| result::snapshot(&run, i))
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
+    /// Whether a pipeline is running.
+    pub fn is_running(&self) -> bool {
+        self.control.current.lock().is_some()
+    }
+
+    /// Stops gracefully: sources stop producing, items in flight finish, stages close. If the
+    /// run has not ended within `deadline`, it is aborted. Returns once the run has ended.
+    pub async fn stop(&self, deadline: Duration) {
+        let Some(run) = self.control.current.lock().clone() else {
+            return;
+        };
+        let finished = self.control.finished.lock().clone();
+        run.stop.cancel();
+        *self.control.deadline.lock() = Some(tokio::time::Instant::now() + deadline);
+        self.control.changed.notify_waiters();
+        if let Some(mut finished) = finished {
+            let _ = finished.wait_for(|done| *done).await;
+        }
+    }
+
+    /// Aborts at once: every task is cancelled; items in flight are reported as unaccounted.
+    pub fn abort(&self) {
+        if let Some(run) = self.control.current.lock().clone() {
+            run.abort_all();
+            self.control.changed.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! [`ExecutionOptions`]: how one run is carried out.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::dead_letter::DeadLetterSink;
+use crate::memory::MemoryBudget;
+use crate::policy::PolicyRegistry;
+
+/// Options of one run.
+///
+/// ```
+/// use pulseflow::prelude::*;
+/// use pulseflow::memory::MemoryBudget;
+///
+/// let options = ExecutionOptions::default()
+///     .with_batch_size(512)
+///     .with_memory_budget(MemoryBudget::new(64 << 20));
+/// assert_eq!(options.batch_size, 512);
+/// ```
+#[derive(Clone)]
+pub struct ExecutionOptions {
+    /// Cancelling this token stops the run gracefully, like [`ExecutionEngine::stop`]
+    /// (without a deadline).
+    ///
+    /// [`ExecutionEngine::stop`]: super::ExecutionEngine::stop
+    pub cancellation: CancellationToken,
+    /// Whether stages publish through the `metrics` facade (counters are kept either way).
+    pub metrics: bool,
+    /// The memory budget stages reserve from.
+    pub memory: MemoryBudget,
+    /// Named policies, added to (and overriding) the builder's.
+    pub policies: PolicyRegistry,
+    /// Items per batch produced by sources.
+    pub batch_size: usize,
+    /// Where dead letters go; by default they are kept in the result.
+    pub dead_letter_sink: Option<Arc<dyn DeadLetterSink>>,
+    /// How many dead letters the result keeps (the rest are counted).
+    pub dead_letter_keep: usize,
+    /// Configuration handed to stages in their [`StageContext`](crate::stage::StageContext),
+    /// by stage id.
+    pub stage_config: HashMap<String, serde_json::Value>,
+}
+
+impl Default for ExecutionOptions {
+    fn default() -> Self {
+        Self {
+            cancellation: CancellationToken::new(),
+            metrics: true,
+            memory: MemoryBudget::unlimited(),
+            policies: PolicyRegistry::default(),
+            batch_size: 1024,
+            dead_letter_sink: None,
+            dead_letter_keep: 10_000,
+            stage_config: HashMap::new(),
+        }
+    }
+}
+
+impl ExecutionOptions {
+    /// Sets the batch size of sources.
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// Sets the memory budget.
+    pub fn with_memory_budget(mut self, budget: MemoryBudget) -> Self {
+        self.memory = budget;
+        self
+    }
+
+    /// Sets the cancellation token.
+    pub fn with_cancellation(mut self, token: CancellationToken) -> Self {
+        self.cancellation = token;
+        self
+    }
+
+    /// Sends dead letters to `sink` instead of keeping them in the result.
+    pub fn with_dead_letter_sink(mut self, sink: impl DeadLetterSink) -> Self {
+        self.dead_letter_sink = Some(Arc::new(sink));
+        self
+    }
+
+    /// Adds named policies.
+    pub fn with_policies(mut self, policies: PolicyRegistry) -> Self {
+        self.policies = policies;
+        self
+    }
+
+    /// Gives a stage its configuration.
+    pub fn with_stage_config(
+        mut self,
+        stage: impl Into<String>,
+        config: serde_json::Value,
+    ) -> Self {
+        self.stage_config.insert(stage.into(), config);
+        self
+    }
+}

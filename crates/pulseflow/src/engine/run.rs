@@ -1,0 +1,162 @@
+//! State shared by every task of one run: stop and abort signals, the init gate, the first
+//! fatal error, dead letters and task tracking.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::dead_letter::DeadLetters;
+use crate::error::PipelineError;
+use crate::metrics::StageStats;
+
+/// Holds sources back until every stage has initialised, so a failed `init` stops the run
+/// before any item flows.
+#[derive(Default)]
+pub(crate) struct Gate {
+    state: Mutex<GateState>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct GateState {
+    registered: usize,
+    arrived: usize,
+    sealed: bool,
+    failed: bool,
+}
+
+impl Gate {
+    /// Announces one more stage instance that will initialise.
+    pub fn register(&self) {
+        self.state.lock().registered += 1;
+    }
+
+    /// Reports one instance's init outcome.
+    pub fn arrive(&self, ok: bool) {
+        {
+            let mut st = self.state.lock();
+            st.arrived += 1;
+            st.failed |= !ok;
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// No more registrations will come.
+    pub fn seal(&self) {
+        self.state.lock().sealed = true;
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until every registered instance arrived; `false` if any init failed.
+    pub async fn wait(&self) -> bool {
+        let changed = self.changed.notified();
+        tokio::pin!(changed);
+        loop {
+            changed.as_mut().enable();
+            {
+                let st = self.state.lock();
+                if st.failed {
+                    return false;
+                }
+                if st.sealed && st.arrived >= st.registered {
+                    return true;
+                }
+            }
+            changed.as_mut().await;
+            changed.set(self.changed.notified());
+        }
+    }
+}
+
+pub(crate) struct RunShared {
+    pub pipeline_id: Arc<str>,
+    /// Graceful stop: sources stop producing, the rest drains.
+    pub stop: CancellationToken,
+    pub gate: Gate,
+    pub stages: Vec<Arc<StageStats>>,
+    /// For each stage, the stages it feeds.
+    pub consumers: Vec<Vec<usize>>,
+    pub dead_letters: DeadLetters,
+    pub batch_size: usize,
+    failure: Mutex<Option<PipelineError>>,
+    tracker: TaskTracker,
+    aborts: Mutex<Vec<AbortHandle>>,
+    pub aborted: AtomicBool,
+}
+
+impl RunShared {
+    pub fn new(
+        pipeline_id: Arc<str>,
+        stages: Vec<Arc<StageStats>>,
+        consumers: Vec<Vec<usize>>,
+        dead_letters: DeadLetters,
+        batch_size: usize,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            pipeline_id,
+            stop,
+            gate: Gate::default(),
+            stages,
+            consumers,
+            dead_letters,
+            batch_size,
+            failure: Mutex::new(None),
+            tracker: TaskTracker::new(),
+            aborts: Mutex::new(Vec::new()),
+            aborted: AtomicBool::new(false),
+        }
+    }
+
+    /// Records the run's error (the first one wins) and starts a graceful stop.
+    pub fn fail(&self, error: PipelineError) {
+        {
+            let mut slot = self.failure.lock();
+            if slot.is_none() {
+                *slot = Some(error);
+            }
+        }
+        self.stop.cancel();
+    }
+
+    pub fn take_failure(&self) -> Option<PipelineError> {
+        self.failure.lock().take()
+    }
+
+    /// Spawns a task of the run.
+    pub fn spawn<F>(&self, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let handle = self.tracker.spawn(future);
+        let mut aborts = self.aborts.lock();
+        aborts.retain(|h| !h.is_finished());
+        aborts.push(handle.abort_handle());
+    }
+
+    pub fn close_tracker(&self) {
+        self.tracker.close();
+    }
+
+    pub async fn wait_tasks(&self) {
+        self.tracker.wait().await;
+    }
+
+    pub fn abort_all(&self) {
+        self.aborted.store(true, Relaxed);
+        self.stop.cancel();
+        for h in self.aborts.lock().iter() {
+            h.abort();
+        }
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Relaxed)
+    }
+}

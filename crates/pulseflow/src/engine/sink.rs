@@ -1,0 +1,150 @@
+//! Runs a [`Sink`]: writes each item, one `catch_unwind` per batch, failures to the error
+//! policy, a flush after each batch.
+
+use std::time::Instant;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tracing::Instrument;
+
+use super::downstream::Downstream;
+use super::failure::{Failures, Next};
+use crate::envelope::{Batch, Envelope};
+use crate::error::{ItemFailure, PipelineError, StageError};
+use crate::metrics::{DropReason, StageStatus, Tally};
+use crate::stage::{Sink, StageContext};
+
+pub(crate) struct SinkHandler<S: Sink> {
+    sink: S,
+    ctx: StageContext,
+    failures: Failures,
+}
+
+impl<S: Sink> SinkHandler<S> {
+    pub fn new(sink: S, ctx: StageContext, failures: Failures) -> Self {
+        failures.run.gate.register();
+        Self {
+            sink,
+            ctx,
+            failures,
+        }
+    }
+
+    async fn write_all(
+        &mut self,
+        items: impl Iterator<Item = Envelope<S::Item>> + Send,
+        failed: &mut Vec<ItemFailure<S::Item>>,
+        tally: &mut Tally,
+    ) {
+        let mut items = items;
+        let mut current = 0u64;
+        loop {
+            let sink = &mut self.sink;
+            let run = std::panic::AssertUnwindSafe(async {
+                for item in items.by_ref() {
+                    current = item.seq;
+                    match sink.write(item).await {
+                        Ok(()) => tally.delivered += 1,
+                        Err(failure) => failed.push(failure),
+                    }
+                }
+            })
+            .catch_unwind()
+            .await;
+            match run {
+                Ok(()) => return,
+                Err(panic) => failed.push(ItemFailure::consumed(
+                    current,
+                    StageError::from_panic(&*panic),
+                )),
+            }
+        }
+    }
+
+    async fn handle(&mut self, batch: Batch<S::Item>) {
+        let started = Instant::now();
+        let n = batch.len() as u64;
+        let mut tally = Tally {
+            received: n,
+            ..Tally::default()
+        };
+        if self.failures.failed {
+            tally.count_drop(DropReason::StageFailed, n);
+            self.failures.stats.add(&tally, None);
+            return;
+        }
+        let mut failed = Vec::new();
+        self.write_all(batch.into_iter(), &mut failed, &mut tally)
+            .await;
+        for failure in failed {
+            let mut delays = self.failures.delays();
+            let mut next = self.failures.settle(failure, 1, &mut delays, &mut tally);
+            while let Next::Retry(item, wait, attempt) = next {
+                tokio::time::sleep(wait).await;
+                let mut again = Vec::new();
+                self.write_all(std::iter::once(item), &mut again, &mut tally)
+                    .await;
+                next = match again.pop() {
+                    Some(f) => self.failures.settle(f, attempt, &mut delays, &mut tally),
+                    None => Next::Done,
+                };
+            }
+        }
+        if let Err(e) = self.sink.flush().await {
+            self.failures.stage_error(e, &mut tally);
+        }
+        self.failures.stats.add(&tally, Some(started.elapsed()));
+    }
+}
+
+impl<S: Sink> Downstream<S::Item> for SinkHandler<S> {
+    fn start(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let stats = self.failures.stats.clone();
+            stats.worker_started();
+            stats.set_status(StageStatus::Initializing);
+            let ok = match self
+                .sink
+                .init(&self.ctx)
+                .instrument(self.ctx.span.clone())
+                .await
+            {
+                Ok(()) => true,
+                Err(source) => {
+                    stats.record_error(source.to_string());
+                    stats.set_status(StageStatus::Failed);
+                    self.failures.failed = true;
+                    self.failures.run.fail(PipelineError::Init {
+                        stage: stats.id.to_string(),
+                        source,
+                    });
+                    false
+                }
+            };
+            self.failures.run.gate.arrive(ok);
+            stats.set_status(StageStatus::Running);
+            ok
+        })
+    }
+
+    fn push(&mut self, batch: Batch<S::Item>) -> BoxFuture<'_, ()> {
+        let span = tracing::trace_span!(parent: &self.ctx.span, "batch", items = batch.len());
+        Box::pin(self.handle(batch).instrument(span))
+    }
+
+    fn finish(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let stats = self.failures.stats.clone();
+            stats.set_status(StageStatus::Closing);
+            if !self.failures.failed {
+                if let Err(e) = self.sink.close().await {
+                    let mut tally = Tally::default();
+                    self.failures.stage_error(e, &mut tally);
+                    stats.add(&tally, None);
+                }
+            }
+            stats.worker_stopped();
+            stats.set_status(StageStatus::Completed);
+        })
+    }
+}

@@ -1,0 +1,111 @@
+//! Runs a [`Source`]: produces batches until exhausted or told to stop.
+
+use std::time::Instant;
+
+use tracing::Instrument;
+
+use super::downstream::Downstream;
+use super::failure::Failures;
+use crate::envelope::{Batch, now_millis};
+use crate::error::PipelineError;
+use crate::metrics::{StageStatus, Tally};
+use crate::policy::ErrorPolicy;
+use crate::stage::{Source, SourceOutput, SourceStatus, StageContext};
+
+pub(crate) async fn run_source<S: Source>(
+    mut source: S,
+    ctx: StageContext,
+    mut failures: Failures,
+    mut out: Box<dyn Downstream<S::Item>>,
+) {
+    let stats = failures.stats.clone();
+    let run = failures.run.clone();
+    stats.worker_started();
+    stats.set_status(StageStatus::Initializing);
+    let ok = match source.init(&ctx).instrument(ctx.span.clone()).await {
+        Ok(()) => true,
+        Err(source) => {
+            stats.record_error(source.to_string());
+            stats.set_status(StageStatus::Failed);
+            run.fail(PipelineError::Init {
+                stage: stats.id.to_string(),
+                source,
+            });
+            false
+        }
+    };
+    run.gate.arrive(ok);
+    let started = out.start().await;
+    if ok && started && run.gate.wait().await {
+        stats.set_status(StageStatus::Running);
+        produce(&mut source, &mut failures, out.as_mut(), run.batch_size)
+            .instrument(ctx.span.clone())
+            .await;
+        stats.set_status(StageStatus::Closing);
+        if let Err(e) = source.close().await {
+            let mut tally = Tally::default();
+            failures.stage_error(e, &mut tally);
+            stats.add(&tally, None);
+        }
+    }
+    out.finish().await;
+    stats.worker_stopped();
+    stats.set_status(StageStatus::Completed);
+}
+
+async fn produce<S: Source>(
+    source: &mut S,
+    failures: &mut Failures,
+    out: &mut dyn Downstream<S::Item>,
+    batch_size: usize,
+) {
+    let stats = failures.stats.clone();
+    let stop = failures.run.stop.clone();
+    let mut seq = 0u64;
+    let mut delays = failures.delays();
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let started = Instant::now();
+        let mut buf = SourceOutput::new(batch_size, seq, now_millis());
+        let status = tokio::select! {
+            biased;
+            _ = stop.cancelled() => None,
+            r = source.produce(&mut buf) => Some(r),
+        };
+        let (items, next_seq) = buf.finish();
+        seq = next_seq;
+        let mut tally = Tally {
+            ingested: items.len() as u64,
+            emitted: items.len() as u64,
+            ..Tally::default()
+        };
+        let status = match status {
+            Some(Err(error)) => {
+                if let (ErrorPolicy::Retry { .. }, Some(wait)) = (failures.policy, delays.next()) {
+                    tally.errors += 1;
+                    tally.retries += 1;
+                    stats.record_error(error.to_string());
+                    tokio::time::sleep(wait).await;
+                    Some(SourceStatus::More)
+                } else {
+                    failures.stage_error(error, &mut tally);
+                    (failures.policy == ErrorPolicy::Ignore).then_some(SourceStatus::More)
+                }
+            }
+            Some(Ok(s)) => {
+                delays = failures.delays();
+                Some(s)
+            }
+            None => None,
+        };
+        stats.add(&tally, Some(started.elapsed()));
+        if !items.is_empty() {
+            out.push(Batch::from_items(items)).await;
+        }
+        if status != Some(SourceStatus::More) {
+            return;
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Runs a [`Transform`] on batches: per-item processing inside one `catch_unwind` per batch,
+//! failures handed to the error policy, counts added once per batch.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use tracing::Instrument;
+
+use super::downstream::Downstream;
+use super::failure::{Failures, Next};
+use crate::envelope::{Batch, Envelope};
+use crate::error::{ItemFailure, PipelineError, StageError};
+use crate::metrics::{DropReason, StageStats, StageStatus, Tally};
+use crate::stage::{StageContext, Transform};
+
+pub(crate) struct TransformHandler<X: Transform> {
+    stage: X,
+    ctx: StageContext,
+    failures: Failures,
+    next: Box<dyn Downstream<X::Out>>,
+}
+
+impl<X: Transform> TransformHandler<X> {
+    pub fn new(
+        stage: X,
+        ctx: StageContext,
+        failures: Failures,
+        next: Box<dyn Downstream<X::Out>>,
+    ) -> Self {
+        failures.run.gate.register();
+        Self {
+            stage,
+            ctx,
+            failures,
+            next,
+        }
+    }
+
+    fn stats(&self) -> &Arc<StageStats> {
+        &self.failures.stats
+    }
+
+    /// Runs `process` over the items, resuming after any item whose processing panicked.
+    fn process_all(
+        &mut self,
+        items: impl Iterator<Item = Envelope<X::In>>,
+        out: &mut Vec<Envelope<X::Out>>,
+        failed: &mut Vec<ItemFailure<X::In>>,
+        tally: &mut Tally,
+    ) {
+        let mut items = items;
+        let mut current = 0u64;
+        let mut mark = out.len();
+        loop {
+            let stage = &mut self.stage;
+            let run = catch_unwind(AssertUnwindSafe(|| {
+                for item in items.by_ref() {
+                    current = item.seq;
+                    mark = out.len();
+                    match stage.process(item, out) {
+                        Ok(()) => tally.outputs(out.len() - mark),
+                        Err(failure) => {
+                            out.truncate(mark);
+                            failed.push(failure);
+                        }
+                    }
+                }
+            }));
+            match run {
+                Ok(()) => return,
+                Err(panic) => {
+                    out.truncate(mark);
+                    failed.push(ItemFailure::consumed(
+                        current,
+                        StageError::from_panic(&*panic),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn settle(
+        &mut self,
+        failed: Vec<ItemFailure<X::In>>,
+        out: &mut Vec<Envelope<X::Out>>,
+        tally: &mut Tally,
+    ) {
+        for failure in failed {
+            let mut delays = self.failures.delays();
+            let mut next = self.failures.settle(failure, 1, &mut delays, tally);
+            while let Next::Retry(item, wait, attempt) = next {
+                tokio::time::sleep(wait).await;
+                let mut again = Vec::new();
+                self.process_all(std::iter::once(item), out, &mut again, tally);
+                next = match again.pop() {
+                    Some(failure) => self.failures.settle(failure, attempt, &mut delays, tally),
+                    None => Next::Done,
+                };
+            }
+        }
+    }
+
+    async fn handle(&mut self, batch: Batch<X::In>) {
+        let started = Instant::now();
+        let n = batch.len();
+        let mut tally = Tally {
+            received: n as u64,
+            ..Tally::default()
+        };
+        if self.failures.failed {
+            tally.count_drop(DropReason::StageFailed, n as u64);
+            self.stats().add(&tally, None);
+            self.next.push(Batch::default()).await;
+            return;
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut failed = Vec::new();
+        self.process_all(batch.into_iter(), &mut out, &mut failed, &mut tally);
+        if !failed.is_empty() {
+            self.settle(failed, &mut out, &mut tally).await;
+        }
+        tally.emitted = out.len() as u64;
+        self.stats().add(&tally, Some(started.elapsed()));
+        self.next.push(Batch::from_items(out)).await;
+    }
+}
+
+impl<X: Transform> Downstream<X::In> for TransformHandler<X> {
+    fn start(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let stats = self.stats().clone();
+            stats.worker_started();
+            stats.set_status(StageStatus::Initializing);
+            let ok = match self
+                .stage
+                .init(&self.ctx)
+                .instrument(self.ctx.span.clone())
+                .await
+            {
+                Ok(()) => true,
+                Err(source) => {
+                    stats.record_error(source.to_string());
+                    stats.set_status(StageStatus::Failed);
+                    self.failures.failed = true;
+                    self.failures.run.fail(PipelineError::Init {
+                        stage: stats.id.to_string(),
+                        source,
+                    });
+                    false
+                }
+            };
+            self.failures.run.gate.arrive(ok);
+            stats.set_status(StageStatus::Running);
+            let downstream_ok = self.next.start().await;
+            ok && downstream_ok
+        })
+    }
+
+    fn push(&mut self, batch: Batch<X::In>) -> BoxFuture<'_, ()> {
+        let span = tracing::trace_span!(parent: &self.ctx.span, "batch", items = batch.len());
+        Box::pin(self.handle(batch).instrument(span))
+    }
+
+    fn finish(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let stats = self.stats().clone();
+            stats.set_status(StageStatus::Closing);
+            let mut out = Vec::new();
+            let mut tally = Tally::default();
+            if !self.failures.failed {
+                if let Err(e) = self.stage.close(&mut out).await {
+                    self.failures.stage_error(e, &mut tally);
+                }
+            }
+            // Items pushed by `close` are new: created here, emitted below.
+            tally.created = out.len() as u64;
+            tally.emitted = out.len() as u64;
+            stats.add(&tally, None);
+            if !out.is_empty() {
+                self.next.push(Batch::from_items(out)).await;
+            }
+            self.next.finish().await;
+            stats.worker_stopped();
+            if stats.workers() == 0 {
+                stats.set_status(StageStatus::Completed);
+            }
+        })
+    }
+}

@@ -1,0 +1,246 @@
+//! Worker pools of a stage with a buffer of its own: one worker, a fixed number, one per core,
+//! or a pool that grows with the queue and shrinks when idle; outputs unordered, put back in
+//! input order, or partitioned by key so each key stays on one worker.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use super::downstream::{Capture, Downstream, EdgeOut};
+use super::run::RunShared;
+use crate::envelope::Batch;
+use crate::flow::channel::{self, EdgeReceiver, EdgeSender};
+use crate::metrics::EdgeStats;
+use crate::policy::{BufferPolicy, ParallelismHint};
+
+/// How often an io-bound pool looks at its queue.
+pub(crate) const SCALE_INTERVAL: Duration = Duration::from_millis(50);
+/// How long an io-bound worker waits for input before it retires.
+pub(crate) const IDLE_RETIRE: Duration = Duration::from_secs(1);
+
+/// Feeds every batch of `rx` to `d`, then finishes it.
+pub(crate) async fn pump<T: Send + 'static>(rx: EdgeReceiver<T>, mut d: Box<dyn Downstream<T>>) {
+    d.start().await;
+    while let Some((_, batch)) = rx.recv().await {
+        d.push(batch).await;
+    }
+    d.finish().await;
+}
+
+/// Builds one worker's handler chain ending in `next`.
+pub(crate) type MakeWorker<I, O> =
+    Arc<dyn Fn(Box<dyn Downstream<O>>) -> Box<dyn Downstream<I>> + Send + Sync>;
+
+/// Output order of a pool.
+pub(crate) enum PoolOrder<I> {
+    Unordered,
+    Ordered,
+    Partitioned(Arc<dyn Fn(&I) -> u64 + Send + Sync>),
+}
+
+pub(crate) struct Pool<I, O> {
+    pub make: MakeWorker<I, O>,
+    pub parallelism: ParallelismHint,
+    pub order: PoolOrder<I>,
+    pub buffer: BufferPolicy,
+    pub run: Arc<RunShared>,
+}
+
+impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
+    /// Spawns the workers reading `rx` and writing to `out`.
+    pub fn spawn(self, rx: EdgeReceiver<I>, out: EdgeSender<O>) {
+        let workers = self.parallelism.initial_workers().max(1);
+        match (&self.order, self.parallelism) {
+            (PoolOrder::Partitioned(key), _) => {
+                let mut lanes = Vec::with_capacity(workers);
+                let lane_buffer = BufferPolicy::new(
+                    (self.buffer.capacity / workers).max(1),
+                    crate::policy::DropPolicy::Block,
+                );
+                for _ in 0..workers {
+                    let (tx, lane_rx) = channel::edge(lane_buffer, Arc::new(EdgeStats::default()));
+                    lanes.push(tx);
+                    let worker = (self.make)(Box::new(EdgeOut {
+                        tx: Some(out.clone()),
+                    }));
+                    self.run.spawn(pump(lane_rx, worker));
+                }
+                self.run.spawn(partition(rx, lanes, key.clone()));
+            }
+            (PoolOrder::Ordered, _) => {
+                let (tx, seq_rx) = tokio::sync::mpsc::channel(workers * 4);
+                self.run
+                    .spawn(sequence(seq_rx, Box::new(EdgeOut { tx: Some(out) })));
+                self.spawn_scalable(workers, rx, move |make| {
+                    let slot = Arc::new(parking_lot::Mutex::new(None));
+                    let worker = make(Box::new(Capture { slot: slot.clone() }));
+                    Lane::Ordered(worker, slot, tx.clone())
+                });
+            }
+            (PoolOrder::Unordered, _) => {
+                self.spawn_scalable(workers, rx, move |make| {
+                    Lane::Plain(make(Box::new(EdgeOut {
+                        tx: Some(out.clone()),
+                    })))
+                });
+            }
+        }
+    }
+
+    fn spawn_scalable(
+        self,
+        workers: usize,
+        rx: EdgeReceiver<I>,
+        lane: impl Fn(&MakeWorker<I, O>) -> Lane<I, O> + Send + Sync + 'static,
+    ) {
+        let active = Arc::new(AtomicUsize::new(0));
+        let lane = Arc::new(lane);
+        let (min, max) = match self.parallelism {
+            ParallelismHint::DynamicIoBound { min, max } => (min.max(1), max.max(1)),
+            _ => (workers, workers),
+        };
+        let start = |run: &Arc<RunShared>| {
+            active.fetch_add(1, Relaxed);
+            let retire = (min < max).then(|| (active.clone(), min));
+            run.spawn(worker(rx.clone(), lane(&self.make), retire));
+        };
+        for _ in 0..workers {
+            start(&self.run);
+        }
+        if min < max {
+            let run = self.run.clone();
+            let make = self.make.clone();
+            let active = active.clone();
+            self.run.spawn(async move {
+                let mut tick = tokio::time::interval(SCALE_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if rx.is_drained() || run.stop.is_cancelled() && rx.depth() == 0 {
+                        return;
+                    }
+                    let deep = rx.depth() * 4 >= rx.capacity();
+                    if deep && active.load(Relaxed) < max {
+                        active.fetch_add(1, Relaxed);
+                        run.spawn(worker(rx.clone(), lane(&make), Some((active.clone(), min))));
+                    }
+                }
+            });
+        }
+    }
+}
+
+enum Lane<I, O> {
+    Plain(Box<dyn Downstream<I>>),
+    Ordered(
+        Box<dyn Downstream<I>>,
+        Arc<parking_lot::Mutex<Option<Batch<O>>>>,
+        tokio::sync::mpsc::Sender<(u64, Batch<O>)>,
+    ),
+}
+
+/// One worker: takes batches until the input ends (or, in an elastic pool, until it has been
+/// idle long enough and the pool is above its minimum).
+async fn worker<I: Send + 'static, O: Send + 'static>(
+    rx: EdgeReceiver<I>,
+    mut lane: Lane<I, O>,
+    retire: Option<(Arc<AtomicUsize>, usize)>,
+) {
+    let d: &mut Box<dyn Downstream<I>> = match &mut lane {
+        Lane::Plain(d) | Lane::Ordered(d, _, _) => d,
+    };
+    d.start().await;
+    loop {
+        let next = match &retire {
+            None => rx.recv().await,
+            Some((active, min)) => match tokio::time::timeout(IDLE_RETIRE, rx.recv()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let left = active.fetch_update(Relaxed, Relaxed, |n| (n > *min).then(|| n - 1));
+                    if left.is_ok() {
+                        break;
+                    }
+                    continue;
+                }
+            },
+        };
+        let Some((index, batch)) = next else {
+            if let Some((active, _)) = &retire {
+                active.fetch_sub(1, Relaxed);
+            }
+            break;
+        };
+        match &mut lane {
+            Lane::Plain(d) => d.push(batch).await,
+            Lane::Ordered(d, slot, tx) => {
+                d.push(batch).await;
+                let out = slot.lock().take().unwrap_or_default();
+                // The sequencer only goes away on abort.
+                let _ = tx.send((index, out)).await;
+            }
+        }
+    }
+    match &mut lane {
+        Lane::Plain(d) => d.finish().await,
+        Lane::Ordered(d, slot, tx) => {
+            d.finish().await;
+            // Items a stage emits when it closes come after everything in order.
+            let rest = slot.lock().take();
+            if let Some(rest) = rest {
+                let _ = tx.send((u64::MAX, rest)).await;
+            }
+        }
+    }
+}
+
+/// Restores input order: holds batches that arrive early until their predecessors came.
+async fn sequence<O: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<(u64, Batch<O>)>,
+    mut out: Box<dyn Downstream<O>>,
+) {
+    let mut next = 0u64;
+    let mut early: BTreeMap<u64, Batch<O>> = BTreeMap::new();
+    let mut tail = Vec::new();
+    while let Some((index, batch)) = rx.recv().await {
+        if index == u64::MAX {
+            tail.push(batch);
+            continue;
+        }
+        early.insert(index, batch);
+        while let Some(batch) = early.remove(&next) {
+            next += 1;
+            out.push(batch).await;
+        }
+    }
+    for batch in early.into_values().chain(tail) {
+        out.push(batch).await;
+    }
+    out.finish().await;
+}
+
+/// Splits each batch by key hash so a key always goes to the same lane.
+async fn partition<I: Send + 'static>(
+    rx: EdgeReceiver<I>,
+    lanes: Vec<EdgeSender<I>>,
+    key: Arc<dyn Fn(&I) -> u64 + Send + Sync>,
+) {
+    let n = lanes.len() as u64;
+    while let Some((_, batch)) = rx.recv().await {
+        let mut split: Vec<Batch<I>> = (0..n).map(|_| Batch::default()).collect();
+        for item in batch {
+            let lane = (key(&item.payload) % n) as usize;
+            split[lane].push(item);
+        }
+        for (lane, part) in lanes.iter().zip(split) {
+            lane.send(part).await;
+        }
+    }
+}
+
+impl<T> EdgeReceiver<T> {
+    /// Whether every sender is gone and nothing is queued.
+    pub(crate) fn is_drained(&self) -> bool {
+        self.depth() == 0 && self.sender_count() == 0
+    }
+}

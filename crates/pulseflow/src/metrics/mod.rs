@@ -1,0 +1,25 @@
+//! Per-stage and per-edge counters, the live [`StageRuntimeState`] returned by `inspect`, and
+//! the pipeline-wide [`Accounting`] that proves nothing was lost.
+//!
+//! Counters are plain atomics updated once per batch, never per item. The same figures are
+//! published through the [`metrics`] facade (names prefixed `pulseflow_`, labelled with
+//! `pipeline` and `stage`), so any recorder (Prometheus, StatsD, ...) sees them.
+//!
+//! # The conservation law
+//!
+//! Every item that enters a stage, or that a stage creates (a `flat_map` yielding three items
+//! from one creates two, a branch copying one item to two outputs creates one), leaves it
+//! exactly once: emitted, filtered, dropped by a named reason, or dead-lettered. Every item sent
+//! on an edge is delivered or dropped there. Summed over the pipeline:
+//!
+//! `ingested + created = delivered + filtered + dropped + dead_lettered`
+//!
+//! where `ingested` counts what sources produced and `delivered` what sinks accepted.
+//! [`Accounting::reconciles`] checks it at the end of every run.
+
+mod stats;
+
+pub use stats::{
+    Accounting, DropReason, EdgeSnapshot, StageMetrics, StageRuntimeState, StageStatus,
+};
+pub(crate) use stats::{EdgeStats, StageStats, Tally};

@@ -1,0 +1,157 @@
+//! Closures adapted into [`Transform`]s. They are stateless: cloned per worker and fusable.
+
+use std::marker::PhantomData;
+
+use super::Transform;
+use crate::envelope::Envelope;
+use crate::error::{BoxError, ItemFailure, StageError};
+
+/// `map`: one output per input.
+pub struct Map<F, I, O> {
+    f: F,
+    _types: PhantomData<fn(I) -> O>,
+}
+
+/// `filter`: keeps the items the predicate accepts.
+pub struct Filter<F, T> {
+    f: F,
+    _types: PhantomData<fn(T)>,
+}
+
+/// `flat_map`: any number of outputs per input; each carries the input's metadata.
+pub struct FlatMap<F, I, O> {
+    f: F,
+    _types: PhantomData<fn(I) -> O>,
+}
+
+/// `try_map`: one output per input, or an error handled by the stage's error policy.
+/// The closure borrows the input, so a failed item can be retried or dead-lettered whole.
+pub struct TryMap<F, I, O> {
+    f: F,
+    _types: PhantomData<fn(I) -> O>,
+}
+
+macro_rules! clone_impl {
+    ($name:ident < $($p:ident),* >) => {
+        impl<$($p),*> Clone for $name<$($p),*> where F: Clone {
+            fn clone(&self) -> Self {
+                Self { f: self.f.clone(), _types: PhantomData }
+            }
+        }
+        impl<$($p),*> $name<$($p),*> {
+            /// Adapts the closure.
+            pub fn new(f: F) -> Self {
+                Self { f, _types: PhantomData }
+            }
+        }
+    };
+}
+clone_impl!(Map<F, I, O>);
+clone_impl!(Filter<F, T>);
+clone_impl!(FlatMap<F, I, O>);
+clone_impl!(TryMap<F, I, O>);
+
+impl<F, I, O> Transform for Map<F, I, O>
+where
+    F: FnMut(I) -> O + Send + 'static,
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    type In = I;
+    type Out = O;
+
+    #[inline]
+    fn process(
+        &mut self,
+        item: Envelope<I>,
+        out: &mut Vec<Envelope<O>>,
+    ) -> Result<(), ItemFailure<I>> {
+        out.push(item.map(&mut self.f));
+        Ok(())
+    }
+
+    fn is_stateless(&self) -> bool {
+        true
+    }
+}
+
+impl<F, T> Transform for Filter<F, T>
+where
+    F: FnMut(&T) -> bool + Send + 'static,
+    T: Send + 'static,
+{
+    type In = T;
+    type Out = T;
+
+    #[inline]
+    fn process(
+        &mut self,
+        item: Envelope<T>,
+        out: &mut Vec<Envelope<T>>,
+    ) -> Result<(), ItemFailure<T>> {
+        if (self.f)(&item.payload) {
+            out.push(item);
+        }
+        Ok(())
+    }
+
+    fn is_stateless(&self) -> bool {
+        true
+    }
+}
+
+impl<F, I, O, It> Transform for FlatMap<F, I, O>
+where
+    F: FnMut(I) -> It + Send + 'static,
+    It: IntoIterator<Item = O>,
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    type In = I;
+    type Out = O;
+
+    fn process(
+        &mut self,
+        item: Envelope<I>,
+        out: &mut Vec<Envelope<O>>,
+    ) -> Result<(), ItemFailure<I>> {
+        let (payload, meta) = item.into_parts();
+        for o in (self.f)(payload) {
+            out.push(meta.derive(o));
+        }
+        Ok(())
+    }
+
+    fn is_stateless(&self) -> bool {
+        true
+    }
+}
+
+impl<F, I, O, E> Transform for TryMap<F, I, O>
+where
+    F: FnMut(&I) -> Result<O, E> + Send + 'static,
+    E: Into<BoxError>,
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    type In = I;
+    type Out = O;
+
+    fn process(
+        &mut self,
+        item: Envelope<I>,
+        out: &mut Vec<Envelope<O>>,
+    ) -> Result<(), ItemFailure<I>> {
+        match (self.f)(&item.payload) {
+            Ok(o) => {
+                out.push(item.map(|_| o));
+                Ok(())
+            }
+            Err(e) => Err(ItemFailure::new(item, StageError::from_error(e))),
+        }
+    }
+
+    fn is_stateless(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,251 @@
+//! What a pipeline is made of: [`Source`]s produce items, [`Transform`]s turn items into
+//! other items, [`Sink`]s consume them. Each has `init`, its processing and `close`.
+//!
+//! Most stages are closures adapted by the builder (`map`, `filter`, `flat_map`, `try_map`,
+//! `map_async`, [`sink_fn`], [`iter`](sources::iter)); implement a trait for a stage with state
+//! or resources.
+//!
+//! ```
+//! use pulseflow::prelude::*;
+//!
+//! /// Numbers each item with a running count: state, so a `Transform` of its own.
+//! struct Count(u64);
+//!
+//! impl Transform for Count {
+//!     type In = String;
+//!     type Out = (u64, String);
+//!     fn process(
+//!         &mut self,
+//!         item: Envelope<String>,
+//!         out: &mut Vec<Envelope<(u64, String)>>,
+//!     ) -> Result<(), ItemFailure<String>> {
+//!         self.0 += 1;
+//!         let n = self.0;
+//!         out.push(item.map(|s| (n, s)));
+//!         Ok(())
+//!     }
+//! }
+//! # let mut c = Count(0);
+//! # let mut out = Vec::new();
+//! # c.process(Envelope::new("a".to_string()), &mut out).unwrap();
+//! # assert_eq!(out[0].payload.0, 1);
+//! ```
+
+mod closures;
+mod context;
+pub mod sinks;
+pub mod sources;
+
+pub use closures::{Filter, FlatMap, Map, TryMap};
+pub use context::StageContext;
+pub use sinks::sink_fn;
+
+use std::future::Future;
+
+use crate::envelope::{Cost, Envelope, Timestamp};
+use crate::error::{ItemFailure, StageError};
+
+/// The six kinds of stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StageKind {
+    /// Produces items.
+    Source,
+    /// Turns items into zero or more items.
+    Transform,
+    /// Keeps state per key and emits when complete.
+    Accumulator,
+    /// Routes each item to one or more named outputs.
+    Branch,
+    /// Joins several inputs of one type.
+    Merge,
+    /// Consumes items.
+    Sink,
+}
+
+impl StageKind {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageKind::Source => "source",
+            StageKind::Transform => "transform",
+            StageKind::Accumulator => "accumulator",
+            StageKind::Branch => "branch",
+            StageKind::Merge => "merge",
+            StageKind::Sink => "sink",
+        }
+    }
+}
+
+/// Whether a source has more to give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceStatus {
+    /// Call `produce` again.
+    More,
+    /// Exhausted: the items pushed in this call are the last.
+    Done,
+}
+
+/// Where a source puts what it produced; the engine numbers and timestamps each item.
+pub struct SourceOutput<T> {
+    items: Vec<Envelope<T>>,
+    limit: usize,
+    next_seq: u64,
+    now: Timestamp,
+}
+
+impl<T> SourceOutput<T> {
+    pub(crate) fn new(limit: usize, next_seq: u64, now: Timestamp) -> Self {
+        Self {
+            items: Vec::with_capacity(limit),
+            limit,
+            next_seq,
+            now,
+        }
+    }
+
+    /// How many more items this call may push (the engine's batch size).
+    #[inline]
+    pub fn remaining(&self) -> usize {
+        self.limit.saturating_sub(self.items.len())
+    }
+
+    /// Whether the batch is full.
+    #[inline]
+    pub fn is_full(&self) -> bool {
+        self.items.len() >= self.limit
+    }
+
+    /// Number of items pushed so far.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether nothing was pushed yet.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Adds one payload; its cost is its in-memory size.
+    #[inline]
+    pub fn push(&mut self, payload: T) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.items.push(
+            Envelope::new(payload)
+                .with_seq(seq)
+                .with_timestamp(self.now),
+        );
+    }
+
+    /// Adds one payload with a known cost (for example the length of the line it came from).
+    pub fn push_with_cost(&mut self, payload: T, cost: Cost) {
+        self.push(payload);
+        if let Some(last) = self.items.last_mut() {
+            last.cost = cost;
+        }
+    }
+
+    /// Adds a prepared envelope (with headers or trace context). The engine assigns its
+    /// sequence number; a zero timestamp becomes the batch's.
+    pub fn push_envelope(&mut self, mut envelope: Envelope<T>) {
+        envelope.seq = self.next_seq;
+        self.next_seq += 1;
+        if envelope.timestamp == 0 {
+            envelope.timestamp = self.now;
+        }
+        self.items.push(envelope);
+    }
+
+    pub(crate) fn finish(self) -> (Vec<Envelope<T>>, u64) {
+        (self.items, self.next_seq)
+    }
+}
+
+/// A stage that produces items.
+pub trait Source: Send + 'static {
+    /// What it produces.
+    type Item: Send + 'static;
+
+    /// Prepares resources; an error stops the run before any item flows.
+    fn init(&mut self, _ctx: &StageContext) -> impl Future<Output = Result<(), StageError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Pushes up to `out.remaining()` items into `out`, waiting if none is available yet.
+    /// Returns [`SourceStatus::Done`] once exhausted.
+    fn produce(
+        &mut self,
+        out: &mut SourceOutput<Self::Item>,
+    ) -> impl Future<Output = Result<SourceStatus, StageError>> + Send;
+
+    /// Releases resources after the last item.
+    fn close(&mut self) -> impl Future<Output = Result<(), StageError>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// A stage that turns each item into zero or more items.
+///
+/// `process` is synchronous and called per item inside a batch loop; for asynchronous work use
+/// the builder's `map_async`, which runs futures with bounded concurrency.
+pub trait Transform: Send + 'static {
+    /// What it takes.
+    type In: Send + 'static;
+    /// What it gives.
+    type Out: Send + 'static;
+
+    /// Prepares resources; an error stops the run before any item flows.
+    fn init(&mut self, _ctx: &StageContext) -> impl Future<Output = Result<(), StageError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Processes one item, pushing its outputs into `out`. Pushing nothing filters the item.
+    /// An error hands the item (when it still exists) to the stage's error policy; outputs
+    /// pushed before the error are discarded.
+    fn process(
+        &mut self,
+        item: Envelope<Self::In>,
+        out: &mut Vec<Envelope<Self::Out>>,
+    ) -> Result<(), ItemFailure<Self::In>>;
+
+    /// Called once after the last input; may push final items.
+    fn close(
+        &mut self,
+        _out: &mut Vec<Envelope<Self::Out>>,
+    ) -> impl Future<Output = Result<(), StageError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Whether the transform keeps no state between items. Stateless transforms may be fused
+    /// with their neighbours into one task. Closure adapters are stateless.
+    fn is_stateless(&self) -> bool {
+        false
+    }
+}
+
+/// A stage that consumes items.
+pub trait Sink: Send + 'static {
+    /// What it consumes.
+    type Item: Send + 'static;
+
+    /// Prepares resources; an error stops the run before any item flows.
+    fn init(&mut self, _ctx: &StageContext) -> impl Future<Output = Result<(), StageError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Consumes one item. An error hands the item back to the stage's error policy.
+    fn write(
+        &mut self,
+        item: Envelope<Self::Item>,
+    ) -> impl Future<Output = Result<(), ItemFailure<Self::Item>>> + Send;
+
+    /// Called after each batch.
+    fn flush(&mut self) -> impl Future<Output = Result<(), StageError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Called once after the last item.
+    fn close(&mut self) -> impl Future<Output = Result<(), StageError>> + Send {
+        async { Ok(()) }
+    }
+}
