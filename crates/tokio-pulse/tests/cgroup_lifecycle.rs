@@ -100,6 +100,18 @@ fn lifecycle_matches_detected_capabilities() {
         .set_priority(PriorityLevel::Idle)
         .expect("raising nice of own threads is always allowed");
     assert_eq!(sched_of(member_tid), (19, libc::SCHED_IDLE));
+    if let Some(dir) = &cgroup_dir {
+        // The group as a whole is idle too, so waking normal threads preempt it at once.
+        if let Ok(idle) = std::fs::read_to_string(dir.join("cpu.idle")) {
+            assert_eq!(idle.trim(), "1");
+        } else {
+            // Older kernels: the lowest weight instead.
+            let weight = std::fs::read_to_string(dir.join("cpu.shares"))
+                .or_else(|_| std::fs::read_to_string(dir.join("cpu.weight")))
+                .expect("group weight");
+            assert!(matches!(weight.trim(), "2" | "1"), "weight {weight}");
+        }
+    }
     // The test's own thread is untouched.
     assert_eq!(sched_of(me), my_sched);
 

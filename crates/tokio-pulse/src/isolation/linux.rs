@@ -25,8 +25,9 @@ struct CgroupSetup {
     version: CgroupVersion,
     /// This process's cgroup directory in the hierarchy used: the parent of ours.
     parent: Option<PathBuf>,
-    /// Whether the parent belongs to another user (so writing it needs privileges).
-    foreign_owner: bool,
+    /// Whether the parent was delegated to this (non-root) user; otherwise using it needs
+    /// privileges.
+    delegated: bool,
 }
 
 /// Linux isolation of a group of threads.
@@ -78,14 +79,14 @@ impl LinuxIsolation {
         let privileged = is_privileged();
         let cpu_limiting = setup.version != CgroupVersion::None;
         // Restoring a thread's nice value after raising it needs CAP_SYS_NICE unless
-        // RLIMIT_NICE allows going back to 0.
-        let can_restore_nice = privileged || nice_rlimit_allows(0);
+        // RLIMIT_NICE allows going back to 0; a cgroup not delegated to a non-root user needs
+        // root. Root satisfies both, which is exactly why it is reported.
         let caps = IsolationCapabilities {
             cpu_limiting,
             priority_control: true,
             numa_aware: numa_nodes > 0,
             container_aware: detect_container_environment(),
-            requires_privileges: (cpu_limiting && setup.foreign_owner) || !can_restore_nice,
+            requires_privileges: (cpu_limiting && !setup.delegated) || !nice_rlimit_allows(0),
             cgroup_version: setup.version,
             numa_nodes,
             privileged,
@@ -199,7 +200,19 @@ impl LinuxIsolation {
             (_, PriorityLevel::Normal) => ("cpu.shares", 1024),
             (_, _) => ("cpu.shares", 2048),
         };
-        write_cg(&entry.dir.join(file), &value.to_string())
+        write_cg(&entry.dir.join(file), &value.to_string())?;
+        // An idle group (kernel 5.15+) is preempted at once by a waking normal thread; a low
+        // weight alone lets the woken thread wait for the next scheduler tick.
+        let idle_file = entry.dir.join("cpu.idle");
+        if idle_file.exists() {
+            let idle = if level == PriorityLevel::Idle {
+                "1"
+            } else {
+                "0"
+            };
+            write_cg(&idle_file, idle)?;
+        }
+        Ok(())
     }
 
     fn release_locked(group: &mut Group) -> Result<(), IsolationError> {
@@ -607,7 +620,7 @@ fn detect_cgroup_from(mounts: &str, membership: &str, root: &Path) -> CgroupSetu
         if has_cpu && writable(&dir) && writable(&dir.join("cgroup.subtree_control")) {
             return CgroupSetup {
                 version: CgroupVersion::V2,
-                foreign_owner: foreign_owner(&dir),
+                delegated: delegated(&dir),
                 parent: Some(dir),
             };
         }
@@ -617,7 +630,7 @@ fn detect_cgroup_from(mounts: &str, membership: &str, root: &Path) -> CgroupSetu
         if dir.join("cpu.cfs_quota_us").exists() && writable(&dir) {
             return CgroupSetup {
                 version: CgroupVersion::V1,
-                foreign_owner: foreign_owner(&dir),
+                delegated: delegated(&dir),
                 parent: Some(dir),
             };
         }
@@ -634,11 +647,11 @@ fn writable(path: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
-fn foreign_owner(path: &Path) -> bool {
+fn delegated(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    std::fs::metadata(path).map_or(true, |m| m.uid() != me)
+    me != 0 && std::fs::metadata(path).is_ok_and(|m| m.uid() == me)
 }
 
 /// Removes cgroups left by processes of this crate that no longer exist.

@@ -43,10 +43,12 @@ fn run(shared: Weak<Shared>, interval: Duration) {
 fn sample(shared: &Shared) {
     let core = &shared.core;
     for slot in core.workers.snapshot() {
+        let raw = core.clock.raw();
         let Some(now) = slot.clock.and_then(|c| c.read_ns()) else {
             continue;
         };
         let before = slot.last_cpu_ns.swap(now, Ordering::Relaxed);
+        slot.last_sample_raw.store(raw, Ordering::Relaxed);
         let task = slot.current.load(Ordering::Relaxed);
         if task == 0 || now <= before {
             continue;

@@ -61,7 +61,7 @@ pub struct TaskStats {
     pub id: u64,
     /// Its tier.
     pub tier: Tier,
-    /// Polls so far (published every few dozen polls and at every tier change).
+    /// Polls so far (published every 64 polls, when the task changes worker, and at its end).
     pub polls: u64,
     /// Polls over budget.
     pub violations: u64,
@@ -117,6 +117,8 @@ impl Watch {
 
     #[cold]
     fn switch_slot(&mut self, key: u64) {
+        // Polls counted so far ran on the previous worker.
+        self.flush_polls();
         let slot = slot_for_current_thread(self.core.id, &self.core.workers);
         if self.polls == 0 {
             slot.stats.add_task();
@@ -145,7 +147,6 @@ impl Watch {
         let result = fut.poll(cx);
         let end = core.clock.raw();
         drop(guard);
-        slot.stats.add_polls(1);
         let over = end.wrapping_sub(start) > core.budget_ticks || end >= self.review_at;
         self.polls += 1;
         let action = if over {
@@ -165,9 +166,17 @@ impl Watch {
             .metrics
             .poll_duration
             .record(self.core.clock.nanos_between(start, end) as f64 / 1e9);
+        self.flush_polls();
+    }
+
+    /// Adds the polls since the last flush to the task, the current worker and the metric.
+    fn flush_polls(&mut self) {
         let delta = self.polls - self.published_polls;
         self.published_polls = self.polls;
         self.task.polls.fetch_add(delta, Ordering::Relaxed);
+        if let Some(slot) = &self.slot {
+            slot.stats.add_polls(delta);
+        }
         self.core.metrics.polls.increment(delta);
     }
 
@@ -175,7 +184,10 @@ impl Watch {
     #[inline(never)]
     fn slow_path(&mut self, start: u64, end: u64) -> Action {
         let core = Arc::clone(&self.core);
-        let poll_ns = core.clock.nanos_between(start, end);
+        let mut poll_ns = core.clock.nanos_between(start, end);
+        if core.tiers.is_violation(poll_ns) {
+            poll_ns = self.on_cpu_ns(start, end, poll_ns);
+        }
         let now = core.ns_at(end);
         let mut changes: Option<Transition> = None;
         if core.tiers.is_violation(poll_ns) {
@@ -227,11 +239,31 @@ impl Watch {
         }
     }
 
+    /// Discounts the time the worker thread spent preempted during a long poll, when the CPU
+    /// sampler took a sample inside the poll: only the CPU share of the window from that sample
+    /// to the end of the poll counts. Reads the thread's CPU clock, so only on the slow path.
+    fn on_cpu_ns(&self, start: u64, end: u64, wall_ns: u64) -> u64 {
+        let Some(slot) = &self.slot else {
+            return wall_ns;
+        };
+        let sample_raw = slot.last_sample_raw.load(Ordering::Relaxed);
+        let cpu_then = slot.last_cpu_ns.load(Ordering::Relaxed);
+        if sample_raw <= start || sample_raw >= end {
+            return wall_ns;
+        }
+        let Some(cpu_now) = slot.clock.and_then(|c| c.read_ns()) else {
+            return wall_ns;
+        };
+        let window = self.core.clock.nanos_between(sample_raw, end);
+        if window == 0 || cpu_now < cpu_then {
+            return wall_ns;
+        }
+        let share = ((cpu_now - cpu_then) as f64 / window as f64).min(1.0);
+        (wall_ns as f64 * share) as u64
+    }
+
     fn finish(&mut self) {
-        let delta = self.polls - self.published_polls;
-        self.published_polls = self.polls;
-        self.task.polls.fetch_add(delta, Ordering::Relaxed);
-        self.core.metrics.polls.increment(delta);
+        self.flush_polls();
     }
 }
 
@@ -246,24 +278,22 @@ fn duration_ns(d: Duration) -> u64 {
     d.as_nanos().min(u128::from(u64::MAX)) as u64
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
 /// What comes back from the isolation runtime.
-enum Back<T> {
-    Done(T),
-    Returned(BoxFuture<T>, Box<Watch>),
+enum Back<F: Future> {
+    Done(F::Output),
+    Returned(Pin<Box<F>>, Box<Watch>),
 }
 
 /// The part that runs on the isolation runtime.
-struct IsolatedRun<T> {
-    fut: Option<BoxFuture<T>>,
+struct IsolatedRun<F> {
+    fut: Option<Pin<Box<F>>>,
     watch: Option<Box<Watch>>,
 }
 
-impl<T> Future for IsolatedRun<T> {
-    type Output = Back<T>;
+impl<F: Future> Future for IsolatedRun<F> {
+    type Output = Back<F>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Back<T>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Back<F>> {
         let this = self.get_mut();
         let (Some(fut), Some(watch)) = (this.fut.as_mut(), this.watch.as_mut()) else {
             return Poll::Pending;
@@ -293,25 +323,29 @@ impl<T> Future for IsolatedRun<T> {
     }
 }
 
-enum Stage<T> {
+enum Stage<F: Future> {
     Local {
-        fut: BoxFuture<T>,
+        fut: Pin<Box<F>>,
         watch: Box<Watch>,
         yield_next: bool,
     },
-    Away(tokio::task::JoinHandle<Back<T>>),
+    Away(tokio::task::JoinHandle<Back<F>>),
     Done,
 }
 
 /// The task spawned on the caller's runtime. It owns the join handle's side of the task
 /// wherever the future runs.
-pub(crate) struct Anchor<T> {
-    stage: Stage<T>,
+pub(crate) struct Anchor<F: Future> {
+    stage: Stage<F>,
     shared: Arc<Shared>,
 }
 
-impl<T: Send + 'static> Anchor<T> {
-    pub(crate) fn new(fut: BoxFuture<T>, watch: Watch, shared: Arc<Shared>) -> Self {
+impl<F> Anchor<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    pub(crate) fn new(fut: Pin<Box<F>>, watch: Watch, shared: Arc<Shared>) -> Self {
         Self {
             stage: Stage::Local {
                 fut,
@@ -334,6 +368,7 @@ impl<T: Send + 'static> Anchor<T> {
             return;
         };
         watch.isolated = true;
+        watch.flush_polls();
         watch.slot = None;
         watch.key = 0;
         watch.task.isolated.store(true, Ordering::Relaxed);
@@ -353,10 +388,14 @@ impl<T: Send + 'static> Anchor<T> {
     }
 }
 
-impl<T: Send + 'static> Future for Anchor<T> {
-    type Output = T;
+impl<F> Future for Anchor<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
         loop {
             match &mut this.stage {
@@ -426,7 +465,7 @@ impl<T: Send + 'static> Future for Anchor<T> {
     }
 }
 
-impl<T> Drop for Anchor<T> {
+impl<F: Future> Drop for Anchor<F> {
     fn drop(&mut self) {
         // Cancellation of the handle reaches the future wherever it runs.
         if let Stage::Away(handle) = &self.stage {

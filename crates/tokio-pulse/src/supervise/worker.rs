@@ -19,6 +19,8 @@ pub(crate) struct WorkerSlot {
     pub(crate) clock: Option<ThreadCpuClock>,
     /// CPU time of the thread at the previous sample.
     pub(crate) last_cpu_ns: AtomicU64,
+    /// Poll-clock reading when that sample was taken (0 before the first sample).
+    pub(crate) last_sample_raw: AtomicU64,
     pub(crate) alive: AtomicBool,
     pub(crate) name: String,
 }
@@ -30,6 +32,7 @@ impl WorkerSlot {
             current: AtomicU64::new(0),
             stats: WorkerStats::default(),
             last_cpu_ns: AtomicU64::new(clock.and_then(|c| c.read_ns()).unwrap_or(0)),
+            last_sample_raw: AtomicU64::new(0),
             clock,
             alive: AtomicBool::new(true),
             name: std::thread::current()
