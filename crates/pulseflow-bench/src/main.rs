@@ -36,12 +36,18 @@ pub struct CommonOpts {
 enum Scenario {
     /// Source -> map -> filter -> sink against hand-written channel chains and a single loop.
     Linear(CommonOpts),
+    /// Cost per poll of Tokio-Pulse supervision against bare, TaskMonitor and a CPU-clock wrapper.
+    PulseOverhead(CommonOpts),
+    /// Latency of light tasks next to CPU hogs: none, unsupervised, supervised (isolated).
+    Isolation(CommonOpts),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.scenario {
         Scenario::Linear(opts) => scenarios::linear::run(&opts),
+        Scenario::PulseOverhead(opts) => scenarios::pulse_overhead::run(&opts),
+        Scenario::Isolation(opts) => scenarios::isolation::run(&opts),
     };
     match outcome {
         Ok(report) => {

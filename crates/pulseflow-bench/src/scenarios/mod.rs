@@ -1,1 +1,3 @@
+pub mod isolation;
 pub mod linear;
+pub mod pulse_overhead;
