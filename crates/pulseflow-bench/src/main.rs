@@ -30,6 +30,9 @@ pub struct CommonOpts {
     /// Run a smaller workload that finishes well under a minute.
     #[arg(long)]
     pub quick: bool,
+    /// Measure only pulseflow, without the baselines (for profiling; prints no ratios).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Debug, Subcommand)]

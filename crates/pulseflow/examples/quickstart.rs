@@ -120,7 +120,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         a.filtered,
         a.dropped,
         a.dead_lettered,
-        if a.reconciles() { "reconciled" } else { "NOT reconciled" }
+        if a.reconciles() {
+            "reconciled"
+        } else {
+            "NOT reconciled"
+        }
     );
     if let Some(first) = result.dead_letters.first() {
         println!(

@@ -262,15 +262,15 @@ async fn ignore_policy_counts_and_drops() {
 }
 
 #[tokio::test]
-async fn panics_in_user_code_become_item_errors() {
+async fn a_panic_in_try_map_fails_only_that_item() {
     let mut p = PipelineBuilder::new("panics");
     let (sink, got) = sinks::collect();
     p.source("src", sources::iter(0u32..20))
-        .map("boom", |x| {
-            if x == 5 || x == 6 {
+        .try_map("boom", |x: &u32| {
+            if *x == 5 || *x == 6 {
                 panic!("cannot handle {x}");
             }
-            x
+            Ok::<_, std::io::Error>(*x)
         })
         .sink("out", sink);
     let r = run(p).await;
@@ -283,10 +283,31 @@ async fn panics_in_user_code_become_item_errors() {
             .contains("panicked: cannot handle 5")
     );
     assert_eq!(r.dead_letters[0].seq, 5);
+    assert_eq!(r.dead_letters[1].seq, 6);
+}
+
+#[tokio::test]
+async fn a_panic_in_map_fails_the_rest_of_its_batch() {
+    let mut p = PipelineBuilder::new("batch-panic");
+    let (sink, got) = sinks::collect();
+    p.source("src", sources::iter(0u32..200))
+        .map("boom", |x| {
+            assert!(x != 70, "cannot handle {x}");
+            x
+        })
+        .sink("out", sink);
+    // Batches of 64: the batch holding item 70 (64..128) is the one that fails.
+    let r = run(p).await;
+    assert!(r.success);
+    assert_eq!(got.len(), 200 - 64);
+    assert_eq!(r.accounting.dead_lettered, 64);
     assert!(
-        r.dead_letters[0].payload.is_none(),
-        "a by-value closure consumed it"
+        r.dead_letters
+            .iter()
+            .all(|d| d.error.contains("cannot handle 70"))
     );
+    assert!(r.dead_letters.iter().all(|d| d.payload.is_none()));
+    assert!(got.items().iter().all(|x| !(64..128).contains(x)));
 }
 
 #[tokio::test]

@@ -15,6 +15,12 @@ use crate::CommonOpts;
 use crate::report::{Report, per_sec};
 
 const BATCH: usize = 1024;
+fn pf_batch() -> usize {
+    std::env::var("PF_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(BATCH)
+}
 const CHANNEL_MESSAGES: usize = 1024;
 
 #[inline]
@@ -63,7 +69,10 @@ async fn pulseflow_run(n: u64) -> Result<(Duration, u64), String> {
     let pipeline = p.build().map_err(|e| e.to_string())?;
     let started = Instant::now();
     let result = ExecutionEngine::new()
-        .run(pipeline, ExecutionOptions::default().with_batch_size(BATCH))
+        .run(
+            pipeline,
+            ExecutionOptions::default().with_batch_size(pf_batch()),
+        )
         .await;
     let elapsed = started.elapsed();
     if !result.success || !result.accounting.reconciles() {
@@ -182,11 +191,30 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
     let n: u64 = if opts.quick { 2_000_000 } else { 10_000_000 };
     let rounds = if opts.quick { 3 } else { 5 };
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(pulseflow::policy::cores())
+        .worker_threads(
+            std::env::var("PF_WORKERS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(pulseflow::policy::cores()),
+        )
         .enable_all()
         .build()?;
     let expected: u64 = (0..n).map(work).filter(keep).fold(0u64, u64::wrapping_add);
     let mut times: [Vec<Duration>; 4] = Default::default();
+    if opts.profile {
+        let took = rt.block_on(async {
+            let mut took = Vec::new();
+            for _ in 0..rounds {
+                let (t, s) = pulseflow_run(n).await?;
+                check(s, expected, "pulseflow")?;
+                took.push(t);
+            }
+            Ok::<_, String>(median(took))
+        })?;
+        let mut report = Report::new("linear (pulseflow only)", &["items/s"]);
+        report.row(vec![per_sec(n as f64 / took.as_secs_f64())]);
+        return Ok(report);
+    }
     rt.block_on(async {
         for _ in 0..rounds {
             let (t, s) = pulseflow_run(n).await?;

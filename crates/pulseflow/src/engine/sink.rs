@@ -12,7 +12,7 @@ use super::failure::{Failures, Next};
 use crate::envelope::{Batch, Envelope};
 use crate::error::{ItemFailure, PipelineError, StageError};
 use crate::metrics::{DropReason, StageStatus, Tally};
-use crate::stage::{Sink, StageContext};
+use crate::stage::{Sink, StageContext, WriteProgress};
 
 pub(crate) struct SinkHandler<S: Sink> {
     sink: S,
@@ -32,33 +32,27 @@ impl<S: Sink> SinkHandler<S> {
 
     async fn write_all(
         &mut self,
-        items: impl Iterator<Item = Envelope<S::Item>> + Send,
+        items: Vec<Envelope<S::Item>>,
         failed: &mut Vec<ItemFailure<S::Item>>,
         tally: &mut Tally,
     ) {
-        let mut items = items;
-        let mut current = 0u64;
+        let mut items = items.into_iter();
+        let mut progress = WriteProgress::default();
         loop {
             let sink = &mut self.sink;
-            let run = std::panic::AssertUnwindSafe(async {
-                for item in items.by_ref() {
-                    current = item.seq;
-                    match sink.write(item).await {
-                        Ok(()) => tally.delivered += 1,
-                        Err(failure) => failed.push(failure),
-                    }
-                }
-            })
-            .catch_unwind()
-            .await;
+            let run =
+                std::panic::AssertUnwindSafe(sink.write_batch(&mut items, failed, &mut progress))
+                    .catch_unwind()
+                    .await;
             match run {
-                Ok(()) => return,
+                Ok(()) => break,
                 Err(panic) => failed.push(ItemFailure::consumed(
-                    current,
+                    progress.current_seq,
                     StageError::from_panic(&*panic),
                 )),
             }
         }
+        tally.delivered += progress.delivered;
     }
 
     async fn handle(&mut self, batch: Batch<S::Item>) {
@@ -74,7 +68,7 @@ impl<S: Sink> SinkHandler<S> {
             return;
         }
         let mut failed = Vec::new();
-        self.write_all(batch.into_iter(), &mut failed, &mut tally)
+        self.write_all(batch.into_items(), &mut failed, &mut tally)
             .await;
         for failure in failed {
             let mut delays = self.failures.delays();
@@ -82,8 +76,7 @@ impl<S: Sink> SinkHandler<S> {
             while let Next::Retry(item, wait, attempt) = next {
                 tokio::time::sleep(wait).await;
                 let mut again = Vec::new();
-                self.write_all(std::iter::once(item), &mut again, &mut tally)
-                    .await;
+                self.write_all(vec![item], &mut again, &mut tally).await;
                 next = match again.pop() {
                     Some(f) => self.failures.settle(f, attempt, &mut delays, &mut tally),
                     None => Next::Done,

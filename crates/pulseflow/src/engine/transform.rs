@@ -13,7 +13,7 @@ use super::failure::{Failures, Next};
 use crate::envelope::{Batch, Envelope};
 use crate::error::{ItemFailure, PipelineError, StageError};
 use crate::metrics::{DropReason, StageStats, StageStatus, Tally};
-use crate::stage::{StageContext, Transform};
+use crate::stage::{BatchCounts, StageContext, Transform};
 
 pub(crate) struct TransformHandler<X: Transform> {
     stage: X,
@@ -42,42 +42,54 @@ impl<X: Transform> TransformHandler<X> {
         &self.failures.stats
     }
 
-    /// Runs `process` over the items, resuming after any item whose processing panicked.
+    /// Runs the stage over the items, resuming after any item whose processing panicked,
+    /// and counts what they turned into.
     fn process_all(
         &mut self,
-        items: impl Iterator<Item = Envelope<X::In>>,
+        items: Vec<Envelope<X::In>>,
         out: &mut Vec<Envelope<X::Out>>,
         failed: &mut Vec<ItemFailure<X::In>>,
         tally: &mut Tally,
     ) {
-        let mut items = items;
-        let mut current = 0u64;
-        let mut mark = out.len();
+        let consumed = items.len();
+        let out_before = out.len();
+        let failed_before = failed.len();
+        let mut items = items.into_iter();
+        let mut counts = BatchCounts::default();
         loop {
             let stage = &mut self.stage;
+            let remaining = items.len();
+            let (out_mark, failed_mark) = (out.len(), failed.len());
             let run = catch_unwind(AssertUnwindSafe(|| {
-                for item in items.by_ref() {
-                    current = item.seq;
-                    mark = out.len();
-                    match stage.process(item, out) {
-                        Ok(()) => tally.outputs(out.len() - mark),
-                        Err(failure) => {
-                            out.truncate(mark);
-                            failed.push(failure);
-                        }
-                    }
-                }
+                stage.process_batch(&mut items, out, failed, &mut counts)
             }));
-            match run {
-                Ok(()) => return,
-                Err(panic) => {
-                    out.truncate(mark);
+            let Err(panic) = run else { break };
+            let error = StageError::from_panic(&*panic);
+            if self.stage.at_most_one_output() {
+                // A batch fast path may have consumed several items before the panic: every
+                // one of them that produced no output is an error of this batch.
+                let consumed = remaining - items.len();
+                let settled = (out.len() - out_mark) + (failed.len() - failed_mark);
+                let lost = consumed.saturating_sub(settled).max(1);
+                for _ in 0..lost {
                     failed.push(ItemFailure::consumed(
-                        current,
-                        StageError::from_panic(&*panic),
+                        counts.current_seq,
+                        StageError::msg(error.to_string()),
                     ));
                 }
+            } else {
+                // One item at a time: only the item in progress failed; drop what it pushed.
+                out.truncate(counts.output_mark.max(out_mark));
+                failed.push(ItemFailure::consumed(counts.current_seq, error));
             }
+        }
+        if self.stage.at_most_one_output() {
+            let produced = out.len() - out_before;
+            let failures = failed.len() - failed_before;
+            tally.filtered += (consumed - failures - produced) as u64;
+        } else {
+            tally.filtered += counts.filtered;
+            tally.created += counts.created;
         }
     }
 
@@ -93,7 +105,7 @@ impl<X: Transform> TransformHandler<X> {
             while let Next::Retry(item, wait, attempt) = next {
                 tokio::time::sleep(wait).await;
                 let mut again = Vec::new();
-                self.process_all(std::iter::once(item), out, &mut again, tally);
+                self.process_all(vec![item], out, &mut again, tally);
                 next = match again.pop() {
                     Some(failure) => self.failures.settle(failure, attempt, &mut delays, tally),
                     None => Next::Done,
@@ -117,7 +129,7 @@ impl<X: Transform> TransformHandler<X> {
         }
         let mut out = Vec::with_capacity(n);
         let mut failed = Vec::new();
-        self.process_all(batch.into_iter(), &mut out, &mut failed, &mut tally);
+        self.process_all(batch.into_items(), &mut out, &mut failed, &mut tally);
         if !failed.is_empty() {
             self.settle(failed, &mut out, &mut tally).await;
         }

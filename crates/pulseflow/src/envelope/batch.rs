@@ -5,7 +5,8 @@ use super::{Envelope, Timestamp};
 /// Envelopes travelling together, with their time window and totals.
 ///
 /// Edges move batches, not single envelopes: one channel operation per batch instead of per
-/// item is the largest cost a pipeline can avoid.
+/// item is the largest cost a pipeline can avoid. The window and byte total are derived from
+/// the items when asked for, so the hot path never pays for them.
 ///
 /// ```
 /// use pulseflow::envelope::{Batch, Envelope};
@@ -20,14 +21,11 @@ use super::{Envelope, Timestamp};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch<T> {
     items: Vec<Envelope<T>>,
-    window_start: Timestamp,
-    window_end: Timestamp,
-    total_bytes: u64,
 }
 
 impl<T> Default for Batch<T> {
     fn default() -> Self {
-        Self::with_capacity(0)
+        Self { items: Vec::new() }
     }
 }
 
@@ -36,38 +34,18 @@ impl<T> Batch<T> {
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
             items: Vec::with_capacity(capacity),
-            window_start: Timestamp::MAX,
-            window_end: Timestamp::MIN,
-            total_bytes: 0,
         }
     }
 
-    /// Builds a batch from envelopes, computing window and totals.
-    pub fn from_items(items: Vec<Envelope<T>>) -> Self {
-        let mut batch = Self {
-            items: Vec::new(),
-            window_start: Timestamp::MAX,
-            window_end: Timestamp::MIN,
-            total_bytes: 0,
-        };
-        for item in &items {
-            batch.account(item);
-        }
-        batch.items = items;
-        batch
-    }
-
+    /// A batch of these envelopes.
     #[inline]
-    fn account(&mut self, item: &Envelope<T>) {
-        self.window_start = self.window_start.min(item.timestamp);
-        self.window_end = self.window_end.max(item.timestamp);
-        self.total_bytes += u64::from(item.cost.bytes);
+    pub fn from_items(items: Vec<Envelope<T>>) -> Self {
+        Self { items }
     }
 
     /// Appends one envelope.
     #[inline]
     pub fn push(&mut self, item: Envelope<T>) {
-        self.account(&item);
         self.items.push(item);
     }
 
@@ -91,25 +69,17 @@ impl<T> Batch<T> {
 
     /// Sum of the items' byte costs.
     pub fn total_bytes(&self) -> u64 {
-        self.total_bytes
+        self.items.iter().map(|e| u64::from(e.cost.bytes)).sum()
     }
 
     /// Earliest item timestamp (0 for an empty batch).
     pub fn window_start(&self) -> Timestamp {
-        if self.items.is_empty() {
-            0
-        } else {
-            self.window_start
-        }
+        self.items.iter().map(|e| e.timestamp).min().unwrap_or(0)
     }
 
     /// Latest item timestamp (0 for an empty batch).
     pub fn window_end(&self) -> Timestamp {
-        if self.items.is_empty() {
-            0
-        } else {
-            self.window_end
-        }
+        self.items.iter().map(|e| e.timestamp).max().unwrap_or(0)
     }
 
     /// The envelopes.
@@ -118,6 +88,7 @@ impl<T> Batch<T> {
     }
 
     /// Takes the envelopes out.
+    #[inline]
     pub fn into_items(self) -> Vec<Envelope<T>> {
         self.items
     }
@@ -126,22 +97,13 @@ impl<T> Batch<T> {
     pub fn split_front(&mut self, n: usize) -> Batch<T> {
         let n = n.min(self.items.len());
         let rest = self.items.split_off(n);
-        let front = std::mem::replace(&mut self.items, rest);
-        self.recompute();
-        Batch::from_items(front)
+        Batch::from_items(std::mem::replace(&mut self.items, rest))
     }
 
     /// Removes envelopes from position `n` on and returns them as a batch.
     pub fn split_off(&mut self, n: usize) -> Batch<T> {
         let n = n.min(self.items.len());
-        let tail = self.items.split_off(n);
-        self.recompute();
-        Batch::from_items(tail)
-    }
-
-    fn recompute(&mut self) {
-        let items = std::mem::take(&mut self.items);
-        *self = Self::from_items(items);
+        Batch::from_items(self.items.split_off(n))
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::marker::PhantomData;
 
-use super::Transform;
+use super::{BatchCounts, Transform};
 use crate::envelope::Envelope;
 use crate::error::{BoxError, ItemFailure, StageError};
 
@@ -29,6 +29,16 @@ pub struct FlatMap<F, I, O> {
 pub struct TryMap<F, I, O> {
     f: F,
     _types: PhantomData<fn(I) -> O>,
+}
+
+/// Moves `local` into `out`, without copying when `out` is empty (the usual case).
+#[inline]
+fn append<T>(out: &mut Vec<T>, mut local: Vec<T>) {
+    if out.is_empty() {
+        *out = local;
+    } else {
+        out.append(&mut local);
+    }
 }
 
 macro_rules! clone_impl {
@@ -70,6 +80,27 @@ where
         Ok(())
     }
 
+    fn process_batch(
+        &mut self,
+        items: &mut std::vec::IntoIter<Envelope<I>>,
+        out: &mut Vec<Envelope<O>>,
+        _failed: &mut Vec<ItemFailure<I>>,
+        counts: &mut BatchCounts,
+    ) {
+        if let Some(first) = items.as_slice().first() {
+            counts.current_seq = first.seq;
+        }
+        let f = &mut self.f;
+        let local: Vec<Envelope<O>> = std::mem::take(items)
+            .map(|item| item.map(&mut *f))
+            .collect();
+        append(out, local);
+    }
+
+    fn at_most_one_output(&self) -> bool {
+        true
+    }
+
     fn is_stateless(&self) -> bool {
         true
     }
@@ -93,6 +124,27 @@ where
             out.push(item);
         }
         Ok(())
+    }
+
+    fn process_batch(
+        &mut self,
+        items: &mut std::vec::IntoIter<Envelope<T>>,
+        out: &mut Vec<Envelope<T>>,
+        _failed: &mut Vec<ItemFailure<T>>,
+        counts: &mut BatchCounts,
+    ) {
+        if let Some(first) = items.as_slice().first() {
+            counts.current_seq = first.seq;
+        }
+        let f = &mut self.f;
+        let local: Vec<Envelope<T>> = std::mem::take(items)
+            .filter(|item| f(&item.payload))
+            .collect();
+        append(out, local);
+    }
+
+    fn at_most_one_output(&self) -> bool {
+        true
     }
 
     fn is_stateless(&self) -> bool {
@@ -149,6 +201,10 @@ where
             }
             Err(e) => Err(ItemFailure::new(item, StageError::from_error(e))),
         }
+    }
+
+    fn at_most_one_output(&self) -> bool {
+        true
     }
 
     fn is_stateless(&self) -> bool {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::Sink;
+use super::{Sink, WriteProgress};
 use crate::envelope::Envelope;
 use crate::error::{BoxError, ItemFailure, StageError};
 
@@ -44,6 +44,19 @@ where
     async fn write(&mut self, item: Envelope<T>) -> Result<(), ItemFailure<T>> {
         (self.f)(item.payload);
         Ok(())
+    }
+
+    async fn write_batch(
+        &mut self,
+        items: &mut std::vec::IntoIter<Envelope<T>>,
+        _failed: &mut Vec<ItemFailure<T>>,
+        progress: &mut WriteProgress,
+    ) {
+        for item in items {
+            progress.current_seq = item.seq;
+            (self.f)(item.payload);
+            progress.delivered += 1;
+        }
     }
 }
 

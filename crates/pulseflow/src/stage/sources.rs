@@ -39,13 +39,12 @@ where
         &mut self,
         out: &mut SourceOutput<I::Item>,
     ) -> Result<SourceStatus, StageError> {
-        while !out.is_full() {
-            match self.iter.next() {
-                Some(item) => out.push(item),
-                None => return Ok(SourceStatus::Done),
-            }
+        out.extend_from(&mut self.iter);
+        if out.is_full() {
+            Ok(SourceStatus::More)
+        } else {
+            Ok(SourceStatus::Done)
         }
-        Ok(SourceStatus::More)
     }
 }
 
