@@ -20,6 +20,26 @@ struct State<T> {
     senders: usize,
     receivers: usize,
     popped: u64,
+    /// Tasks waiting for a batch / for room: wake-ups are sent only when someone waits.
+    rx_waiting: usize,
+    tx_waiting: usize,
+}
+
+/// Counts a waiting task for as long as it waits, also when its future is dropped.
+struct Waiting<'a, T> {
+    shared: &'a Shared<T>,
+    receiver: bool,
+}
+
+impl<T> Drop for Waiting<'_, T> {
+    fn drop(&mut self) {
+        let mut st = self.shared.state.lock();
+        if self.receiver {
+            st.rx_waiting -= 1;
+        } else {
+            st.tx_waiting -= 1;
+        }
+    }
 }
 
 struct Shared<T> {
@@ -45,6 +65,8 @@ pub(crate) fn edge<T>(
             senders: 1,
             receivers: 1,
             popped: 0,
+            rx_waiting: 0,
+            tx_waiting: 0,
         }),
         readable: Notify::new(),
         writable: Notify::new(),
@@ -162,7 +184,7 @@ impl<T> EdgeSender<T> {
                 }
                 let room = shared.capacity - st.items.min(shared.capacity);
                 match shared.policy {
-                    DropPolicy::Block if n > room => {}
+                    DropPolicy::Block if n > room => st.tx_waiting += 1,
                     DropPolicy::Block => {
                         self.push(&mut st, batch);
                         return;
@@ -207,7 +229,12 @@ impl<T> EdgeSender<T> {
                     }
                 }
             }
+            let waiting = Waiting {
+                shared,
+                receiver: false,
+            };
             writable.as_mut().await;
+            drop(waiting);
             writable.set(shared.writable.notified());
         }
     }
@@ -216,7 +243,9 @@ impl<T> EdgeSender<T> {
         st.items += batch.len();
         st.queue.push_back(batch);
         self.shared.stats.set_depth(st.items as u64);
-        self.shared.readable.notify_waiters();
+        if st.rx_waiting > 0 {
+            self.shared.readable.notify_waiters();
+        }
     }
 
     /// Whether every receiver is gone.
@@ -242,19 +271,28 @@ impl<T> EdgeReceiver<T> {
                     let index = st.popped;
                     st.popped += 1;
                     shared.stats.set_depth(st.items as u64);
+                    let wake = st.tx_waiting > 0;
                     drop(st);
                     shared
                         .stats
                         .delivered
                         .fetch_add(batch.len() as u64, Relaxed);
-                    shared.writable.notify_waiters();
+                    if wake {
+                        shared.writable.notify_waiters();
+                    }
                     return Some((index, batch));
                 }
                 if st.senders == 0 {
                     return None;
                 }
+                st.rx_waiting += 1;
             }
+            let waiting = Waiting {
+                shared,
+                receiver: true,
+            };
             readable.as_mut().await;
+            drop(waiting);
             readable.set(shared.readable.notified());
         }
     }
