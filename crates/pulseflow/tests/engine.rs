@@ -539,3 +539,163 @@ fn invalid_graphs_list_every_problem() {
         "{text}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn io_bound_pool_grows_with_its_queue_and_shrinks_when_idle() {
+    struct SlowSink;
+    impl Sink for SlowSink {
+        type Item = u64;
+        async fn write(&mut self, _item: Envelope<u64>) -> Result<(), ItemFailure<u64>> {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            Ok(())
+        }
+    }
+    // 3000 items at once, then a trickle: one item every 5 s.
+    let source = futures::stream::unfold(0u64, |i| async move {
+        if i >= 3005 {
+            return None;
+        }
+        if i >= 3000 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        Some((i, i + 1))
+    });
+    let engine = ExecutionEngine::new();
+    let mut p = PipelineBuilder::new("elastic");
+    p.source("src", sources::stream(Box::pin(source)))
+        .map("io", |x| x)
+        .parallelism(ParallelismHint::DynamicIoBound { min: 1, max: 4 })
+        .buffer(BufferPolicy::new(256, DropPolicy::Block))
+        .sink("slow", SlowSink)
+        .buffer(BufferPolicy::new(64, DropPolicy::Block));
+    let pipeline = p.build().expect("valid");
+    let runner = engine.clone();
+    let handle = tokio::spawn(async move {
+        runner
+            .run(pipeline, ExecutionOptions::default().with_batch_size(32))
+            .await
+    });
+    let workers = |engine: &ExecutionEngine| {
+        engine
+            .inspect("io")
+            .and_then(|s| s.metrics.get("workers").copied())
+            .unwrap_or(0.0)
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        workers(&engine),
+        4.0,
+        "deep queue: the pool grew to its maximum"
+    );
+    // The burst drains in about 3 s of sink time; then the trickle leaves workers idle.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(
+        workers(&engine),
+        1.0,
+        "idle workers retired down to the minimum"
+    );
+    let r = handle.await.expect("run");
+    assert!(r.success, "{:?}", r.error);
+    assert_eq!(r.accounting.delivered, 3005);
+}
+
+#[test]
+fn stages_publish_counters_through_the_metrics_facade() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut p = PipelineBuilder::new("observed");
+        p.source("src", sources::iter(0u32..100))
+            .filter("even", |x| x % 2 == 0)
+            .sink("out", sink_fn(|_x: u32| {}));
+        let r = runtime.block_on(
+            ExecutionEngine::new().run(p.build().expect("valid"), ExecutionOptions::default()),
+        );
+        assert!(r.success);
+    });
+    // A snapshot drains what it reads: take it once.
+    let snapshot = snapshotter.snapshot().into_vec();
+    let counter = |name: &str, stage: &str| {
+        snapshot
+            .iter()
+            .find(|(key, _, _, _)| {
+                key.key().name() == name
+                    && key
+                        .key()
+                        .labels()
+                        .any(|l| l.key() == "stage" && l.value() == stage)
+            })
+            .map(|(_, _, _, value)| value)
+    };
+    let count = |name: &str, stage: &str| match counter(name, stage) {
+        Some(DebugValue::Counter(n)) => Some(*n),
+        _ => None,
+    };
+    assert_eq!(count("pulseflow_items_in_total", "even"), Some(100));
+    assert_eq!(count("pulseflow_items_out_total", "even"), Some(50));
+    assert_eq!(count("pulseflow_items_filtered_total", "even"), Some(50));
+    assert_eq!(count("pulseflow_items_out_total", "out"), Some(50));
+    assert!(matches!(
+        counter("pulseflow_batch_duration_seconds", "even"),
+        Some(DebugValue::Histogram(h)) if !h.is_empty()
+    ));
+}
+
+#[test]
+fn stages_and_batches_get_tracing_spans() {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Metadata, Subscriber};
+
+    /// Counts the spans created, by name.
+    #[derive(Default)]
+    struct SpanCounter {
+        names: Mutex<BTreeMap<&'static str, usize>>,
+        next: AtomicUsize,
+    }
+    impl Subscriber for SpanCounter {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, span: &Attributes<'_>) -> Id {
+            *self
+                .names
+                .lock()
+                .expect("lock")
+                .entry(span.metadata().name())
+                .or_default() += 1;
+            Id::from_u64(self.next.fetch_add(1, Ordering::Relaxed) as u64 + 1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, _: &Event<'_>) {}
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    let counter = Arc::new(SpanCounter::default());
+    tracing::subscriber::with_default(counter.clone(), || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut p = PipelineBuilder::new("traced");
+        p.source("src", sources::iter(0u32..100))
+            .map("m", |x| x)
+            .sink("out", sink_fn(|_x: u32| {}));
+        let options = ExecutionOptions::default().with_batch_size(10);
+        let r = runtime.block_on(ExecutionEngine::new().run(p.build().expect("valid"), options));
+        assert!(r.success);
+    });
+    let names = counter.names.lock().expect("lock");
+    assert_eq!(names.get("pipeline"), Some(&1));
+    assert_eq!(names.get("stage"), Some(&3), "one span per stage");
+    // Ten batches through the map and ten into the sink.
+    assert_eq!(names.get("batch"), Some(&20), "{names:?}");
+}
