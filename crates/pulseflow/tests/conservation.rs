@@ -184,7 +184,12 @@ proptest! {
             .build()
             .expect("runtime");
         let result = runtime.block_on(
-            ExecutionEngine::new().run(pipeline, ExecutionOptions::default().with_batch_size(batch)),
+            ExecutionEngine::new().run(
+                pipeline,
+                ExecutionOptions::default()
+                    .with_batch_size(batch)
+                    .with_supervision(pulseflow::engine::Supervision::Off),
+            ),
         );
         let a = result.accounting;
         prop_assert!(a.reconciles(), "{:?} error {:?}", a, result.error);

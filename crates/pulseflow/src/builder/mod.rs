@@ -170,10 +170,13 @@ impl PipelineBuilder {
             let ctx = w.ctx.clone();
             let failures = w.failures();
             let span = ctx.span.clone();
-            w.run.spawn(tracing::Instrument::instrument(
-                crate::engine::run_source(source, ctx, failures, out),
-                span,
-            ));
+            w.run.spawn(
+                w.index,
+                tracing::Instrument::instrument(
+                    crate::engine::run_source(source, ctx, failures, out),
+                    span,
+                ),
+            );
             Ok(())
         });
         let mut node = StageNode::new(id, StageKind::Source);

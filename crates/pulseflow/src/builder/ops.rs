@@ -116,7 +116,8 @@ fn wire_transform<X: Transform>(
         Instances::One(x) if sequential => {
             let handler =
                 TransformHandler::new(x, w.ctx.clone(), w.failures(), out.into_downstream());
-            w.run.spawn(pump(rx, Box::new(handler)).instrument(span));
+            w.run
+                .spawn(w.index, pump(rx, Box::new(handler)).instrument(span));
         }
         Instances::One(_) => {
             return Err(PipelineError::Task {
@@ -144,8 +145,9 @@ fn wire_transform<X: Transform>(
                 order,
                 buffer: w.resolved.buffer,
                 run: w.run.clone(),
+                stage: w.index,
             }
-            .spawn(rx, out.into_sender(w.run));
+            .spawn(rx, out.into_sender(w.run, w.index));
         }
     }
     Ok(())
@@ -312,8 +314,10 @@ impl<T: Send + 'static> Stream<T> {
                 next: out,
                 _types: PhantomData,
             };
-            w.run
-                .spawn(pump(rx, Box::new(handler)).instrument(w.ctx.span.clone()));
+            w.run.spawn(
+                w.index,
+                pump(rx, Box::new(handler)).instrument(w.ctx.span.clone()),
+            );
             Ok(())
         });
         self.then(node, factory)
@@ -344,8 +348,10 @@ impl<T: Send + 'static> Stream<T> {
                 outs,
                 failures: w.failures(),
             };
-            w.run
-                .spawn(pump(rx, Box::new(handler)).instrument(w.ctx.span.clone()));
+            w.run.spawn(
+                w.index,
+                pump(rx, Box::new(handler)).instrument(w.ctx.span.clone()),
+            );
             Ok(())
         });
         let index = add_node(&self.inner, node, factory, &[(self.node, self.port)]);
@@ -375,8 +381,10 @@ impl<T: Send + 'static> Stream<T> {
                 next,
                 stats: w.stats.clone(),
             };
-            w.run
-                .spawn(pump(rx, Box::new(handler)).instrument(w.ctx.span.clone()));
+            w.run.spawn(
+                w.index,
+                pump(rx, Box::new(handler)).instrument(w.ctx.span.clone()),
+            );
             Ok(())
         });
         let index = add_node(&self.inner, node, factory, &inputs);
@@ -392,8 +400,10 @@ impl<T: Send + 'static> Stream<T> {
         let factory: NodeFactory = Box::new(move |w| {
             let rx = w.input_edge::<T>(1);
             let handler = SinkHandler::new(sink, w.ctx.clone(), w.failures());
-            w.run
-                .spawn(pump(rx, Box::new(handler)).instrument(w.ctx.span.clone()));
+            w.run.spawn(
+                w.index,
+                pump(rx, Box::new(handler)).instrument(w.ctx.span.clone()),
+            );
             Ok(())
         });
         let index = add_node(&self.inner, node, factory, &[(self.node, self.port)]);

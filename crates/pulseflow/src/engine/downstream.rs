@@ -42,12 +42,12 @@ impl<T: Send + 'static> Entry<T> {
 
     /// A sender that several tasks can share. A fused consumer gets a buffer and a task of its
     /// own in front of it.
-    pub fn into_sender(self, run: &Arc<RunShared>) -> EdgeSender<T> {
+    pub fn into_sender(self, run: &Arc<RunShared>, stage: usize) -> EdgeSender<T> {
         match self {
             Entry::Edge(tx) => tx,
             Entry::Fused(d) => {
                 let (tx, rx) = channel::edge(BufferPolicy::DEFAULT, Arc::new(EdgeStats::default()));
-                run.spawn(super::pump(rx, d));
+                run.spawn(stage, super::pump(rx, d));
                 tx
             }
         }

@@ -37,8 +37,9 @@ mod wiring;
 mod workers;
 
 pub use dead_letter::{DeadLetter, DeadLetterSink};
-pub use options::ExecutionOptions;
+pub use options::{ExecutionOptions, Supervision};
 pub use result::PipelineResult;
+pub use tokio_pulse::Tier;
 
 pub(crate) use async_map::AsyncMapHandler;
 pub(crate) use branch::{BranchHandler, MergeHandler, Predicate};
@@ -65,6 +66,14 @@ use crate::policy::ChannelOrdering;
 use crate::stage::StageContext;
 use dead_letter::DeadLetters;
 use run::RunShared;
+
+/// Items per chunk when a stage in the Yield tier splits its batches.
+pub(crate) const YIELD_CHUNK: usize = 64;
+
+/// Whether a stage should process a batch of `len` items in chunks, yielding between them.
+pub(crate) fn yielding(stats: &StageStats, len: usize) -> bool {
+    len > YIELD_CHUNK && stats.tier().is_some_and(|t| t >= Tier::Yield)
+}
 
 /// Runs pipelines. Clones share the engine, so one task can `run` while another `inspect`s,
 /// `stop`s or `abort`s.
@@ -126,6 +135,7 @@ impl ExecutionEngine {
             DeadLetters::new(options.dead_letter_sink.clone(), options.dead_letter_keep),
             options.batch_size.max(1),
             options.cancellation.child_token(),
+            options.supervision.supervisor(),
         ));
         let (done_tx, done_rx) = watch::channel(false);
         {

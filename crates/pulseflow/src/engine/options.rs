@@ -1,8 +1,9 @@
 //! [`ExecutionOptions`]: how one run is carried out.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use tokio_pulse::{Supervisor, SupervisorConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::DeadLetterSink;
@@ -39,6 +40,8 @@ pub struct ExecutionOptions {
     pub dead_letter_sink: Option<Arc<dyn DeadLetterSink>>,
     /// How many dead letters the result keeps (the rest are counted).
     pub dead_letter_keep: usize,
+    /// Whether stage tasks run under the Tokio-Pulse supervisor (on by default).
+    pub supervision: Supervision,
     /// Configuration handed to stages in their [`StageContext`](crate::stage::StageContext),
     /// by stage id.
     pub stage_config: HashMap<String, serde_json::Value>,
@@ -54,6 +57,7 @@ impl Default for ExecutionOptions {
             batch_size: 1024,
             dead_letter_sink: None,
             dead_letter_keep: 10_000,
+            supervision: Supervision::Default,
             stage_config: HashMap::new(),
         }
     }
@@ -90,6 +94,12 @@ impl ExecutionOptions {
         self
     }
 
+    /// Sets how stage tasks are supervised.
+    pub fn with_supervision(mut self, supervision: Supervision) -> Self {
+        self.supervision = supervision;
+        self
+    }
+
     /// Gives a stage its configuration.
     pub fn with_stage_config(
         mut self,
@@ -98,5 +108,42 @@ impl ExecutionOptions {
     ) -> Self {
         self.stage_config.insert(stage.into(), config);
         self
+    }
+}
+
+/// How the tasks of a run are supervised by Tokio-Pulse.
+///
+/// Supervised, every poll of a stage's task is timed. A stage whose polls keep running long
+/// climbs the tiers: at Warn it is reported, at Yield the engine processes its batches in small
+/// chunks and yields between them, at Isolate its task moves to the isolation runtime, whose
+/// threads the OS restrains, so the other stages keep their latency. `inspect` shows each
+/// stage's tier and CPU time.
+#[derive(Clone, Default)]
+pub enum Supervision {
+    /// One supervisor shared by the process, with the default configuration.
+    #[default]
+    Default,
+    /// This supervisor.
+    With(Supervisor),
+    /// No supervision.
+    Off,
+}
+
+impl Supervision {
+    pub(crate) fn supervisor(&self) -> Option<Supervisor> {
+        static SHARED: OnceLock<Option<Supervisor>> = OnceLock::new();
+        match self {
+            Supervision::Default => SHARED
+                .get_or_init(|| match Supervisor::new(SupervisorConfig::default()) {
+                    Ok(s) => Some(s),
+                    Err(error) => {
+                        tracing::warn!(%error, "Tokio-Pulse supervision unavailable; stages run unsupervised");
+                        None
+                    }
+                })
+                .clone(),
+            Supervision::With(s) => Some(s.clone()),
+            Supervision::Off => None,
+        }
     }
 }

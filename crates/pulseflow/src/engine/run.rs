@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
+use tokio_pulse::Supervisor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -88,6 +89,8 @@ pub(crate) struct RunShared {
     tracker: TaskTracker,
     aborts: Mutex<Vec<AbortHandle>>,
     pub aborted: AtomicBool,
+    /// Supervises every task of the run, when supervision is on.
+    supervisor: Option<Supervisor>,
 }
 
 impl RunShared {
@@ -98,6 +101,7 @@ impl RunShared {
         dead_letters: DeadLetters,
         batch_size: usize,
         stop: CancellationToken,
+        supervisor: Option<Supervisor>,
     ) -> Self {
         Self {
             pipeline_id,
@@ -111,6 +115,7 @@ impl RunShared {
             tracker: TaskTracker::new(),
             aborts: Mutex::new(Vec::new()),
             aborted: AtomicBool::new(false),
+            supervisor,
         }
     }
 
@@ -129,15 +134,24 @@ impl RunShared {
         self.failure.lock().take()
     }
 
-    /// Spawns a task of the run.
-    pub fn spawn<F>(&self, future: F)
+    /// Spawns a task working for stage `stage`: supervised by Tokio-Pulse when supervision is
+    /// on (the task's tier and CPU time then show in the stage's state), tracked either way.
+    pub fn spawn<F>(&self, stage: usize, future: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let handle = self.tracker.spawn(future);
-        let mut aborts = self.aborts.lock();
-        aborts.retain(|h| !h.is_finished());
-        aborts.push(handle.abort_handle());
+        let future = self.tracker.track_future(future);
+        match (&self.supervisor, self.stages.get(stage)) {
+            (Some(supervisor), Some(stats)) => {
+                stats.supervise(supervisor.spawn_named(&stats.id, future));
+            }
+            _ => {
+                let handle = tokio::spawn(future);
+                let mut aborts = self.aborts.lock();
+                aborts.retain(|h| !h.is_finished());
+                aborts.push(handle.abort_handle());
+            }
+        }
     }
 
     pub fn close_tracker(&self) {
@@ -153,6 +167,9 @@ impl RunShared {
         self.stop.cancel();
         for h in self.aborts.lock().iter() {
             h.abort();
+        }
+        for stats in &self.stages {
+            stats.abort_tasks();
         }
     }
 

@@ -56,6 +56,19 @@ impl<S: Sink> SinkHandler<S> {
     }
 
     async fn handle(&mut self, batch: Batch<S::Item>) {
+        if super::yielding(&self.failures.stats, batch.len()) {
+            let mut rest = batch;
+            while !rest.is_empty() {
+                let chunk = rest.split_front(super::YIELD_CHUNK);
+                self.handle_chunk(chunk).await;
+                tokio::task::yield_now().await;
+            }
+        } else {
+            self.handle_chunk(batch).await;
+        }
+    }
+
+    async fn handle_chunk(&mut self, batch: Batch<S::Item>) {
         let started = Instant::now();
         let n = batch.len() as u64;
         let mut tally = Tally {

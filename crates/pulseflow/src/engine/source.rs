@@ -68,7 +68,14 @@ async fn produce<S: Source>(
             return;
         }
         let started = Instant::now();
-        let mut buf = SourceOutput::new(batch_size, seq, now_millis());
+        // A source that Tokio-Pulse moved to Yield produces small batches.
+        let yielding = super::yielding(&stats, batch_size);
+        let limit = if yielding {
+            super::YIELD_CHUNK.min(batch_size)
+        } else {
+            batch_size
+        };
+        let mut buf = SourceOutput::new(limit, seq, now_millis());
         let status = tokio::select! {
             biased;
             _ = stop.cancelled() => None,
@@ -103,6 +110,9 @@ async fn produce<S: Source>(
         stats.add(&tally, Some(started.elapsed()));
         if !items.is_empty() {
             out.push(Batch::from_items(items)).await;
+        }
+        if yielding {
+            tokio::task::yield_now().await;
         }
         if status != Some(SourceStatus::More) {
             return;

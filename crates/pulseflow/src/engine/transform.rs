@@ -114,7 +114,22 @@ impl<X: Transform> TransformHandler<X> {
         }
     }
 
+    /// Processes a batch; a stage that Tokio-Pulse moved to Yield does it in small chunks and
+    /// gives way between them.
     async fn handle(&mut self, batch: Batch<X::In>) {
+        if super::yielding(self.stats(), batch.len()) {
+            let mut rest = batch;
+            while !rest.is_empty() {
+                let chunk = rest.split_front(super::YIELD_CHUNK);
+                self.handle_chunk(chunk).await;
+                tokio::task::yield_now().await;
+            }
+        } else {
+            self.handle_chunk(batch).await;
+        }
+    }
+
+    async fn handle_chunk(&mut self, batch: Batch<X::In>) {
         let started = Instant::now();
         let n = batch.len();
         let mut tally = Tally {

@@ -37,7 +37,7 @@ pub(crate) struct Wiring<'a> {
     pub stats: Arc<StageStats>,
     /// Extra typed data the builder attached (a partition key).
     pub extra: Option<Box<dyn Any + Send>>,
-    pub(crate) index: usize,
+    pub index: usize,
     pub(crate) entries: &'a mut HashMap<(usize, usize), Box<dyn Any + Send>>,
     /// For each output port: the consumer and which of its inputs.
     pub(crate) consumers: &'a [(usize, usize)],

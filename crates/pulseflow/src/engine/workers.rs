@@ -14,6 +14,9 @@ use crate::flow::channel::{self, EdgeReceiver, EdgeSender};
 use crate::metrics::EdgeStats;
 use crate::policy::{BufferPolicy, ParallelismHint};
 
+/// Batches a busy task processes before it yields to the other tasks of its worker.
+pub(crate) const YIELD_EVERY: u32 = 8;
+
 /// How often an io-bound pool looks at its queue.
 pub(crate) const SCALE_INTERVAL: Duration = Duration::from_millis(50);
 /// How long an io-bound worker waits for input before it retires.
@@ -22,8 +25,15 @@ pub(crate) const IDLE_RETIRE: Duration = Duration::from_secs(1);
 /// Feeds every batch of `rx` to `d`, then finishes it.
 pub(crate) async fn pump<T: Send + 'static>(rx: EdgeReceiver<T>, mut d: Box<dyn Downstream<T>>) {
     d.start().await;
+    let mut batches = 0u32;
     while let Some((_, batch)) = rx.recv().await {
         d.push(batch).await;
+        batches = batches.wrapping_add(1);
+        if batches % YIELD_EVERY == 0 {
+            // A busy stage never waits on its input: give way now and then, so one poll
+            // stays short and the other tasks of this worker thread get their turn.
+            tokio::task::yield_now().await;
+        }
     }
     d.finish().await;
 }
@@ -45,6 +55,8 @@ pub(crate) struct Pool<I, O> {
     pub order: PoolOrder<I>,
     pub buffer: BufferPolicy,
     pub run: Arc<RunShared>,
+    /// Index of the stage the pool works for.
+    pub stage: usize,
 }
 
 impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
@@ -64,14 +76,17 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
                     let worker = (self.make)(Box::new(EdgeOut {
                         tx: Some(out.clone()),
                     }));
-                    self.run.spawn(pump(lane_rx, worker));
+                    self.run.spawn(self.stage, pump(lane_rx, worker));
                 }
-                self.run.spawn(partition(rx, lanes, key.clone()));
+                self.run
+                    .spawn(self.stage, partition(rx, lanes, key.clone()));
             }
             (PoolOrder::Ordered, _) => {
                 let (tx, seq_rx) = tokio::sync::mpsc::channel(workers * 4);
-                self.run
-                    .spawn(sequence(seq_rx, Box::new(EdgeOut { tx: Some(out) })));
+                self.run.spawn(
+                    self.stage,
+                    sequence(seq_rx, Box::new(EdgeOut { tx: Some(out) })),
+                );
                 self.spawn_scalable(workers, rx, move |make| {
                     let slot = Arc::new(parking_lot::Mutex::new(None));
                     let worker = make(Box::new(Capture { slot: slot.clone() }));
@@ -103,16 +118,17 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         let start = |run: &Arc<RunShared>| {
             active.fetch_add(1, Relaxed);
             let retire = (min < max).then(|| (active.clone(), min));
-            run.spawn(worker(rx.clone(), lane(&self.make), retire));
+            run.spawn(self.stage, worker(rx.clone(), lane(&self.make), retire));
         };
         for _ in 0..workers {
             start(&self.run);
         }
         if min < max {
             let run = self.run.clone();
+            let stage = self.stage;
             let make = self.make.clone();
             let active = active.clone();
-            self.run.spawn(async move {
+            self.run.spawn(self.stage, async move {
                 let mut tick = tokio::time::interval(SCALE_INTERVAL);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
@@ -123,7 +139,10 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
                     let deep = rx.depth() * 4 >= rx.capacity();
                     if deep && active.load(Relaxed) < max {
                         active.fetch_add(1, Relaxed);
-                        run.spawn(worker(rx.clone(), lane(&make), Some((active.clone(), min))));
+                        run.spawn(
+                            stage,
+                            worker(rx.clone(), lane(&make), Some((active.clone(), min))),
+                        );
                     }
                 }
             });
@@ -171,6 +190,9 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
             }
             break;
         };
+        if index % u64::from(YIELD_EVERY) == u64::from(YIELD_EVERY) - 1 {
+            tokio::task::yield_now().await;
+        }
         match &mut lane {
             Lane::Plain(d) => d.push(batch).await,
             Lane::Ordered(d, slot, tx) => {

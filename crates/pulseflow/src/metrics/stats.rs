@@ -199,6 +199,9 @@ pub(crate) struct StageStats {
     last_error: Mutex<Option<String>>,
     /// The stage's input buffer, when it has one (fused and source stages do not).
     pub input: Mutex<Option<Arc<EdgeStats>>>,
+    /// The stage's supervised tasks, and the CPU time of those already pruned.
+    tasks: Mutex<Vec<tokio_pulse::JoinHandle<()>>>,
+    pruned_cpu_nanos: AtomicU64,
     metrics: StageMetricHandles,
 }
 
@@ -282,6 +285,56 @@ impl StageStats {
             workers: AtomicU64::new(0),
             last_error: Mutex::new(None),
             input: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
+            pruned_cpu_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Keeps a supervised task of this stage (for its tier, CPU time and abort).
+    pub fn supervise(&self, task: tokio_pulse::JoinHandle<()>) {
+        let mut tasks = self.tasks.lock();
+        tasks.retain(|t| {
+            if t.is_finished() {
+                let cpu = t.stats().cpu_time.as_nanos() as u64;
+                self.pruned_cpu_nanos.fetch_add(cpu, Relaxed);
+                false
+            } else {
+                true
+            }
+        });
+        tasks.push(task);
+    }
+
+    /// The highest Tokio-Pulse tier among the stage's running tasks (`None` when the stage
+    /// is not supervised or none of its tasks runs).
+    pub fn tier(&self) -> Option<tokio_pulse::Tier> {
+        self.tasks
+            .lock()
+            .iter()
+            .filter(|t| !t.is_finished())
+            .map(tokio_pulse::JoinHandle::tier)
+            .max()
+    }
+
+    /// The highest tier any of the stage's tasks is in, finished or not.
+    fn tier_reached(&self) -> Option<tokio_pulse::Tier> {
+        self.tasks.lock().iter().map(|t| t.stats().tier).max()
+    }
+
+    /// CPU time charged to the stage's tasks by sampling.
+    pub fn cpu_time(&self) -> Duration {
+        let live: u64 = self
+            .tasks
+            .lock()
+            .iter()
+            .map(|t| t.stats().cpu_time.as_nanos() as u64)
+            .sum();
+        Duration::from_nanos(live + self.pruned_cpu_nanos.load(Relaxed))
+    }
+
+    pub fn abort_tasks(&self) {
+        for t in self.tasks.lock().iter() {
+            t.abort();
         }
     }
 
@@ -402,6 +455,8 @@ impl StageStats {
             input: input.map(|e| e.snapshot(&self.id)),
             outputs,
             metrics,
+            tier: self.tier().or_else(|| self.tier_reached()),
+            cpu_time: self.cpu_time(),
         }
     }
 }
@@ -500,6 +555,10 @@ pub struct StageRuntimeState {
     pub outputs: Vec<EdgeSnapshot>,
     /// Further named figures (batches, average batch time, workers).
     pub metrics: BTreeMap<String, f64>,
+    /// Tokio-Pulse tier of the stage's tasks (the highest; `None` when unsupervised).
+    pub tier: Option<tokio_pulse::Tier>,
+    /// CPU time of the stage's tasks, sampled by Tokio-Pulse (zero when unsupervised).
+    pub cpu_time: Duration,
 }
 
 /// Pipeline-wide totals of a run. See the [module docs](self) for the law they obey.
