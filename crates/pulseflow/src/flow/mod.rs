@@ -15,10 +15,15 @@
 //! [`ReactivePull`] (`request(n)` demand within a window) and [`AccumulatorAware`] (accumulator
 //! bytes and spills count as depth). Waiting is always asynchronous, with a timeout, on Tokio's
 //! clock.
+//!
+//! A [`CircuitBreaker`] (per [`CircuitBreakerPolicy`](crate::policy::CircuitBreakerPolicy))
+//! guards a stage: closed, open since a time, or half-open with a single probe; every
+//! transition is counted under its label.
 
 pub mod accumulator_aware;
 pub mod adaptive;
 pub mod bounded;
+pub mod breaker;
 pub(crate) mod channel;
 pub mod controller;
 pub mod credit;
@@ -28,6 +33,9 @@ pub mod rate;
 pub use accumulator_aware::AccumulatorAware;
 pub use adaptive::{AdaptiveBatch, AdaptiveConfig};
 pub use bounded::BoundedBuffer;
+pub use breaker::{
+    BreakerOpen, BreakerSnapshot, CallPermit, CircuitBreaker, CircuitState, Transition,
+};
 pub use controller::{
     AcquireTimeout, Admission, BackpressureController, FlowConfigError, Load, LoadProbe,
     controller_for,
