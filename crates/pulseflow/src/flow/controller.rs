@@ -60,10 +60,12 @@ impl Load {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[must_use = "an admission says which items may enter; ignoring it loses or floods items"]
 pub struct Admission {
-    /// Items that may enter now (the first ones of the batch). Already accounted as accepted.
+    /// Items that may enter now: the first ones of the batch, except under `DropOldest` where
+    /// they are the last ones. Already accounted as accepted.
     pub admitted: usize,
-    /// Items refused for good by a drop policy (the last ones of the batch); already counted as
-    /// dropped by the controller, the caller counts them in its own drop accounting too.
+    /// Items of the batch refused for good by a drop policy: the last ones under `DropNewest`,
+    /// the first (oldest) ones under `DropOldest`. Already counted as dropped by the
+    /// controller; the caller counts them in its own drop accounting too.
     pub dropped: usize,
     /// Oldest queued items the caller must evict to make room for the admitted ones; already
     /// counted as dropped by the controller.
