@@ -138,6 +138,14 @@ pub enum ValidationError {
         /// Why.
         reason: String,
     },
+    /// A policy whose settings cannot work.
+    #[error("stage `{stage}`: {reason}")]
+    InvalidPolicy {
+        /// The stage.
+        stage: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A policy name that the registry does not know.
     #[error("stage `{stage}` refers to unknown {kind} policy `{name}`")]
     UnknownPolicy {
@@ -159,6 +167,7 @@ impl ValidationError {
             ValidationError::Cycle(stages) => stages.first().map(String::as_str),
             ValidationError::UnusedOutput { stage, .. }
             | ValidationError::ZeroCapacity { stage, .. }
+            | ValidationError::InvalidPolicy { stage, .. }
             | ValidationError::ParallelismConflict { stage, .. }
             | ValidationError::UnknownPolicy { stage, .. } => Some(stage),
         }

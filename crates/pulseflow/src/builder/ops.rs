@@ -116,8 +116,10 @@ fn wire_transform<X: Transform>(
         Instances::One(x) if sequential => {
             let handler =
                 TransformHandler::new(x, w.ctx.clone(), w.failures(), out.into_downstream());
-            w.run
-                .spawn(w.index, pump(rx, Box::new(handler)).instrument(span));
+            w.run.spawn(
+                w.index,
+                pump(rx, w.guard(Box::new(handler))).instrument(span),
+            );
         }
         Instances::One(_) => {
             return Err(PipelineError::Task {
@@ -130,9 +132,13 @@ fn wire_transform<X: Transform>(
             let policy = w.resolved.error_policy;
             let stats = w.stats.clone();
             let run = w.run.clone();
+            let flow = w.resolved.flow.clone();
             let worker: MakeWorker<X::In, X::Out> = Arc::new(move |next| {
                 let failures = crate::engine::Failures::new(policy, stats.clone(), run.clone());
-                Box::new(TransformHandler::new(make(), ctx.clone(), failures, next))
+                flow.wrap(
+                    &stats,
+                    Box::new(TransformHandler::new(make(), ctx.clone(), failures, next)),
+                )
             });
             let order = match partition {
                 Some(key) => PoolOrder::Partitioned(*key),
@@ -316,7 +322,7 @@ impl<T: Send + 'static> Stream<T> {
             };
             w.run.spawn(
                 w.index,
-                pump(rx, Box::new(handler)).instrument(w.ctx.span.clone()),
+                pump(rx, w.guard(Box::new(handler))).instrument(w.ctx.span.clone()),
             );
             Ok(())
         });
@@ -350,7 +356,7 @@ impl<T: Send + 'static> Stream<T> {
             };
             w.run.spawn(
                 w.index,
-                pump(rx, Box::new(handler)).instrument(w.ctx.span.clone()),
+                pump(rx, w.guard(Box::new(handler))).instrument(w.ctx.span.clone()),
             );
             Ok(())
         });
@@ -383,7 +389,7 @@ impl<T: Send + 'static> Stream<T> {
             };
             w.run.spawn(
                 w.index,
-                pump(rx, Box::new(handler)).instrument(w.ctx.span.clone()),
+                pump(rx, w.guard(Box::new(handler))).instrument(w.ctx.span.clone()),
             );
             Ok(())
         });
@@ -402,7 +408,7 @@ impl<T: Send + 'static> Stream<T> {
             let handler = SinkHandler::new(sink, w.ctx.clone(), w.failures());
             w.run.spawn(
                 w.index,
-                pump(rx, Box::new(handler)).instrument(w.ctx.span.clone()),
+                pump(rx, w.guard(Box::new(handler))).instrument(w.ctx.span.clone()),
             );
             Ok(())
         });

@@ -27,6 +27,7 @@ mod branch;
 mod dead_letter;
 mod downstream;
 mod failure;
+mod guard;
 mod options;
 mod result;
 mod run;
@@ -45,6 +46,7 @@ pub(crate) use async_map::AsyncMapHandler;
 pub(crate) use branch::{BranchHandler, MergeHandler, Predicate};
 pub(crate) use downstream::Entry;
 pub(crate) use failure::Failures;
+pub(crate) use guard::FlowGuard;
 pub(crate) use sink::SinkHandler;
 pub(crate) use source::run_source;
 pub(crate) use transform::TransformHandler;
@@ -62,7 +64,7 @@ use tracing::Instrument;
 use crate::builder::Pipeline;
 use crate::error::PipelineError;
 use crate::metrics::{StageRuntimeState, StageStats};
-use crate::policy::ChannelOrdering;
+use crate::policy::{BackpressureStrategy, BufferPolicy, ChannelOrdering};
 use crate::stage::StageContext;
 use dead_letter::DeadLetters;
 use run::RunShared;
@@ -152,12 +154,40 @@ impl ExecutionEngine {
         let mut extras = extras;
         for (index, factory) in factories.into_iter().enumerate().rev() {
             let node = &graph.nodes[index];
+            let backpressure = node
+                .backpressure
+                .as_ref()
+                .and_then(|b| b.resolve(|k| registry.backpressure(k)));
+            let mut buffer = node
+                .buffer
+                .as_ref()
+                .and_then(|b| b.resolve(|k| registry.buffer(k)))
+                .unwrap_or_default();
+            let mut flow = FlowGuard::default();
+            match backpressure {
+                // A bounded strategy is the stage's buffer itself.
+                Some(BackpressureStrategy::Bounded {
+                    capacity,
+                    drop_policy,
+                }) => buffer = BufferPolicy::new(capacity, drop_policy),
+                Some(strategy) => match crate::flow::controller_for(&strategy) {
+                    Ok(c) => flow.controller = Some(Arc::from(c)),
+                    Err(e) => run.fail(PipelineError::Stage {
+                        stage: node.id.clone(),
+                        source: crate::error::StageError::from_error(e),
+                    }),
+                },
+                None => {}
+            }
+            flow.breaker = node
+                .circuit_breaker
+                .as_ref()
+                .and_then(|b| b.resolve(|k| registry.circuit_breaker(k)))
+                .map(|policy| Arc::new(crate::flow::CircuitBreaker::new(node.id.as_str(), policy)));
+            stats[index].set_flow_control(flow.controller.clone(), flow.breaker.clone());
             let resolved = Resolved {
-                buffer: node
-                    .buffer
-                    .as_ref()
-                    .and_then(|b| b.resolve(|k| registry.buffer(k)))
-                    .unwrap_or_default(),
+                flow,
+                buffer,
                 error_policy: node
                     .error_policy
                     .resolve(|k| registry.error_policy(k))

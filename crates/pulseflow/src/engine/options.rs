@@ -118,6 +118,17 @@ impl ExecutionOptions {
 /// chunks and yields between them, at Isolate its task moves to the isolation runtime, whose
 /// threads the OS restrains, so the other stages keep their latency. `inspect` shows each
 /// stage's tier and CPU time.
+///
+/// Tests on Tokio's paused clock should use [`Supervision::Off`]: an isolated task runs on the
+/// isolation runtime, whose clock is not the test's paused one.
+///
+/// ```
+/// use pulseflow::engine::Supervision;
+/// use pulseflow::prelude::*;
+///
+/// let unsupervised = ExecutionOptions::default().with_supervision(Supervision::Off);
+/// # let _ = unsupervised;
+/// ```
 #[derive(Clone, Default)]
 pub enum Supervision {
     /// One supervisor shared by the process, with the default configuration.

@@ -24,6 +24,8 @@ pub(crate) struct Resolved {
     pub parallelism: ParallelismHint,
     pub ordered: bool,
     pub fused: bool,
+    /// Breaker and backpressure controller, applied in front of the stage's handlers.
+    pub flow: super::guard::FlowGuard,
 }
 
 /// Wires one node; built by the typed builder, called once per run.
@@ -75,6 +77,14 @@ impl Wiring<'_> {
             self.offer(input, Entry::Edge(tx.clone()));
         }
         rx
+    }
+
+    /// `inner` behind the stage's circuit breaker and backpressure controller, if any.
+    pub fn guard<T: Send + 'static>(
+        &self,
+        inner: Box<dyn super::downstream::Downstream<T>>,
+    ) -> Box<dyn super::downstream::Downstream<T>> {
+        self.resolved.flow.wrap(&self.stats, inner)
     }
 
     /// The node's error policy, ready to act.

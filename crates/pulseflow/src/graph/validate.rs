@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::PipelineGraph;
 use crate::error::ValidationError;
-use crate::policy::{BackpressureStrategy, ChannelOrdering, ParallelismHint, PolicyRegistry};
+use crate::policy::{ChannelOrdering, ParallelismHint, PolicyRegistry};
 use crate::stage::StageKind;
 
 impl PipelineGraph {
@@ -175,25 +175,11 @@ fn check_capacities(
         .as_ref()
         .and_then(|b| b.resolve(|k| registry.backpressure(k)))
     {
-        let bad = match bp {
-            BackpressureStrategy::Bounded { capacity, .. } => {
-                (capacity == 0).then_some("bounded capacity")
-            }
-            BackpressureStrategy::CreditBased { initial, .. } => {
-                (initial == 0).then_some("initial credits")
-            }
-            BackpressureStrategy::RateShaping { rate, burst } => {
-                (rate == 0 || burst == 0).then_some("rate and burst")
-            }
-            BackpressureStrategy::Adaptive {
-                min_batch,
-                max_batch,
-            } => (min_batch == 0 || max_batch < min_batch)
-                .then_some("adaptive batch bounds (min <= max)"),
-            BackpressureStrategy::ReactivePull { window } => (window == 0).then_some("pull window"),
-        };
-        if let Some(what) = bad {
-            errors.push(zero(id, what));
+        if let Err(e) = crate::flow::controller_for(&bp) {
+            errors.push(ValidationError::InvalidPolicy {
+                stage: id.clone(),
+                reason: e.to_string(),
+            });
         }
     }
     match node.parallelism {

@@ -202,6 +202,12 @@ pub(crate) struct StageStats {
     /// The stage's supervised tasks, and the CPU time of those already pruned.
     tasks: Mutex<Vec<tokio_pulse::JoinHandle<()>>>,
     pruned_cpu_nanos: AtomicU64,
+    /// The stage's backpressure controller and circuit breaker, for their figures.
+    #[allow(clippy::type_complexity)]
+    flow: Mutex<(
+        Option<Arc<dyn crate::flow::BackpressureController>>,
+        Option<Arc<crate::flow::CircuitBreaker>>,
+    )>,
     metrics: StageMetricHandles,
 }
 
@@ -287,6 +293,7 @@ impl StageStats {
             input: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
             pruned_cpu_nanos: AtomicU64::new(0),
+            flow: Mutex::new((None, None)),
         }
     }
 
@@ -355,6 +362,28 @@ impl StageStats {
 
     pub fn record_error(&self, message: String) {
         *self.last_error.lock() = Some(message);
+    }
+
+    /// Errors raised so far.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Relaxed)
+    }
+
+    /// Items waiting in the stage's input buffer.
+    pub fn input_depth(&self) -> u64 {
+        self.input
+            .lock()
+            .as_ref()
+            .map_or(0, |e| e.depth.load(Relaxed))
+    }
+
+    /// Attaches the stage's flow control, whose figures then show in its state.
+    pub fn set_flow_control(
+        &self,
+        controller: Option<Arc<dyn crate::flow::BackpressureController>>,
+        breaker: Option<Arc<crate::flow::CircuitBreaker>>,
+    ) {
+        *self.flow.lock() = (controller, breaker);
     }
 
     pub fn worker_started(&self) {
@@ -432,6 +461,17 @@ impl StageStats {
             },
         );
         metrics.insert("workers".to_owned(), self.workers() as f64);
+        let (controller, breaker) = self.flow.lock().clone();
+        if let Some(c) = controller {
+            for (name, value) in c.metrics() {
+                metrics.insert(format!("backpressure.{name}"), value);
+            }
+        }
+        if let Some(b) = breaker {
+            for (name, value) in b.metrics() {
+                metrics.insert(format!("breaker.{name}"), value);
+            }
+        }
         StageRuntimeState {
             stage_id: self.id.to_string(),
             kind: self.kind,

@@ -1,0 +1,146 @@
+//! Backpressure strategies and the circuit breaker in running pipelines, on Tokio's paused
+//! clock (unsupervised: see `Supervision`).
+
+use std::time::Duration;
+
+use pulseflow::engine::Supervision;
+use pulseflow::policy::{BackpressureStrategy, CircuitBreakerPolicy};
+use pulseflow::prelude::*;
+
+fn options(batch: usize) -> ExecutionOptions {
+    ExecutionOptions::default()
+        .with_batch_size(batch)
+        .with_supervision(Supervision::Off)
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_shaping_paces_a_stage_to_its_rate() {
+    let mut p = PipelineBuilder::new("shaped");
+    let (sink, got) = sinks::collect();
+    p.source("src", sources::iter(0u32..3000))
+        .sink("out", sink)
+        .backpressure(BackpressureStrategy::RateShaping {
+            rate: 1000,
+            burst: 100,
+        });
+    let started = tokio::time::Instant::now();
+    let r = ExecutionEngine::new()
+        .run(p.build().expect("valid"), options(50))
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(r.success, "{:?}", r.error);
+    assert_eq!(got.len(), 3000);
+    // 100 items of burst, then 2900 at 1000/s.
+    assert!(
+        (2.9 * 0.98..=2.9 * 1.02).contains(&elapsed),
+        "took {elapsed} s"
+    );
+    let out = r.stage("out").expect("stage");
+    assert_eq!(
+        out.metrics.get("backpressure.rate_per_second"),
+        Some(&1000.0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_holds_input_back_and_loses_nothing() {
+    let mut p = PipelineBuilder::new("breaker");
+    // The first 30 items fail (a downstream outage), the rest succeed.
+    let sink =
+        sinks::try_sink_fn(|e: &Envelope<u32>| if e.payload < 30 { Err("down") } else { Ok(()) });
+    p.source("src", sources::iter(0u32..100))
+        .sink("out", sink)
+        .circuit_breaker(CircuitBreakerPolicy {
+            error_threshold: 0.5,
+            latency_threshold: Duration::from_secs(60),
+            window: Duration::from_secs(30),
+            minimum_throughput: 5,
+            cooldown: Duration::from_secs(1),
+        });
+    let started = tokio::time::Instant::now();
+    let r = ExecutionEngine::new()
+        .run(p.build().expect("valid"), options(1))
+        .await;
+    assert!(r.success, "{:?}", r.error);
+    assert!(r.accounting.reconciles());
+    assert_eq!(r.accounting.delivered, 70);
+    assert_eq!(r.accounting.dead_lettered, 30);
+    let m = &r.stage("out").expect("stage").metrics;
+    assert!(m["breaker.closed->open"] >= 1.0, "{m:?}");
+    assert!(m["breaker.open->half_open"] >= 1.0, "{m:?}");
+    assert!(m["breaker.half_open->closed"] >= 1.0, "{m:?}");
+    // While open the stage took nothing: the 25 failures after the breaker opened went one
+    // probe per cooldown.
+    assert!(
+        started.elapsed() >= Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn credits_bound_what_a_parallel_stage_holds() {
+    let mut p = PipelineBuilder::new("credits");
+    let (sink, got) = sinks::collect();
+    p.source("src", sources::iter(0u64..5000))
+        .map("work", |x| x + 1)
+        .parallelism(ParallelismHint::Fixed(3))
+        .backpressure(BackpressureStrategy::CreditBased {
+            initial: 64,
+            replenish_threshold: 32,
+        })
+        .sink("out", sink);
+    let r = ExecutionEngine::new()
+        .run(p.build().expect("valid"), options(100))
+        .await;
+    assert!(r.success, "{:?}", r.error);
+    assert_eq!(got.len(), 5000);
+    let m = &r.stage("work").expect("stage").metrics;
+    assert_eq!(m.get("backpressure.in_flight"), Some(&0.0), "{m:?}");
+    assert_eq!(
+        m.get("backpressure.available_credits"),
+        Some(&64.0),
+        "{m:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bounded_strategy_is_the_stages_buffer() {
+    struct Slow;
+    impl Sink for Slow {
+        type Item = u32;
+        async fn write(&mut self, _item: Envelope<u32>) -> Result<(), ItemFailure<u32>> {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            Ok(())
+        }
+    }
+    let mut p = PipelineBuilder::new("bounded");
+    p.source("src", sources::iter(0u32..2000))
+        .sink("slow", Slow)
+        .backpressure(BackpressureStrategy::Bounded {
+            capacity: 100,
+            drop_policy: DropPolicy::DropNewest,
+        });
+    let r = ExecutionEngine::new()
+        .run(p.build().expect("valid"), options(50))
+        .await;
+    assert!(r.success);
+    assert!(r.accounting.reconciles());
+    let input = r
+        .stage("slow")
+        .and_then(|s| s.input.clone())
+        .expect("buffer");
+    assert_eq!(input.capacity, 100);
+    assert!(input.dropped.get("drop_newest").copied().unwrap_or(0) > 0);
+    assert_eq!(r.accounting.delivered + input.dropped_total(), 2000);
+}
+
+#[test]
+fn impossible_strategies_are_rejected_at_build() {
+    let mut p = PipelineBuilder::new("bad");
+    p.source("src", sources::iter(0u8..1))
+        .sink("out", sink_fn(|_x: u8| {}))
+        .backpressure(BackpressureStrategy::ReactivePull { window: 0 });
+    let err = p.build().expect_err("invalid");
+    assert!(err.to_string().contains("stage `out`"), "{err}");
+}
