@@ -33,6 +33,15 @@ pub struct CommonOpts {
     /// Measure only pulseflow, without the baselines (for profiling; prints no ratios).
     #[arg(long)]
     pub profile: bool,
+    /// Items per batch produced by pulseflow sources (scenarios that batch).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Run pulseflow stages without Tokio-Pulse supervision (it is on by default).
+    #[arg(long)]
+    pub unsupervised: bool,
+    /// Tokio worker threads (default: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use pulseflow::engine::Supervision;
 use pulseflow::prelude::*;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -15,12 +16,6 @@ use crate::CommonOpts;
 use crate::report::{Report, per_sec};
 
 const BATCH: usize = 1024;
-fn pf_batch() -> usize {
-    std::env::var("PF_BATCH")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(BATCH)
-}
 const CHANNEL_MESSAGES: usize = 1024;
 
 #[inline]
@@ -53,7 +48,7 @@ impl Sink for SumSink {
     }
 }
 
-async fn pulseflow_run(n: u64) -> Result<(Duration, u64), String> {
+async fn pulseflow_run(n: u64, opts: &CommonOpts) -> Result<(Duration, u64), String> {
     let total = Arc::new(AtomicU64::new(0));
     let mut p = PipelineBuilder::new("linear");
     p.source("numbers", sources::iter(0..n))
@@ -71,7 +66,13 @@ async fn pulseflow_run(n: u64) -> Result<(Duration, u64), String> {
     let result = ExecutionEngine::new()
         .run(
             pipeline,
-            ExecutionOptions::default().with_batch_size(pf_batch()),
+            ExecutionOptions::default()
+                .with_batch_size(opts.batch.unwrap_or(BATCH))
+                .with_supervision(if opts.unsupervised {
+                    Supervision::Off
+                } else {
+                    Supervision::Default
+                }),
         )
         .await;
     let elapsed = started.elapsed();
@@ -205,7 +206,7 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
         let took = rt.block_on(async {
             let mut took = Vec::new();
             for _ in 0..rounds {
-                let (t, s) = pulseflow_run(n).await?;
+                let (t, s) = pulseflow_run(n, opts).await?;
                 check(s, expected, "pulseflow")?;
                 took.push(t);
             }
@@ -217,7 +218,7 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
     }
     rt.block_on(async {
         for _ in 0..rounds {
-            let (t, s) = pulseflow_run(n).await?;
+            let (t, s) = pulseflow_run(n, opts).await?;
             check(s, expected, "pulseflow")?;
             times[0].push(t);
             let (t, s) = mpsc_per_item(n).await;

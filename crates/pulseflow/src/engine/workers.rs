@@ -14,8 +14,30 @@ use crate::flow::channel::{self, EdgeReceiver, EdgeSender};
 use crate::metrics::EdgeStats;
 use crate::policy::{BufferPolicy, ParallelismHint};
 
-/// Batches a busy task processes before it yields to the other tasks of its worker.
-pub(crate) const YIELD_EVERY: u32 = 8;
+/// How long a busy task works through its queue before it gives way to the other tasks of
+/// its worker thread (a busy stage never waits on its input, so it would not otherwise).
+pub(crate) const BUSY_SLICE: Duration = Duration::from_micros(250);
+
+/// Yields once a task has worked for a [`BUSY_SLICE`] without giving way.
+pub(crate) struct Pacer {
+    since: std::time::Instant,
+}
+
+impl Pacer {
+    pub fn new() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+        }
+    }
+
+    /// Called after each batch.
+    pub async fn after_batch(&mut self) {
+        if self.since.elapsed() >= BUSY_SLICE {
+            tokio::task::yield_now().await;
+            self.since = std::time::Instant::now();
+        }
+    }
+}
 
 /// How often an io-bound pool looks at its queue.
 pub(crate) const SCALE_INTERVAL: Duration = Duration::from_millis(50);
@@ -25,15 +47,10 @@ pub(crate) const IDLE_RETIRE: Duration = Duration::from_secs(1);
 /// Feeds every batch of `rx` to `d`, then finishes it.
 pub(crate) async fn pump<T: Send + 'static>(rx: EdgeReceiver<T>, mut d: Box<dyn Downstream<T>>) {
     d.start().await;
-    let mut batches = 0u32;
+    let mut pacer = Pacer::new();
     while let Some((_, batch)) = rx.recv().await {
         d.push(batch).await;
-        batches = batches.wrapping_add(1);
-        if batches % YIELD_EVERY == 0 {
-            // A busy stage never waits on its input: give way now and then, so one poll
-            // stays short and the other tasks of this worker thread get their turn.
-            tokio::task::yield_now().await;
-        }
+        pacer.after_batch().await;
     }
     d.finish().await;
 }
@@ -170,6 +187,7 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
         Lane::Plain(d) | Lane::Ordered(d, _, _) => d,
     };
     d.start().await;
+    let mut pacer = Pacer::new();
     loop {
         let next = match &retire {
             None => rx.recv().await,
@@ -190,9 +208,7 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
             }
             break;
         };
-        if index % u64::from(YIELD_EVERY) == u64::from(YIELD_EVERY) - 1 {
-            tokio::task::yield_now().await;
-        }
+        pacer.after_batch().await;
         match &mut lane {
             Lane::Plain(d) => d.push(batch).await,
             Lane::Ordered(d, slot, tx) => {
