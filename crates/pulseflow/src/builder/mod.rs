@@ -274,6 +274,36 @@ fn add_node(
     index
 }
 
+/// The policy setters shared by [`Stream`] (for the stage that produced it) and
+/// [`SinkHandle`].
+macro_rules! policy_setters {
+    () => {
+        /// The stage's input buffer (capacity in items, drop policy), inline or by name.
+        pub fn buffer(self, policy: impl Into<PolicyRef<BufferPolicy>>) -> Self {
+            let policy = policy.into();
+            self.configure(|n| n.buffer = Some(policy))
+        }
+
+        /// The stage's error policy, inline or by name.
+        pub fn error_policy(self, policy: impl Into<PolicyRef<ErrorPolicy>>) -> Self {
+            let policy = policy.into();
+            self.configure(|n| n.error_policy = policy)
+        }
+
+        /// The stage's backpressure strategy, inline or by name.
+        pub fn backpressure(self, strategy: impl Into<PolicyRef<BackpressureStrategy>>) -> Self {
+            let strategy = strategy.into();
+            self.configure(|n| n.backpressure = Some(strategy))
+        }
+
+        /// The stage's circuit breaker, inline or by name.
+        pub fn circuit_breaker(self, policy: impl Into<PolicyRef<CircuitBreakerPolicy>>) -> Self {
+            let policy = policy.into();
+            self.configure(|n| n.circuit_breaker = Some(policy))
+        }
+    };
+}
+
 impl<T: Send + 'static> Stream<T> {
     fn new(inner: Rc<RefCell<Inner>>, node: usize, port: usize) -> Self {
         Self {
@@ -315,29 +345,7 @@ impl<T: Send + 'static> Stream<T> {
         self.partition_by_input(name, key)
     }
 
-    /// The stage's input buffer (capacity in items, drop policy), inline or by name.
-    pub fn buffer(self, policy: impl Into<PolicyRef<BufferPolicy>>) -> Self {
-        let policy = policy.into();
-        self.configure(|n| n.buffer = Some(policy))
-    }
-
-    /// The stage's error policy, inline or by name.
-    pub fn error_policy(self, policy: impl Into<PolicyRef<ErrorPolicy>>) -> Self {
-        let policy = policy.into();
-        self.configure(|n| n.error_policy = policy)
-    }
-
-    /// The stage's backpressure strategy, inline or by name.
-    pub fn backpressure(self, strategy: impl Into<PolicyRef<BackpressureStrategy>>) -> Self {
-        let strategy = strategy.into();
-        self.configure(|n| n.backpressure = Some(strategy))
-    }
-
-    /// The stage's circuit breaker, inline or by name.
-    pub fn circuit_breaker(self, policy: impl Into<PolicyRef<CircuitBreakerPolicy>>) -> Self {
-        let policy = policy.into();
-        self.configure(|n| n.circuit_breaker = Some(policy))
-    }
+    policy_setters!();
 
     /// The id of the stage that produced this stream.
     pub fn stage_id(&self) -> String {
@@ -351,27 +359,5 @@ impl SinkHandle {
         self
     }
 
-    /// The sink's input buffer.
-    pub fn buffer(self, policy: impl Into<PolicyRef<BufferPolicy>>) -> Self {
-        let policy = policy.into();
-        self.configure(|n| n.buffer = Some(policy))
-    }
-
-    /// The sink's error policy.
-    pub fn error_policy(self, policy: impl Into<PolicyRef<ErrorPolicy>>) -> Self {
-        let policy = policy.into();
-        self.configure(|n| n.error_policy = policy)
-    }
-
-    /// The sink's backpressure strategy.
-    pub fn backpressure(self, strategy: impl Into<PolicyRef<BackpressureStrategy>>) -> Self {
-        let strategy = strategy.into();
-        self.configure(|n| n.backpressure = Some(strategy))
-    }
-
-    /// The sink's circuit breaker.
-    pub fn circuit_breaker(self, policy: impl Into<PolicyRef<CircuitBreakerPolicy>>) -> Self {
-        let policy = policy.into();
-        self.configure(|n| n.circuit_breaker = Some(policy))
-    }
+    policy_setters!();
 }

@@ -125,6 +125,35 @@ impl Failures {
         });
     }
 
+    /// Runs a stage instance's `init` inside its span: counts the worker, reports a failure
+    /// as the run's error (which holds the sources back), and tells the init gate.
+    pub async fn initialise(
+        &mut self,
+        init: impl std::future::Future<Output = Result<(), StageError>>,
+        span: &tracing::Span,
+    ) -> bool {
+        use tracing::Instrument;
+        let stats = self.stats.clone();
+        stats.worker_started();
+        stats.set_status(crate::metrics::StageStatus::Initializing);
+        let ok = match init.instrument(span.clone()).await {
+            Ok(()) => true,
+            Err(source) => {
+                stats.record_error(source.to_string());
+                stats.set_status(crate::metrics::StageStatus::Failed);
+                self.failed = true;
+                self.run.fail(PipelineError::Init {
+                    stage: stats.id.to_string(),
+                    source,
+                });
+                false
+            }
+        };
+        self.run.gate.arrive(ok);
+        stats.set_status(crate::metrics::StageStatus::Running);
+        ok
+    }
+
     /// Reports a stage-level error (not tied to an item): under `Fail`, `Retry` or
     /// `DeadLetter` it ends the run; under `Ignore` it is only counted.
     pub fn stage_error(&mut self, error: StageError, tally: &mut Tally) {

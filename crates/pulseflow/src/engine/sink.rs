@@ -10,7 +10,7 @@ use tracing::Instrument;
 use super::downstream::Downstream;
 use super::failure::{Failures, Next};
 use crate::envelope::{Batch, Envelope};
-use crate::error::{ItemFailure, PipelineError, StageError};
+use crate::error::{ItemFailure, StageError};
 use crate::metrics::{DropReason, StageStatus, Tally};
 use crate::stage::{Sink, StageContext, WriteProgress};
 
@@ -105,32 +105,10 @@ impl<S: Sink> SinkHandler<S> {
 
 impl<S: Sink> Downstream<S::Item> for SinkHandler<S> {
     fn start(&mut self) -> BoxFuture<'_, bool> {
-        Box::pin(async move {
-            let stats = self.failures.stats.clone();
-            stats.worker_started();
-            stats.set_status(StageStatus::Initializing);
-            let ok = match self
-                .sink
-                .init(&self.ctx)
-                .instrument(self.ctx.span.clone())
-                .await
-            {
-                Ok(()) => true,
-                Err(source) => {
-                    stats.record_error(source.to_string());
-                    stats.set_status(StageStatus::Failed);
-                    self.failures.failed = true;
-                    self.failures.run.fail(PipelineError::Init {
-                        stage: stats.id.to_string(),
-                        source,
-                    });
-                    false
-                }
-            };
-            self.failures.run.gate.arrive(ok);
-            stats.set_status(StageStatus::Running);
-            ok
-        })
+        Box::pin(
+            self.failures
+                .initialise(self.sink.init(&self.ctx), &self.ctx.span),
+        )
     }
 
     fn push(&mut self, batch: Batch<S::Item>) -> BoxFuture<'_, ()> {

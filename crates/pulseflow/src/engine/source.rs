@@ -7,7 +7,6 @@ use tracing::Instrument;
 use super::downstream::Downstream;
 use super::failure::Failures;
 use crate::envelope::{Batch, now_millis};
-use crate::error::PipelineError;
 use crate::metrics::{StageStatus, Tally};
 use crate::policy::ErrorPolicy;
 use crate::stage::{Source, SourceOutput, SourceStatus, StageContext};
@@ -20,21 +19,7 @@ pub(crate) async fn run_source<S: Source>(
 ) {
     let stats = failures.stats.clone();
     let run = failures.run.clone();
-    stats.worker_started();
-    stats.set_status(StageStatus::Initializing);
-    let ok = match source.init(&ctx).instrument(ctx.span.clone()).await {
-        Ok(()) => true,
-        Err(source) => {
-            stats.record_error(source.to_string());
-            stats.set_status(StageStatus::Failed);
-            run.fail(PipelineError::Init {
-                stage: stats.id.to_string(),
-                source,
-            });
-            false
-        }
-    };
-    run.gate.arrive(ok);
+    let ok = failures.initialise(source.init(&ctx), &ctx.span).await;
     let started = out.start().await;
     if ok && started && run.gate.wait().await {
         stats.set_status(StageStatus::Running);

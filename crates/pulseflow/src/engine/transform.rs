@@ -11,7 +11,7 @@ use tracing::Instrument;
 use super::downstream::Downstream;
 use super::failure::{Failures, Next};
 use crate::envelope::{Batch, Envelope};
-use crate::error::{ItemFailure, PipelineError, StageError};
+use crate::error::{ItemFailure, StageError};
 use crate::metrics::{DropReason, StageStats, StageStatus, Tally};
 use crate::stage::{BatchCounts, StageContext, Transform};
 
@@ -157,29 +157,10 @@ impl<X: Transform> TransformHandler<X> {
 impl<X: Transform> Downstream<X::In> for TransformHandler<X> {
     fn start(&mut self) -> BoxFuture<'_, bool> {
         Box::pin(async move {
-            let stats = self.stats().clone();
-            stats.worker_started();
-            stats.set_status(StageStatus::Initializing);
-            let ok = match self
-                .stage
-                .init(&self.ctx)
-                .instrument(self.ctx.span.clone())
-                .await
-            {
-                Ok(()) => true,
-                Err(source) => {
-                    stats.record_error(source.to_string());
-                    stats.set_status(StageStatus::Failed);
-                    self.failures.failed = true;
-                    self.failures.run.fail(PipelineError::Init {
-                        stage: stats.id.to_string(),
-                        source,
-                    });
-                    false
-                }
-            };
-            self.failures.run.gate.arrive(ok);
-            stats.set_status(StageStatus::Running);
+            let ok = self
+                .failures
+                .initialise(self.stage.init(&self.ctx), &self.ctx.span)
+                .await;
             let downstream_ok = self.next.start().await;
             ok && downstream_ok
         })
