@@ -12,9 +12,11 @@
 //! exactly once: emitted, filtered, dropped by a named reason, or dead-lettered. Every item sent
 //! on an edge is delivered or dropped there. Summed over the pipeline:
 //!
-//! `ingested + created = delivered + filtered + dropped + dead_lettered`
+//! `ingested + created = delivered + filtered + dropped + dead_lettered + absorbed`
 //!
-//! where `ingested` counts what sources produced and `delivered` what sinks accepted.
+//! where `ingested` counts what sources produced, `delivered` what sinks accepted, and
+//! `absorbed` the inputs an accumulator folded into an output together with others (k inputs
+//! emitted as one output: k - 1 absorbed).
 //! [`Accounting::reconciles`] checks it at the end of every run.
 
 mod stats;

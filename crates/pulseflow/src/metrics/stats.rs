@@ -20,16 +20,23 @@ pub enum DropReason {
     StageFailed,
     /// The receiving side was gone (its stage ended early or the run was aborted).
     Closed,
+    /// State discarded by a stage's policy (an accumulator key incomplete at the end of input
+    /// or past its TTL, without partial flush).
+    Discarded,
 }
 
 impl DropReason {
+    /// Number of reasons.
+    pub const COUNT: usize = 6;
+
     /// All reasons, in counter order.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::DropOldest,
         DropReason::DropNewest,
         DropReason::Ignored,
         DropReason::StageFailed,
         DropReason::Closed,
+        DropReason::Discarded,
     ];
 
     /// The label used in metrics and reports.
@@ -40,6 +47,7 @@ impl DropReason {
             DropReason::Ignored => "error_ignored",
             DropReason::StageFailed => "stage_failed",
             DropReason::Closed => "closed",
+            DropReason::Discarded => "discarded_by_policy",
         }
     }
 
@@ -105,9 +113,12 @@ pub(crate) struct Tally {
     pub delivered: u64,
     pub filtered: u64,
     pub dead_lettered: u64,
+    /// Items folded into an output together with others (an accumulator emits one output for
+    /// many inputs: all but one of them are absorbed).
+    pub absorbed: u64,
     pub errors: u64,
     pub retries: u64,
-    pub dropped: [u64; 5],
+    pub dropped: [u64; DropReason::COUNT],
 }
 
 impl Tally {
@@ -131,7 +142,7 @@ impl Tally {
 pub(crate) struct EdgeStats {
     pub sent: AtomicU64,
     pub delivered: AtomicU64,
-    pub dropped: [AtomicU64; 5],
+    pub dropped: [AtomicU64; DropReason::COUNT],
     pub depth: AtomicU64,
     pub peak_depth: AtomicU64,
     pub capacity: AtomicU64,
@@ -167,7 +178,7 @@ impl EdgeStats {
     }
 }
 
-fn collect_drops(counters: &[AtomicU64; 5]) -> BTreeMap<&'static str, u64> {
+fn collect_drops(counters: &[AtomicU64; DropReason::COUNT]) -> BTreeMap<&'static str, u64> {
     DropReason::ALL
         .iter()
         .filter_map(|r| {
@@ -190,9 +201,10 @@ pub(crate) struct StageStats {
     delivered: AtomicU64,
     filtered: AtomicU64,
     dead_lettered: AtomicU64,
+    absorbed: AtomicU64,
     errors: AtomicU64,
     retries: AtomicU64,
-    dropped: [AtomicU64; 5],
+    dropped: [AtomicU64; DropReason::COUNT],
     batches: AtomicU64,
     busy_nanos: AtomicU64,
     workers: AtomicU64,
@@ -218,7 +230,7 @@ struct StageMetricHandles {
     filtered: metrics::Counter,
     errors: metrics::Counter,
     dead_lettered: metrics::Counter,
-    dropped: [metrics::Counter; 5],
+    dropped: [metrics::Counter; DropReason::COUNT],
     batch_seconds: metrics::Histogram,
     queue_depth: metrics::Gauge,
 }
@@ -283,6 +295,7 @@ impl StageStats {
             delivered: AtomicU64::new(0),
             filtered: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            absorbed: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             dropped: Default::default(),
@@ -415,6 +428,7 @@ impl StageStats {
         bump!(delivered, t.delivered);
         bump!(filtered, t.filtered);
         bump!(dead_lettered, t.dead_lettered);
+        bump!(absorbed, t.absorbed);
         bump!(errors, t.errors);
         bump!(retries, t.retries);
         for (i, n) in t.dropped.iter().enumerate() {
@@ -489,6 +503,7 @@ impl StageStats {
                 delivered: self.delivered.load(Relaxed),
                 filtered: self.filtered.load(Relaxed),
                 dead_lettered: self.dead_lettered.load(Relaxed),
+                absorbed: self.absorbed.load(Relaxed),
                 retries: self.retries.load(Relaxed),
                 dropped: collect_drops(&self.dropped),
             },
@@ -518,6 +533,8 @@ pub struct StageMetrics {
     pub filtered: u64,
     /// Items sent to the dead-letter sink.
     pub dead_lettered: u64,
+    /// Items folded into an output together with others (accumulators).
+    pub absorbed: u64,
     /// Retry attempts made.
     pub retries: u64,
     /// Items dropped inside the stage, by reason.
@@ -616,6 +633,8 @@ pub struct Accounting {
     pub dropped: u64,
     /// Items sent to the dead-letter sink.
     pub dead_lettered: u64,
+    /// Items folded with others into one output (accumulators).
+    pub absorbed: u64,
 }
 
 impl Accounting {
@@ -630,6 +649,7 @@ impl Accounting {
             a.filtered += c.filtered;
             a.dropped += c.dropped_total();
             a.dead_lettered += c.dead_lettered;
+            a.absorbed += c.absorbed;
             if let Some(input) = &s.input {
                 a.dropped += input.dropped_total();
             }
@@ -642,9 +662,10 @@ impl Accounting {
         self.ingested + self.created
     }
 
-    /// Items accounted for: delivered, filtered, dropped or dead-lettered.
+    /// Items accounted for: delivered, filtered, dropped, dead-lettered or absorbed into an
+    /// output with others.
     pub fn items_accounted(&self) -> u64 {
-        self.delivered + self.filtered + self.dropped + self.dead_lettered
+        self.delivered + self.filtered + self.dropped + self.dead_lettered + self.absorbed
     }
 
     /// Whether every item is accounted for exactly once.
