@@ -20,6 +20,9 @@ const ADMISSION_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct Guard<T> {
     pub controller: Option<Arc<dyn BackpressureController>>,
+    /// Whether the controller admits at the senders (credit, pull): the guard then only
+    /// returns what was processed (and asks for more, for pull).
+    pub at_senders: bool,
     pub breaker: Option<Arc<CircuitBreaker>>,
     pub stats: Arc<StageStats>,
     pub inner: Box<dyn Downstream<T>>,
@@ -47,6 +50,15 @@ impl<T: Send + 'static> Guard<T> {
             self.run(batch).await;
             return;
         };
+        if self.at_senders {
+            let (n, bytes) = (batch.len(), batch.total_bytes());
+            let latency = self.run(batch).await;
+            controller.record_latency(latency);
+            controller.on_processed(n, bytes);
+            // Reactive pull: processed items make room; ask for as much again.
+            controller.request(n);
+            return;
+        }
         let stats = self.stats.clone();
         let probe = move || Load::items(stats.input_depth() as usize);
         let mut rest = batch;
@@ -102,6 +114,10 @@ impl<T: Send + 'static> Guard<T> {
 
 impl<T: Send + 'static> Downstream<T> for Guard<T> {
     fn start(&mut self) -> BoxFuture<'_, bool> {
+        if let Some(c) = &self.controller {
+            // Reactive pull: the first demand, as much as the window holds.
+            c.request(usize::MAX);
+        }
         self.inner.start()
     }
 
@@ -122,6 +138,24 @@ pub(crate) struct FlowGuard {
 }
 
 impl FlowGuard {
+    /// Whether the controller admits items at the senders of the stage's edge (credit and
+    /// pull strategies bound what is in flight, the edge included) rather than in front of
+    /// the handler.
+    pub fn at_senders(&self) -> bool {
+        self.controller
+            .as_ref()
+            .is_some_and(|c| matches!(c.strategy(), "credit" | "pull"))
+    }
+
+    /// The gate for the stage's input edge, when admission happens at the senders.
+    pub fn edge_gate(&self) -> Option<Arc<dyn BackpressureController>> {
+        if self.at_senders() {
+            self.controller.clone()
+        } else {
+            None
+        }
+    }
+
     /// `inner` behind the stage's breaker and controller (or `inner` itself when it has none).
     pub fn wrap<T: Send + 'static>(
         &self,
@@ -132,6 +166,7 @@ impl FlowGuard {
             return inner;
         }
         Box::new(Guard {
+            at_senders: self.at_senders(),
             controller: self.controller.clone(),
             breaker: self.breaker.clone(),
             stats: stats.clone(),

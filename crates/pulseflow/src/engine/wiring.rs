@@ -72,7 +72,11 @@ impl Wiring<'_> {
     pub fn input_edge<T: Send + 'static>(&mut self, inputs: usize) -> EdgeReceiver<T> {
         let edge_stats = Arc::new(EdgeStats::default());
         *self.stats.input.lock() = Some(edge_stats.clone());
-        let (tx, rx) = channel::edge(self.resolved.buffer, edge_stats);
+        let (tx, rx) = channel::gated_edge(
+            self.resolved.buffer,
+            edge_stats,
+            self.resolved.flow.edge_gate(),
+        );
         for input in 0..inputs {
             self.offer(input, Entry::Edge(tx.clone()));
         }

@@ -11,8 +11,12 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::envelope::Batch;
+use crate::flow::BackpressureController;
 use crate::metrics::{DropReason, EdgeStats};
 use crate::policy::{BufferPolicy, DropPolicy};
+
+/// How long one wait for a gate's admission lasts before it starts again.
+const GATE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 struct State<T> {
     queue: VecDeque<Batch<T>>,
@@ -44,6 +48,8 @@ impl<T> Drop for Waiting<'_, T> {
 
 struct Shared<T> {
     state: Mutex<State<T>>,
+    /// Admission asked of every sender before it sends (credit or pull strategies).
+    gate: Option<Arc<dyn BackpressureController>>,
     readable: Notify,
     writable: Notify,
     capacity: usize,
@@ -55,6 +61,16 @@ struct Shared<T> {
 pub(crate) fn edge<T>(
     policy: BufferPolicy,
     stats: Arc<EdgeStats>,
+) -> (EdgeSender<T>, EdgeReceiver<T>) {
+    gated_edge(policy, stats, None)
+}
+
+/// An edge whose senders must be admitted by `gate` before each send: nothing enters the
+/// edge without credit or downstream demand.
+pub(crate) fn gated_edge<T>(
+    policy: BufferPolicy,
+    stats: Arc<EdgeStats>,
+    gate: Option<Arc<dyn BackpressureController>>,
 ) -> (EdgeSender<T>, EdgeReceiver<T>) {
     let capacity = policy.capacity.max(1);
     stats.capacity.store(capacity as u64, Relaxed);
@@ -70,6 +86,7 @@ pub(crate) fn edge<T>(
         }),
         readable: Notify::new(),
         writable: Notify::new(),
+        gate,
         capacity,
         policy: policy.drop_policy,
         stats,
@@ -153,6 +170,32 @@ impl<T> EdgeSender<T> {
         }
         let shared = &*self.shared;
         shared.stats.sent.fetch_add(batch.len() as u64, Relaxed);
+        if let Some(gate) = &shared.gate {
+            // Send only what the gate admits, waiting (suspended) for the rest.
+            let stats = shared.stats.clone();
+            let depth = move || crate::flow::Load::items(stats.depth.load(Relaxed) as usize);
+            while !batch.is_empty() {
+                let admitted = match gate
+                    .acquire(batch.len(), batch.total_bytes(), &depth, GATE_WAIT)
+                    .await
+                {
+                    Ok(a) => a.admitted.min(batch.len()),
+                    Err(_) => continue,
+                };
+                if admitted == 0 {
+                    continue;
+                }
+                let rest = batch.split_off(admitted);
+                self.send_sized(batch).await;
+                batch = rest;
+            }
+            return;
+        }
+        self.send_sized(batch).await;
+    }
+
+    async fn send_sized(&self, mut batch: Batch<T>) {
+        let shared = &*self.shared;
         while !batch.is_empty() {
             // A batch larger than the whole buffer goes in pieces of at most `capacity`.
             let rest = if batch.len() > shared.capacity {
