@@ -48,6 +48,9 @@ pub struct CommonOpts {
 enum Scenario {
     /// Source -> map -> filter -> sink against hand-written channel chains and a single loop.
     Linear(CommonOpts),
+    /// A fast source into a slowed sink, once per backpressure strategy: in-flight peak
+    /// against the bound, peak RSS, shaped rate, controller cost per item.
+    Backpressure(CommonOpts),
     /// Cost per poll of Tokio-Pulse supervision against bare, TaskMonitor and a CPU-clock wrapper.
     PulseOverhead(CommonOpts),
     /// Latency of light tasks next to CPU hogs: none, unsupervised, supervised (isolated).
@@ -58,6 +61,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.scenario {
         Scenario::Linear(opts) => scenarios::linear::run(&opts),
+        Scenario::Backpressure(opts) => scenarios::backpressure::run(&opts),
         Scenario::PulseOverhead(opts) => scenarios::pulse_overhead::run(&opts),
         Scenario::Isolation(opts) => scenarios::isolation::run(&opts),
     };

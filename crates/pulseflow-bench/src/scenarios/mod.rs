@@ -1,3 +1,4 @@
+pub mod backpressure;
 pub mod isolation;
 pub mod linear;
 pub mod pulse_overhead;

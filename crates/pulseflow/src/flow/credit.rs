@@ -38,6 +38,7 @@ use super::controller::{
 struct Credits {
     available: usize,
     in_flight: usize,
+    peak_in_flight: usize,
     requested: u64,
     granted: u64,
     attempts: u64,
@@ -104,6 +105,7 @@ impl BackpressureController for CreditBased {
         let granted = items.min(st.available);
         st.available -= granted;
         st.in_flight += granted;
+        st.peak_in_flight = st.peak_in_flight.max(st.in_flight);
         st.requested += items as u64;
         st.granted += granted as u64;
         st.attempts += 1;
@@ -153,6 +155,7 @@ impl BackpressureController for CreditBased {
         BTreeMap::from([
             ("available_credits", st.available as f64),
             ("in_flight", st.in_flight as f64),
+            ("peak_in_flight", st.peak_in_flight as f64),
             ("credits", self.initial as f64),
             ("total_requested", st.requested as f64),
             ("total_granted", st.granted as f64),

@@ -37,6 +37,8 @@ struct Demand {
     open: usize,
     /// Sent, not yet processed.
     in_flight: usize,
+    /// Most items outstanding at once.
+    peak_outstanding: usize,
     requested: u64,
     refused: u64,
     delivered: u64,
@@ -138,6 +140,7 @@ impl BackpressureController for ReactivePull {
             let room = self.window - (d.open + d.in_flight).min(self.window);
             let granted = n.min(room);
             d.open += granted;
+            d.peak_outstanding = d.peak_outstanding.max(d.open + d.in_flight);
             d.requested += granted as u64;
             d.refused += (n - granted) as u64;
             granted
@@ -153,6 +156,7 @@ impl BackpressureController for ReactivePull {
         let outstanding = (d.open + d.in_flight) as f64;
         BTreeMap::from([
             ("outstanding_requests", outstanding),
+            ("peak_outstanding", d.peak_outstanding as f64),
             ("open_demand", d.open as f64),
             ("in_flight", d.in_flight as f64),
             ("window_size", self.window as f64),
