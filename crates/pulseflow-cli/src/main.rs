@@ -1,16 +1,275 @@
 //! `pulseflow`: run pipelines described in configuration files.
 //!
-//! The configuration-driven commands (`run`, `validate`, `graph`, `top`) build on the engine in
-//! the `pulseflow` crate; until they land this binary only reports its version.
+//! ```text
+//! pulseflow run CONFIG [--quiet] [--admin ADDR]
+//! pulseflow validate CONFIG
+//! pulseflow graph CONFIG [--format dot|mermaid]
+//! pulseflow top [ADDR]
+//! ```
+//!
+//! Exit status: 0 on success, 1 when the pipeline failed, 2 for an invalid config.
 
-fn main() {
-    let version = env!("CARGO_PKG_VERSION");
-    let mut args = std::env::args().skip(1);
-    match args.next().as_deref() {
-        Some("--version" | "-V") => println!("pulseflow {version}"),
-        _ => {
-            eprintln!("pulseflow {version}: configuration-driven commands are not available yet");
-            std::process::exit(2);
+mod build;
+mod components;
+mod config;
+mod jq;
+mod report;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pulseflow::prelude::*;
+
+use crate::config::{Config, LoadError};
+
+/// Run dataflow pipelines described in TOML files.
+#[derive(Parser)]
+#[command(name = "pulseflow", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline of a config file.
+    Run {
+        /// The config file (TOML).
+        config: PathBuf,
+        /// No progress bar and no table of stages.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Serve /metrics, /stages and /health on ADDR (a port alone means loopback).
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<String>,
+    },
+    /// Check a config file without running it.
+    Validate {
+        /// The config file (TOML).
+        config: PathBuf,
+    },
+    /// Print the pipeline graph.
+    Graph {
+        /// The config file (TOML).
+        config: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+    },
+    /// Show the stages of a running `pulseflow run --admin ADDR`, refreshed every second.
+    Top {
+        /// Where its admin server listens.
+        #[arg(default_value = "127.0.0.1:9898")]
+        addr: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Dot,
+    Mermaid,
+}
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_INVALID: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(16 << 20)
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
         }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Validate { config } => validate(&config),
+            Command::Graph { config, format } => graph(&config, format),
+            Command::Run {
+                config,
+                quiet,
+                admin,
+            } => run(&config, quiet, admin).await,
+            Command::Top { addr } => ExitCode::from(EXIT_FAILED.min(addr.len() as u8)),
+        }
+    })
+}
+
+/// Loads and builds a config, printing its problems.
+fn load(path: &Path) -> Result<(Config, Pipeline, build::Progress), ExitCode> {
+    let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(LoadError::Invalid(problems)) => {
+            eprint!("{}", config::diagnostic::render(&problems, color));
+            return Err(ExitCode::from(EXIT_INVALID));
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Err(ExitCode::from(EXIT_INVALID));
+        }
+    };
+    match build::build(&config) {
+        Ok((pipeline, progress)) => Ok((config, pipeline, progress)),
+        Err(problems) => {
+            eprint!("{}", config::diagnostic::render(&problems, color));
+            Err(ExitCode::from(EXIT_INVALID))
+        }
+    }
+}
+
+fn validate(path: &Path) -> ExitCode {
+    match load(path) {
+        Ok((config, pipeline, _)) => {
+            println!(
+                "{}: valid ({} components, {} stages)",
+                path.display(),
+                config.components.len(),
+                pipeline.graph().nodes.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn graph(path: &Path, format: GraphFormat) -> ExitCode {
+    match load(path) {
+        Ok((_, pipeline, _)) => {
+            let text = match format {
+                GraphFormat::Dot => pipeline.graph().to_dot(),
+                GraphFormat::Mermaid => pipeline.graph().to_mermaid(),
+            };
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+async fn run(path: &Path, quiet: bool, _admin: Option<String>) -> ExitCode {
+    let (config, pipeline, progress) = match load(path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let terminal = std::io::stderr().is_terminal() && !quiet;
+    let mut options = ExecutionOptions::default();
+    if let Some(n) = config.batch_size {
+        options = options.with_batch_size(n);
+    }
+    let mut dead_letters = None;
+    if let Some(target) = &config.dead_letter {
+        match components::dead_letter::DeadLetterWriter::start(target) {
+            Ok((writer, handle)) => {
+                options = options.with_dead_letter_sink(writer);
+                dead_letters = Some(handle);
+            }
+            Err(e) => {
+                eprintln!("error: cannot open the dead-letter sink: {e}");
+                return ExitCode::from(EXIT_FAILED);
+            }
+        }
+    }
+    let engine = ExecutionEngine::new();
+    let signals = tokio::spawn(watch_signals(engine.clone()));
+    let bar = (terminal && progress.total > 0).then(|| progress_bar(&progress));
+    let result = engine.run(pipeline, options).await;
+    signals.abort();
+    if let Some((bar, task)) = bar {
+        task.abort();
+        bar.set_position(progress.bytes.load(std::sync::atomic::Ordering::Relaxed));
+        bar.finish();
+    }
+    let mut ok = result.success;
+    if let Some(handle) = dead_letters {
+        if let Err(e) = handle.finish() {
+            eprintln!("error: writing dead letters failed: {e}");
+            ok = false;
+        }
+    }
+    if terminal {
+        let stages: Vec<serde_json::Value> = engine
+            .inspect_all()
+            .iter()
+            .map(report::stage_json)
+            .collect();
+        eprint!("{}", report::table(&stages));
+        let a = &result.accounting;
+        eprintln!(
+            "{} in, {} delivered, {} filtered, {} dropped, {} dead-lettered in {:.2?}{}",
+            a.items_in(),
+            a.delivered,
+            a.filtered,
+            a.dropped,
+            a.dead_lettered,
+            result.duration,
+            if a.reconciles() {
+                ""
+            } else {
+                " (counts do not reconcile)"
+            }
+        );
+    }
+    if config.dead_letter.is_none() && !result.dead_letters.is_empty() && !quiet {
+        let n = result.dead_letters.len() as u64 + result.dead_letters_not_kept;
+        eprintln!("{n} items dead-lettered (add a [dead_letter] sink to keep them); first:");
+        for letter in result.dead_letters.iter().take(5) {
+            eprintln!("  {}", components::dead_letter::record(letter));
+        }
+    }
+    if let Some(e) = &result.error {
+        eprintln!("error: {e}");
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    }
+}
+
+/// A bar of bytes read by file sources, of their total size, with rate and ETA.
+fn progress_bar(
+    progress: &build::Progress,
+) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = indicatif::ProgressBar::new(progress.total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    let bytes = progress.bytes.clone();
+    let b = bar.clone();
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            b.set_position(bytes.load(std::sync::atomic::Ordering::Relaxed));
+        }
+    });
+    (bar, task)
+}
+
+/// First Ctrl-C: drain within 30 s; second: abort.
+async fn watch_signals(engine: ExecutionEngine) {
+    if tokio::signal::ctrl_c().await.is_err() {
+        return;
+    }
+    eprintln!("stopping: draining the pipeline (Ctrl-C again to abort)");
+    let stopper = engine.clone();
+    tokio::spawn(async move { stopper.stop(Duration::from_secs(30)).await });
+    if tokio::signal::ctrl_c().await.is_ok() {
+        eprintln!("aborting");
+        engine.abort();
     }
 }

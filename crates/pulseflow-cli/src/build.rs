@@ -1,0 +1,432 @@
+//! From a checked [`Config`] to an engine pipeline.
+//!
+//! First the components alone form an untyped graph that the engine validates
+//! (`PipelineGraph::validate`): unknown inputs, cycles, unconnected outputs, unknown policy
+//! names, zero capacities, conflicting parallelism. Each problem is shown at the component
+//! it is about. Then the typed pipeline is built in topological order; a component may add
+//! helper stages, named after it:
+//!
+//! - a `file` or `stdin` source `x` reads lines in stage `x` and decodes them in `x.decode`
+//!   (where its policies apply and malformed lines are dead-lettered);
+//! - a `generate` source `x` counts in `x` and builds items in `x.build`;
+//! - an output read by several components fans out through `x.fanout` (copies);
+//! - a component with several inputs merges them in `x.merge`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use pulseflow::graph::{ChannelDescriptor, Edge, PipelineGraph, StageNode};
+use pulseflow::policy::{ChannelOrdering, ParallelismHint};
+use pulseflow::stage::StageKind;
+use pulseflow::{BuildError, Pipeline, PipelineBuilder, Routes, Stream, ValidationError};
+use serde_json::Value;
+
+use crate::components::decode::Decode;
+use crate::components::generate::Generate;
+use crate::components::lines::{Input, LineSource};
+use crate::components::sinks::{Blackhole, NdjsonSink};
+use crate::components::transforms::{Build, JqTransform, Mode};
+use crate::config::{Component, Config, Kind, ParallelismSetting, Problem, Problems, Role};
+
+/// Shared figures the running pipeline updates (bytes read by file sources).
+#[derive(Clone, Default)]
+pub struct Progress {
+    /// Bytes read so far by file sources.
+    pub bytes: Arc<AtomicU64>,
+    /// Total size of the files file sources will read.
+    pub total: u64,
+}
+
+fn stage_kind(c: &Component) -> StageKind {
+    match (&c.kind, c.role) {
+        (Kind::Route { .. }, _) => StageKind::Branch,
+        (_, Role::Source) => StageKind::Source,
+        (_, Role::Transform) => StageKind::Transform,
+        (_, Role::Sink) => StageKind::Sink,
+    }
+}
+
+fn parallelism(config: &Config, c: &Component) -> Option<ParallelismHint> {
+    match &c.policies.parallelism {
+        Some(ParallelismSetting::Inline(h)) => Some(*h),
+        Some(ParallelismSetting::Named(n, _)) => config.parallelism.get(n).copied(),
+        None => None,
+    }
+}
+
+/// Who reads each output: (component, port) -> readers in config order.
+fn readers(config: &Config) -> BTreeMap<(String, String), Vec<String>> {
+    let mut map: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for c in &config.components {
+        for i in &c.inputs {
+            map.entry((
+                i.component.clone(),
+                i.port.clone().unwrap_or_else(|| "out".into()),
+            ))
+            .or_default()
+            .push(c.name.clone());
+        }
+    }
+    map
+}
+
+/// The components as an untyped graph, for the engine's validation.
+pub fn component_graph(config: &Config) -> PipelineGraph {
+    let readers = readers(config);
+    let mut graph = PipelineGraph::default();
+    for c in &config.components {
+        let mut node = StageNode::new(c.name.clone(), stage_kind(c));
+        if let Kind::Route { routes } = &c.kind {
+            node.outputs = routes.iter().map(|(r, _)| r.clone()).collect();
+            if readers.contains_key(&(c.name.clone(), "_unmatched".into())) {
+                node.outputs.push("_unmatched".into());
+            }
+        }
+        let p = &c.policies;
+        node.buffer = p.buffer.clone();
+        node.backpressure = p.backpressure.clone();
+        if let Some(e) = &p.error_policy {
+            node.error_policy = e.clone();
+        }
+        node.circuit_breaker = p.circuit_breaker.clone();
+        if let Some(h) = parallelism(config, c) {
+            node.parallelism = h;
+            node.replicable = !matches!(c.kind, Kind::Route { .. }) && c.role != Role::Sink;
+            node.stateless = true;
+        }
+        graph.nodes.push(node);
+        for i in &c.inputs {
+            graph.edges.push(Edge {
+                from: i.component.clone(),
+                port: i.port.clone().unwrap_or_else(|| "out".into()),
+                to: c.name.clone(),
+                channel: ChannelDescriptor {
+                    buffer_size: pulseflow::policy::BufferPolicy::DEFAULT.capacity,
+                    ordering: ChannelOrdering::Unordered,
+                },
+            });
+        }
+    }
+    graph
+}
+
+/// Maps an engine stage id back to the component that made it.
+fn component_of<'a>(config: &'a Config, stage: &str) -> Option<&'a Component> {
+    config.component(stage).or_else(|| {
+        stage
+            .split_once('.')
+            .and_then(|(head, _)| config.component(head))
+    })
+}
+
+/// Shows the engine's validation errors at the components they are about.
+pub fn validation_problems(config: &Config, errors: &[ValidationError]) -> Vec<Problem> {
+    let mut problems = Problems::new(&config.file, config.text.clone());
+    for e in errors {
+        let (span, label, help) = match e {
+            ValidationError::DanglingEdge { to, missing, .. } => {
+                let span = config.component(to).and_then(|c| {
+                    c.inputs
+                        .iter()
+                        .find(|i| &i.component == missing)
+                        .map(|i| i.span.clone())
+                });
+                let names: Vec<String> = config
+                    .components
+                    .iter()
+                    .filter(|c| c.role != Role::Sink)
+                    .map(|c| format!("`{}`", c.name))
+                    .collect();
+                (
+                    span,
+                    "unknown component".to_owned(),
+                    Some(format!("known components: {}", names.join(", "))),
+                )
+            }
+            ValidationError::UnusedOutput { stage, port } => (
+                component_of(config, stage).map(|c| c.span.clone()),
+                "output not read".to_owned(),
+                Some(format!(
+                    "add a component with `inputs = [\"{}\"]`, or remove it",
+                    if port == "out" {
+                        stage.clone()
+                    } else {
+                        format!("{stage}.{port}")
+                    }
+                )),
+            ),
+            ValidationError::Cycle(stages) => (
+                stages
+                    .first()
+                    .and_then(|s| component_of(config, s))
+                    .map(|c| c.span.clone()),
+                "on a cycle".to_owned(),
+                None,
+            ),
+            other => (
+                other
+                    .stage()
+                    .and_then(|s| component_of(config, s))
+                    .map(|c| c.span.clone()),
+                "here".to_owned(),
+                None,
+            ),
+        };
+        problems.add(e.to_string(), span, label, help);
+    }
+    problems.into_vec()
+}
+
+/// Validates the component graph with the engine, then builds the pipeline.
+pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
+    let errors = component_graph(config).validate(&config.registry);
+    if !errors.is_empty() {
+        return Err(validation_problems(config, &errors));
+    }
+    let progress = Progress {
+        bytes: Arc::new(AtomicU64::new(0)),
+        total: config
+            .components
+            .iter()
+            .filter_map(|c| match &c.kind {
+                Kind::FileSource { paths, .. } => Some(
+                    paths
+                        .iter()
+                        .filter_map(|p| std::fs::metadata(p).ok())
+                        .map(|m| m.len())
+                        .sum::<u64>(),
+                ),
+                _ => None,
+            })
+            .sum(),
+    };
+    let mut p = PipelineBuilder::new(config.name.clone());
+    p.policies(config.registry.clone());
+    p.metadata("config", config.file.clone());
+    let readers = readers(config);
+    let order = topological(config);
+    let mut pending: HashMap<(String, String), Vec<Stream<Value>>> = HashMap::new();
+    for c in order {
+        let mut inputs: Vec<Stream<Value>> = Vec::new();
+        for i in &c.inputs {
+            let key = (
+                i.component.clone(),
+                i.port.clone().unwrap_or_else(|| "out".into()),
+            );
+            if let Some(s) = pending.get_mut(&key).and_then(Vec::pop) {
+                inputs.push(s);
+            }
+        }
+        let input = if inputs.len() > 1 {
+            let first = inputs.remove(0);
+            Some(first.merge(format!("{}.merge", c.name), inputs))
+        } else {
+            inputs.pop()
+        };
+        let hint = parallelism(config, c);
+        let mut outputs: Vec<(String, Stream<Value>)> = Vec::new();
+        match (&c.kind, input) {
+            (
+                Kind::FileSource {
+                    pattern,
+                    paths,
+                    format,
+                    max_line_bytes,
+                },
+                _,
+            ) => {
+                let src = LineSource::new(
+                    paths.iter().cloned().map(Input::Path).collect(),
+                    Some(pattern.clone()),
+                    *format,
+                    *max_line_bytes,
+                    progress.bytes.clone(),
+                );
+                let format = *format;
+                let s = p
+                    .source(c.name.clone(), src)
+                    .transform_with(format!("{}.decode", c.name), move || Decode { format });
+                outputs.push(("out".into(), with_policies(s, c, hint)));
+            }
+            (
+                Kind::Stdin {
+                    format,
+                    max_line_bytes,
+                },
+                _,
+            ) => {
+                let src = LineSource::new(
+                    vec![Input::Stdin],
+                    None,
+                    *format,
+                    *max_line_bytes,
+                    Arc::new(AtomicU64::new(0)),
+                );
+                let format = *format;
+                let s = p
+                    .source(c.name.clone(), src)
+                    .transform_with(format!("{}.decode", c.name), move || Decode { format });
+                outputs.push(("out".into(), with_policies(s, c, hint)));
+            }
+            (Kind::Generate { count, rate, jq }, _) => {
+                let program = jq.as_ref().map(|j| j.program.clone());
+                let s = p
+                    .source(c.name.clone(), Generate::new(*count, *rate))
+                    .transform_with(format!("{}.build", c.name), move || Build {
+                        program: program.clone(),
+                    });
+                outputs.push(("out".into(), with_policies(s, c, hint)));
+            }
+            (Kind::Filter { condition: jq }, Some(input)) | (Kind::Map { jq }, Some(input)) => {
+                let mode = if matches!(c.kind, Kind::Filter { .. }) {
+                    Mode::Filter
+                } else {
+                    Mode::Map
+                };
+                let program = jq.program.clone();
+                let s = input.transform_with(c.name.clone(), move || JqTransform {
+                    program: program.clone(),
+                    mode,
+                });
+                outputs.push(("out".into(), with_policies(s, c, hint)));
+            }
+            (Kind::Route { routes }, Some(input)) => {
+                let input = with_policies(input, c, None);
+                let mut r = Routes::new();
+                for (name, jq) in routes {
+                    let program = jq.program.clone();
+                    // A jq error counts as "does not match": the item goes on to the other
+                    // routes or to `_unmatched`.
+                    r = r.route(name.clone(), move |v: &Value| {
+                        program.test(crate::jq::to_val(v)).unwrap_or(false)
+                    });
+                }
+                let unmatched = readers.contains_key(&(c.name.clone(), "_unmatched".into()));
+                if unmatched {
+                    r = r.unmatched("_unmatched");
+                }
+                let mut branches = input.branch(c.name.clone(), r);
+                for (name, _) in routes {
+                    if let Some(s) = branches.take(name) {
+                        outputs.push((name.clone(), s));
+                    }
+                }
+                if let Some(s) = unmatched.then(|| branches.take("_unmatched")).flatten() {
+                    outputs.push(("_unmatched".into(), s));
+                }
+            }
+            (Kind::StdoutSink, Some(input)) => {
+                sink_policies(input.sink(c.name.clone(), NdjsonSink::stdout()), c);
+            }
+            (Kind::FileSink { path, append }, Some(input)) => {
+                sink_policies(
+                    input.sink(c.name.clone(), NdjsonSink::file(path.clone(), *append)),
+                    c,
+                );
+            }
+            (Kind::Blackhole, Some(input)) => {
+                sink_policies(input.sink(c.name.clone(), Blackhole), c);
+            }
+            (_, None) => {}
+        }
+        for (port, stream) in outputs {
+            let key = (c.name.clone(), port.clone());
+            let n = readers.get(&key).map_or(0, Vec::len);
+            if n > 1 {
+                let id = if port == "out" {
+                    format!("{}.fanout", c.name)
+                } else {
+                    format!("{}.{port}.fanout", c.name)
+                };
+                let names: Vec<String> = (0..n).map(|i| format!("copy{i}")).collect();
+                let mut r = Routes::new();
+                for name in &names {
+                    r = r.route(name.clone(), |_: &Value| true);
+                }
+                let mut copies = stream.branch(id, r);
+                let list: Vec<Stream<Value>> = names
+                    .iter()
+                    .filter_map(|name| copies.take(name))
+                    .rev()
+                    .collect();
+                pending.insert(key, list);
+            } else {
+                pending.insert(key, vec![stream]);
+            }
+        }
+    }
+    drop(pending);
+    match p.build() {
+        Ok(pipeline) => Ok((pipeline, progress)),
+        Err(BuildError { errors }) => Err(validation_problems(config, &errors)),
+    }
+}
+
+fn with_policies(s: Stream<Value>, c: &Component, hint: Option<ParallelismHint>) -> Stream<Value> {
+    let p = &c.policies;
+    let mut s = s;
+    if let Some(b) = &p.buffer {
+        s = s.buffer(b.clone());
+    }
+    if let Some(b) = &p.backpressure {
+        s = s.backpressure(b.clone());
+    }
+    if let Some(e) = &p.error_policy {
+        s = s.error_policy(e.clone());
+    }
+    if let Some(b) = &p.circuit_breaker {
+        s = s.circuit_breaker(b.clone());
+    }
+    if let Some(h) = hint {
+        s = s.parallelism(h);
+        if !h.is_sequential() {
+            s = s.ordered();
+        }
+    }
+    s
+}
+
+fn sink_policies(s: pulseflow::builder::SinkHandle, c: &Component) {
+    let p = &c.policies;
+    let mut s = s;
+    if let Some(b) = &p.buffer {
+        s = s.buffer(b.clone());
+    }
+    if let Some(b) = &p.backpressure {
+        s = s.backpressure(b.clone());
+    }
+    if let Some(e) = &p.error_policy {
+        s = s.error_policy(e.clone());
+    }
+    if let Some(b) = &p.circuit_breaker {
+        s = s.circuit_breaker(b.clone());
+    }
+    let _ = s;
+}
+
+/// Components in an order where each comes after its inputs (the graph is validated, so
+/// acyclic).
+fn topological(config: &Config) -> Vec<&Component> {
+    let mut done: Vec<&str> = Vec::new();
+    let mut order = Vec::new();
+    while order.len() < config.components.len() {
+        let before = order.len();
+        for c in &config.components {
+            if done.contains(&c.name.as_str()) {
+                continue;
+            }
+            if c.inputs
+                .iter()
+                .all(|i| done.contains(&i.component.as_str()))
+            {
+                done.push(&c.name);
+                order.push(c);
+            }
+        }
+        if order.len() == before {
+            break;
+        }
+    }
+    order
+}

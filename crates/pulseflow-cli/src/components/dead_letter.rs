@@ -1,0 +1,121 @@
+//! The `[dead_letter]` sink: one JSON object per dead letter, written by a thread of its own
+//! so the engine's tasks never wait on the disk.
+//!
+//! A malformed input line: `{"kind": "malformed_input", "stage", "file", "line", "error",
+//! "raw", "attempts"}`. A failed item: `{"kind": "failed_item", "stage", "error", "attempts",
+//! "seq", "item"}`.
+
+use std::io::Write;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+use pulseflow::DeadLetter;
+use serde_json::{Value, json};
+
+use super::lines::RawLine;
+use crate::config::DeadLetterTarget;
+
+enum Msg {
+    Line(Vec<u8>),
+    Close,
+}
+
+/// Sends dead letters to their writer thread.
+pub struct DeadLetterWriter {
+    tx: Mutex<mpsc::Sender<Msg>>,
+}
+
+/// Waits for the writer thread to finish.
+pub struct DeadLetterHandle {
+    tx: mpsc::Sender<Msg>,
+    thread: Option<JoinHandle<std::io::Result<u64>>>,
+}
+
+/// The record written for a dead letter.
+pub fn record(letter: &DeadLetter) -> Value {
+    if let Some(line) = letter.payload::<RawLine>() {
+        json!({
+            "kind": "malformed_input",
+            "stage": letter.stage,
+            "file": &*line.origin,
+            "line": line.line,
+            "error": letter.error,
+            "raw": line.text,
+            "attempts": letter.attempts,
+        })
+    } else {
+        let item = letter
+            .payload::<Value>()
+            .cloned()
+            .or_else(|| letter.payload::<u64>().map(|i| Value::from(*i)))
+            .unwrap_or(Value::Null);
+        json!({
+            "kind": "failed_item",
+            "stage": letter.stage,
+            "error": letter.error,
+            "attempts": letter.attempts,
+            "seq": letter.seq,
+            "item": item,
+        })
+    }
+}
+
+impl DeadLetterWriter {
+    /// Opens the target and starts the writer thread.
+    pub fn start(target: &DeadLetterTarget) -> std::io::Result<(Self, DeadLetterHandle)> {
+        let mut out: Box<dyn Write + Send> = match target {
+            DeadLetterTarget::File { path, append } => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(*append)
+                    .truncate(!*append)
+                    .open(path)?,
+            ),
+            DeadLetterTarget::Stderr => Box::new(std::io::stderr()),
+        };
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let thread = std::thread::Builder::new()
+            .name("dead-letters".into())
+            .spawn(move || -> std::io::Result<u64> {
+                let mut w = std::io::BufWriter::new(&mut out);
+                let mut n = 0;
+                while let Ok(Msg::Line(line)) = rx.recv() {
+                    w.write_all(&line)?;
+                    n += 1;
+                }
+                w.flush()?;
+                Ok(n)
+            })?;
+        Ok((
+            Self {
+                tx: Mutex::new(tx.clone()),
+            },
+            DeadLetterHandle {
+                tx,
+                thread: Some(thread),
+            },
+        ))
+    }
+}
+
+impl pulseflow::engine::DeadLetterSink for DeadLetterWriter {
+    fn accept(&self, letter: DeadLetter) {
+        let mut line = serde_json::to_vec(&record(&letter)).unwrap_or_default();
+        line.push(b'\n');
+        let _ = self.tx.lock().send(Msg::Line(line));
+    }
+}
+
+impl DeadLetterHandle {
+    /// Writes what is queued, closes the target and returns the number of records written.
+    pub fn finish(mut self) -> std::io::Result<u64> {
+        let _ = self.tx.send(Msg::Close);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(std::io::Error::other("dead-letter writer panicked")),
+            None => Ok(0),
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The decoding stage after a line source: a line becomes a JSON value, or a failure that
+//! names the file and line (dead-lettered with the raw text under the default policy).
+
+use pulseflow::prelude::*;
+use serde_json::{Map, Value};
+
+use super::lines::RawLine;
+use crate::config::Format;
+
+/// Decodes lines of one format.
+#[derive(Clone)]
+pub struct Decode {
+    /// The format of the lines.
+    pub format: Format,
+}
+
+fn decode(format: Format, line: &RawLine) -> Result<Value, String> {
+    if let Some(p) = &line.problem {
+        return Err(p.clone());
+    }
+    match format {
+        Format::Lines => Ok(Value::String(line.text.clone())),
+        Format::Ndjson => {
+            serde_json::from_str(&line.text).map_err(|e| format!("invalid JSON: {e}"))
+        }
+        Format::Csv => {
+            let fields = super::csv::split(&line.text).map_err(|e| format!("invalid CSV: {e}"))?;
+            let headers = line
+                .headers
+                .as_ref()
+                .ok_or_else(|| "CSV line before the header line".to_owned())?;
+            if fields.len() != headers.len() {
+                return Err(format!(
+                    "invalid CSV: expected {} fields, found {}",
+                    headers.len(),
+                    fields.len()
+                ));
+            }
+            Ok(Value::Object(
+                headers
+                    .iter()
+                    .cloned()
+                    .zip(fields.into_iter().map(Value::String))
+                    .collect::<Map<_, _>>(),
+            ))
+        }
+    }
+}
+
+impl Transform for Decode {
+    type In = RawLine;
+    type Out = Value;
+
+    fn process(
+        &mut self,
+        item: Envelope<RawLine>,
+        out: &mut Vec<Envelope<Value>>,
+    ) -> Result<(), ItemFailure<RawLine>> {
+        match decode(self.format, &item.payload) {
+            Ok(v) => {
+                out.push(item.derive(v));
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("{}:{}: {e}", item.payload.origin, item.payload.line);
+                Err(ItemFailure::new(item, StageError::msg(msg)))
+            }
+        }
+    }
+
+    fn is_stateless(&self) -> bool {
+        true
+    }
+}

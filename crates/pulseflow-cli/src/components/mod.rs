@@ -1,0 +1,9 @@
+//! The components a config can name: sources, transforms and sinks, one file per concern.
+
+pub mod csv;
+pub mod dead_letter;
+pub mod decode;
+pub mod generate;
+pub mod lines;
+pub mod sinks;
+pub mod transforms;

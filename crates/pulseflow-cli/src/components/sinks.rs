@@ -1,0 +1,137 @@
+//! Sinks: `stdout` and `file` write one JSON value per line (a batch is serialised into one
+//! buffer and written at once), `blackhole` only counts.
+
+use std::path::PathBuf;
+
+use pulseflow::prelude::*;
+use pulseflow::stage::WriteProgress;
+use serde_json::Value;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// Writes items as JSON lines to a file or stdout.
+pub struct NdjsonSink {
+    target: Target,
+    out: Option<Box<dyn AsyncWrite + Unpin + Send>>,
+    buf: Vec<u8>,
+}
+
+enum Target {
+    Stdout,
+    File { path: PathBuf, append: bool },
+}
+
+impl NdjsonSink {
+    /// Writes to standard output.
+    pub fn stdout() -> Self {
+        Self {
+            target: Target::Stdout,
+            out: None,
+            buf: Vec::with_capacity(64 << 10),
+        }
+    }
+
+    /// Writes to `path` (truncated unless `append`).
+    pub fn file(path: PathBuf, append: bool) -> Self {
+        Self {
+            target: Target::File { path, append },
+            out: None,
+            buf: Vec::with_capacity(64 << 10),
+        }
+    }
+
+    fn encode(&mut self, value: &Value) {
+        // Writing a `Value` into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut self.buf, value);
+        self.buf.push(b'\n');
+    }
+}
+
+impl Sink for NdjsonSink {
+    type Item = Value;
+
+    async fn init(&mut self, _ctx: &StageContext) -> Result<(), StageError> {
+        self.out = Some(match &self.target {
+            Target::Stdout => Box::new(tokio::io::stdout()),
+            Target::File { path, append } => {
+                let file = tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(*append)
+                    .truncate(!*append)
+                    .open(path)
+                    .await
+                    .map_err(|e| StageError::msg(format!("cannot open {}: {e}", path.display())))?;
+                Box::new(file)
+            }
+        });
+        Ok(())
+    }
+
+    async fn write(&mut self, item: Envelope<Value>) -> Result<(), ItemFailure<Value>> {
+        self.encode(&item.payload);
+        Ok(())
+    }
+
+    async fn write_batch(
+        &mut self,
+        items: &mut std::vec::IntoIter<Envelope<Value>>,
+        _failed: &mut Vec<ItemFailure<Value>>,
+        progress: &mut WriteProgress,
+    ) {
+        for item in items {
+            progress.current_seq = item.seq;
+            self.encode(&item.payload);
+            progress.delivered += 1;
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), StageError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let Some(out) = self.out.as_mut() else {
+            return Err(StageError::msg("sink not initialised"));
+        };
+        out.write_all(&self.buf)
+            .await
+            .map_err(|e| StageError::msg(format!("write failed: {e}")))?;
+        out.flush()
+            .await
+            .map_err(|e| StageError::msg(format!("write failed: {e}")))?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<(), StageError> {
+        self.flush().await?;
+        if let Some(out) = self.out.as_mut() {
+            out.shutdown()
+                .await
+                .map_err(|e| StageError::msg(format!("close failed: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Counts items and drops them.
+pub struct Blackhole;
+
+impl Sink for Blackhole {
+    type Item = Value;
+
+    async fn write(&mut self, _item: Envelope<Value>) -> Result<(), ItemFailure<Value>> {
+        Ok(())
+    }
+
+    async fn write_batch(
+        &mut self,
+        items: &mut std::vec::IntoIter<Envelope<Value>>,
+        _failed: &mut Vec<ItemFailure<Value>>,
+        progress: &mut WriteProgress,
+    ) {
+        for item in items {
+            progress.current_seq = item.seq;
+            progress.delivered += 1;
+        }
+    }
+}
