@@ -35,6 +35,7 @@
 //! [`flow`] (bounded edges), [`engine`] (execution), [`metrics`] (counters and the
 //! conservation law), [`memory`] (memory budget).
 
+pub mod accumulate;
 pub mod builder;
 pub mod engine;
 pub mod envelope;

@@ -42,6 +42,7 @@
 //! assert!(text.contains("output `out` of stage `m` is not connected"));
 //! ```
 
+mod accumulate;
 mod ops;
 
 pub use ops::Routes;

@@ -22,6 +22,7 @@
 //! # }
 //! ```
 
+pub(crate) mod accumulate;
 mod async_map;
 mod branch;
 mod dead_letter;
@@ -212,6 +213,7 @@ impl ExecutionEngine {
                     span: span.clone(),
                 },
                 stats: stats[index].clone(),
+                memory: options.memory.clone(),
                 extra: extras.remove(&index),
                 index,
                 entries: &mut entries,

@@ -37,6 +37,8 @@ pub(crate) struct Wiring<'a> {
     pub run: &'a Arc<RunShared>,
     pub ctx: StageContext,
     pub stats: Arc<StageStats>,
+    /// The pipeline's memory budget (accumulators reserve their state from it).
+    pub memory: crate::memory::MemoryBudget,
     /// Extra typed data the builder attached (a partition key).
     pub extra: Option<Box<dyn Any + Send>>,
     pub index: usize,

@@ -24,4 +24,4 @@ mod stats;
 pub use stats::{
     Accounting, DropReason, EdgeSnapshot, StageMetrics, StageRuntimeState, StageStatus,
 };
-pub(crate) use stats::{EdgeStats, StageStats, Tally};
+pub(crate) use stats::{EdgeStats, ExtraMetrics, StageStats, Tally};

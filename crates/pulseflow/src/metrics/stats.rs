@@ -221,6 +221,18 @@ pub(crate) struct StageStats {
         Option<Arc<crate::flow::CircuitBreaker>>,
     )>,
     metrics: StageMetricHandles,
+    /// Figures a stage kind publishes on its own (an accumulator's table and spill figures).
+    extra_metrics: Mutex<Option<ExtraMetrics>>,
+}
+
+/// A source of further named figures for a stage's state.
+#[derive(Clone)]
+pub(crate) struct ExtraMetrics(pub Arc<dyn Fn() -> Vec<(String, f64)> + Send + Sync>);
+
+impl std::fmt::Debug for ExtraMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraMetrics")
+    }
 }
 
 #[derive(Debug)]
@@ -307,6 +319,7 @@ impl StageStats {
             tasks: Mutex::new(Vec::new()),
             pruned_cpu_nanos: AtomicU64::new(0),
             flow: Mutex::new((None, None)),
+            extra_metrics: Mutex::new(None),
         }
     }
 
@@ -399,6 +412,11 @@ impl StageStats {
         *self.flow.lock() = (controller, breaker);
     }
 
+    /// Adds figures of the stage's own to its state.
+    pub fn set_extra_metrics(&self, figures: ExtraMetrics) {
+        *self.extra_metrics.lock() = Some(figures);
+    }
+
     pub fn worker_started(&self) {
         self.workers.fetch_add(1, Relaxed);
     }
@@ -486,6 +504,9 @@ impl StageStats {
                 metrics.insert(format!("breaker.{name}"), value);
             }
         }
+        if let Some(extra) = self.extra_metrics.lock().clone() {
+            metrics.extend((extra.0)());
+        }
         StageRuntimeState {
             stage_id: self.id.to_string(),
             kind: self.kind,
@@ -548,7 +569,7 @@ impl StageMetrics {
     }
 
     /// Whether `received + ingested + created = emitted + delivered + filtered + dropped +
-    /// dead_lettered` holds for this stage.
+    /// dead_lettered + absorbed` holds for this stage.
     pub fn balances(&self) -> bool {
         self.received + self.ingested + self.created
             == self.emitted
@@ -556,6 +577,7 @@ impl StageMetrics {
                 + self.filtered
                 + self.dropped_total()
                 + self.dead_lettered
+                + self.absorbed
     }
 }
 

@@ -1,0 +1,807 @@
+//! The accumulator stage: one task per worker owns a state table (keys are partitioned by hash
+//! across workers, so a key is always on one worker, in order). The task waits on its input
+//! and on its deadline queue at once, so deadlines fire even when no input arrives; nothing
+//! scans all keys.
+//!
+//! Counting: an emitted output that folded `k` inputs counts `k - 1` of them as absorbed; a
+//! key discarded by policy counts all its inputs as dropped (`discarded_by_policy`). Inputs
+//! still held in state are in flight until their key is emitted, discarded or flushed at the
+//! end of input.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use futures::FutureExt;
+use tokio::time::Instant;
+use tokio_util::time::{DelayQueue, delay_queue};
+use tracing::Instrument;
+
+use super::downstream::{Downstream, EdgeOut};
+use super::failure::Failures;
+use super::wiring::Wiring;
+use super::workers::Pacer;
+use crate::accumulate::table::LruTable;
+use crate::accumulate::{
+    Accumulator, AccumulatorPolicy, AccumulatorState, CompletenessResult, RecordRef, SpillError,
+    SpillStore,
+};
+use crate::envelope::{Batch, Cost, Envelope, Timestamp};
+use crate::error::{ItemFailure, PipelineError, StageError};
+use crate::flow::channel::{self, EdgeReceiver, EdgeSender};
+use crate::memory::{MemoryBudget, Reservation};
+use crate::metrics::{DropReason, EdgeStats, ExtraMetrics, StageStatus, Tally};
+use crate::policy::{BufferPolicy, DropPolicy};
+use crate::stage::StageContext;
+
+/// One accumulator instance for a sequential stage, or a factory making one per worker.
+pub(crate) enum AccInstances<A> {
+    One(A),
+    Many(Arc<dyn Fn() -> A + Send + Sync>),
+}
+
+/// Live figures of one worker, read by `inspect`.
+#[derive(Debug, Default)]
+pub(crate) struct AccFigures {
+    resident_keys: AtomicU64,
+    resident_bytes: AtomicU64,
+    spilled_keys: AtomicU64,
+    spills: AtomicU64,
+    reloads: AtomicU64,
+    spill_records: AtomicU64,
+    spill_raw_bytes: AtomicU64,
+    spill_stored_bytes: AtomicU64,
+}
+
+fn figures_metrics(all: &[Arc<AccFigures>]) -> Vec<(String, f64)> {
+    let sum = |f: fn(&AccFigures) -> &AtomicU64| -> f64 {
+        all.iter().map(|a| f(a).load(Relaxed)).sum::<u64>() as f64
+    };
+    let raw = sum(|f| &f.spill_raw_bytes);
+    let stored = sum(|f| &f.spill_stored_bytes);
+    vec![
+        (
+            "accumulator.resident_keys".into(),
+            sum(|f| &f.resident_keys),
+        ),
+        (
+            "accumulator.resident_bytes".into(),
+            sum(|f| &f.resident_bytes),
+        ),
+        ("accumulator.spilled_keys".into(), sum(|f| &f.spilled_keys)),
+        ("spill.spills".into(), sum(|f| &f.spills)),
+        ("spill.reloads".into(), sum(|f| &f.reloads)),
+        ("spill.records".into(), sum(|f| &f.spill_records)),
+        ("spill.raw_bytes".into(), raw),
+        ("spill.stored_bytes".into(), stored),
+        (
+            "spill.compression_ratio".into(),
+            if stored > 0.0 { raw / stored } else { 1.0 },
+        ),
+    ]
+}
+
+/// Why a key left the table.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Completed,
+    PartialFlush,
+    TtlFlush,
+}
+
+/// Handles of `accumulator_operations{stage, action}`.
+struct Ops {
+    completed: metrics::Counter,
+    partial_flush: metrics::Counter,
+    ttl_flush: metrics::Counter,
+    spilled: metrics::Counter,
+    reloaded: metrics::Counter,
+}
+
+impl Ops {
+    fn new(stage: &str) -> Self {
+        let c = |action: &'static str| metrics::counter!("accumulator_operations", "stage" => stage.to_owned(), "action" => action);
+        Self {
+            completed: c("completed"),
+            partial_flush: c("partial_flush"),
+            ttl_flush: c("ttl_flush"),
+            spilled: c("spilled"),
+            reloaded: c("reloaded"),
+        }
+    }
+}
+
+/// A key held in memory.
+struct Resident<K, S> {
+    acc: AccumulatorState<K, S>,
+    /// Bytes reserved for it.
+    mem: u64,
+    /// When its first item arrived (deadline of `max_latency`).
+    born: Instant,
+    /// When its latest item arrived (deadline of the TTL).
+    touched: Instant,
+    /// Its entry in the deadline queue.
+    timer: Option<delay_queue::Key>,
+}
+
+/// A key on disk.
+struct Spilled {
+    at: RecordRef,
+    items: u64,
+    last_seq: u64,
+    born: Instant,
+    touched: Instant,
+    timer: Option<delay_queue::Key>,
+}
+
+/// What an emitted output says about its key.
+struct Meta {
+    items: u64,
+    bytes: u64,
+    last_seq: u64,
+    last_ts: Timestamp,
+    score: f64,
+    spilled: bool,
+}
+
+impl Meta {
+    fn of<K, S>(a: &AccumulatorState<K, S>) -> Self {
+        Self {
+            items: a.items,
+            bytes: a.bytes,
+            last_seq: a.last_seq,
+            last_ts: a.last_ts,
+            score: a.score,
+            spilled: a.spilled,
+        }
+    }
+}
+
+/// One worker of an accumulator stage.
+pub(crate) struct AccStage<A: Accumulator> {
+    acc: A,
+    policy: AccumulatorPolicy,
+    table: LruTable<A::Key, Resident<A::Key, A::State>>,
+    spilled: HashMap<A::Key, Spilled>,
+    store: Option<SpillStore>,
+    timers: DelayQueue<A::Key>,
+    budget: MemoryBudget,
+    reservation: Reservation,
+    resident_bytes: u64,
+    overhead: u64,
+    failures: Failures,
+    ctx: StageContext,
+    figures: Arc<AccFigures>,
+    ops: Ops,
+    buf: Vec<u8>,
+}
+
+impl<A: Accumulator> AccStage<A> {
+    fn new(
+        acc: A,
+        policy: AccumulatorPolicy,
+        failures: Failures,
+        ctx: StageContext,
+        budget: MemoryBudget,
+        figures: Arc<AccFigures>,
+    ) -> Self {
+        failures.run.gate.register();
+        Self {
+            ops: Ops::new(&ctx.stage_id),
+            acc,
+            policy,
+            table: LruTable::new(),
+            spilled: HashMap::new(),
+            store: None,
+            timers: DelayQueue::new(),
+            reservation: budget.reserve(0),
+            budget,
+            resident_bytes: 0,
+            // The table's own bookkeeping per key: slot, index entry, key copy.
+            overhead: (std::mem::size_of::<Resident<A::Key, A::State>>()
+                + std::mem::size_of::<A::Key>()
+                + 24) as u64,
+            failures,
+            ctx,
+            figures,
+            buf: Vec::new(),
+        }
+    }
+
+    /// When a key's deadline is, and what flushing it then is called.
+    fn due(&self, born: Instant, touched: Instant) -> Option<(Instant, Action)> {
+        let ttl = self.policy.completeness_ttl.map(|t| touched + t);
+        let latency = self.policy.max_latency.map(|l| born + l);
+        match (ttl, latency) {
+            (Some(t), Some(l)) if l < t => Some((l, Action::PartialFlush)),
+            (Some(t), _) => Some((t, Action::TtlFlush)),
+            (None, Some(l)) => Some((l, Action::PartialFlush)),
+            (None, None) => None,
+        }
+    }
+
+    /// Folds one item into its key's state and emits the key if it is done.
+    fn ingest(
+        &mut self,
+        item: Envelope<A::In>,
+        now: Instant,
+        out: &mut Vec<Envelope<A::Out>>,
+        tally: &mut Tally,
+    ) {
+        let key = self.acc.key(&item);
+        let slot = match self.table.touch(&key) {
+            Some(slot) => slot,
+            None => self.admit(key.clone(), now, tally),
+        };
+        let Some(r) = self.table.get_mut(slot) else {
+            return;
+        };
+        let a = &mut r.acc;
+        if a.items == 0 {
+            a.first_ts = item.timestamp;
+        }
+        a.items += 1;
+        a.bytes += u64::from(item.cost.bytes);
+        a.last_ts = item.timestamp;
+        a.last_seq = item.seq;
+        r.touched = now;
+        self.acc.update(&mut a.state, item);
+        let mem = self.overhead + self.acc.state_size(&a.state) as u64;
+        self.resident_bytes = self.resident_bytes + mem - r.mem;
+        r.mem = mem;
+        let verdict = self.acc.check(a);
+        let over = self.policy.max_items.is_some_and(|m| a.items >= m)
+            || self.policy.max_bytes.is_some_and(|m| a.bytes >= m);
+        match verdict {
+            CompletenessResult::Incomplete if !over => {}
+            CompletenessResult::Incomplete => {
+                if let Some(r) = self.take(&key) {
+                    self.flush_entry(r, Action::PartialFlush, out, tally);
+                }
+            }
+            CompletenessResult::Complete(output) => {
+                let Some(r) = self.take(&key) else { return };
+                let mut meta = Meta::of(&r.acc);
+                meta.score = 1.0;
+                self.emit(output, meta, Action::Completed, out, tally);
+            }
+            CompletenessResult::Expired(output) => {
+                let Some(r) = self.take(&key) else { return };
+                let meta = Meta::of(&r.acc);
+                match output {
+                    Some(o) if self.policy.partial_flush => {
+                        self.emit(o, meta, Action::PartialFlush, out, tally)
+                    }
+                    _ => tally.count_drop(DropReason::Discarded, meta.items),
+                }
+            }
+        }
+    }
+
+    /// Brings a key into the table: reloaded from disk, or new.
+    fn admit(&mut self, key: A::Key, now: Instant, tally: &mut Tally) -> u32 {
+        let resident = match self.spilled.remove(&key) {
+            Some(sp) => {
+                let (items, last_seq, timer) = (sp.items, sp.last_seq, sp.timer);
+                match self.reload(&key, sp) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        self.lost(items, last_seq, timer, e, tally);
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let resident = resident.unwrap_or_else(|| {
+            let state = self.acc.create(&key);
+            let timer = self
+                .due(now, now)
+                .map(|(at, _)| self.timers.insert_at(key.clone(), at));
+            Resident {
+                acc: AccumulatorState {
+                    key: key.clone(),
+                    state,
+                    items: 0,
+                    bytes: 0,
+                    first_ts: 0,
+                    last_ts: 0,
+                    last_seq: 0,
+                    score: 0.0,
+                    spilled: false,
+                },
+                mem: 0,
+                born: now,
+                touched: now,
+                timer,
+            }
+        });
+        self.resident_bytes += resident.mem;
+        self.table.insert(key, resident)
+    }
+
+    /// Reads a spilled key back.
+    fn reload(
+        &mut self,
+        key: &A::Key,
+        sp: Spilled,
+    ) -> Result<Resident<A::Key, A::State>, SpillError> {
+        let Some(store) = self.store.as_mut() else {
+            return Err(SpillError::Encode(
+                "spilled key without a spill store".into(),
+            ));
+        };
+        store.read(sp.at, key, &mut self.buf)?;
+        let corrupt = |reason: String| SpillError::Corrupt {
+            key: format!("{key:?}"),
+            path: store.path().to_owned(),
+            offset: sp.at.offset(),
+            reason,
+        };
+        let acc = self.acc.decode(&self.buf).map_err(&corrupt)?;
+        if acc.key != *key {
+            return Err(corrupt(format!("record holds key {:?}", acc.key)));
+        }
+        self.figures.reloads.fetch_add(1, Relaxed);
+        self.ops.reloaded.increment(1);
+        Ok(Resident {
+            mem: self.overhead + self.acc.state_size(&acc.state) as u64,
+            acc,
+            born: sp.born,
+            touched: sp.touched,
+            timer: sp.timer,
+        })
+    }
+
+    /// A spilled state could not be read back: one failure for the stage's error policy,
+    /// the state's other items absorbed into it.
+    fn lost(
+        &mut self,
+        items: u64,
+        seq: u64,
+        timer: Option<delay_queue::Key>,
+        error: SpillError,
+        tally: &mut Tally,
+    ) {
+        if let Some(t) = timer {
+            self.timers.remove(&t);
+        }
+        tracing::warn!(stage = %self.ctx.stage_id, %error, "spilled state lost");
+        let failure = ItemFailure::<A::In>::consumed(seq, StageError::from_error(error));
+        let _ = self
+            .failures
+            .settle(failure, 1, &mut std::iter::empty(), tally);
+        tally.absorbed += items.saturating_sub(1);
+    }
+
+    /// Removes a resident key, with its reservation and deadline.
+    fn take(&mut self, key: &A::Key) -> Option<Resident<A::Key, A::State>> {
+        let r = self.table.remove(key)?;
+        self.resident_bytes -= r.mem;
+        if let Some(t) = &r.timer {
+            self.timers.remove(t);
+        }
+        Some(r)
+    }
+
+    /// A key flushed before completion: emitted partially when the policy allows, otherwise
+    /// discarded.
+    fn flush_entry(
+        &mut self,
+        r: Resident<A::Key, A::State>,
+        action: Action,
+        out: &mut Vec<Envelope<A::Out>>,
+        tally: &mut Tally,
+    ) {
+        let meta = Meta::of(&r.acc);
+        if !self.policy.partial_flush {
+            tally.count_drop(DropReason::Discarded, meta.items);
+            return;
+        }
+        match self.acc.flush(r.acc) {
+            Some(o) => self.emit(o, meta, action, out, tally),
+            None => tally.count_drop(DropReason::Discarded, meta.items),
+        }
+    }
+
+    fn emit(
+        &mut self,
+        output: A::Out,
+        meta: Meta,
+        action: Action,
+        out: &mut Vec<Envelope<A::Out>>,
+        tally: &mut Tally,
+    ) {
+        let mut env = Envelope::new(output)
+            .with_seq(meta.last_seq)
+            .with_timestamp(meta.last_ts)
+            .with_cost(Cost {
+                bytes: u32::try_from(meta.bytes).unwrap_or(u32::MAX),
+                cpu_hint: 0.0,
+            });
+        env.set_header("acc.completeness", format!("{:.3}", meta.score));
+        env.set_header("acc.spilled", if meta.spilled { "true" } else { "false" });
+        out.push(env);
+        tally.absorbed += meta.items.saturating_sub(1);
+        match action {
+            Action::Completed => self.ops.completed.increment(1),
+            Action::PartialFlush => self.ops.partial_flush.increment(1),
+            Action::TtlFlush => self.ops.ttl_flush.increment(1),
+        }
+    }
+
+    /// A deadline fired for `key`: flush it if it is due, or set its next deadline.
+    fn expire(
+        &mut self,
+        key: A::Key,
+        now: Instant,
+        out: &mut Vec<Envelope<A::Out>>,
+        tally: &mut Tally,
+    ) {
+        if let Some(r) = self.table.peek_mut(&key) {
+            r.timer = None;
+            let (born, touched) = (r.born, r.touched);
+            match self.due(born, touched) {
+                Some((at, _)) if at > now => {
+                    let t = self.timers.insert_at(key.clone(), at);
+                    if let Some(r) = self.table.peek_mut(&key) {
+                        r.timer = Some(t);
+                    }
+                }
+                Some((_, action)) => {
+                    if let Some(r) = self.take(&key) {
+                        self.flush_entry(r, action, out, tally);
+                    }
+                }
+                None => {}
+            }
+        } else if let Some(sp) = self.spilled.get_mut(&key) {
+            sp.timer = None;
+            let (born, touched) = (sp.born, sp.touched);
+            match self.due(born, touched) {
+                Some((at, _)) if at > now => {
+                    let t = self.timers.insert_at(key.clone(), at);
+                    if let Some(sp) = self.spilled.get_mut(&key) {
+                        sp.timer = Some(t);
+                    }
+                }
+                Some((_, action)) => {
+                    if let Some(sp) = self.spilled.remove(&key) {
+                        let (items, seq) = (sp.items, sp.last_seq);
+                        match self.reload(&key, sp) {
+                            Ok(r) => self.flush_entry(r, action, out, tally),
+                            Err(e) => self.lost(items, seq, None, e, tally),
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Updates the reservation and, over the budget, spills the coldest keys.
+    fn relieve(&mut self, tally: &mut Tally) {
+        self.reservation.resize(self.resident_bytes);
+        if !self.policy.spill_allowed || !self.budget.is_over() || self.table.len() == 0 {
+            return;
+        }
+        let stats = self.budget.stats();
+        let Some(limit) = stats.limit else { return };
+        // Free what is over, plus an eighth of the budget so spills come in rounds.
+        let excess = stats.in_use.saturating_sub(limit) + limit / 8;
+        let goal = self.resident_bytes.saturating_sub(excess);
+        if self.store.is_none() {
+            match SpillStore::open(self.policy.spill_dir.as_deref()) {
+                Ok(s) => self.store = Some(s),
+                Err(e) => {
+                    self.policy.spill_allowed = false;
+                    self.failures.stage_error(StageError::from_error(e), tally);
+                    return;
+                }
+            }
+        }
+        let mut spilled = 0u64;
+        while self.resident_bytes > goal {
+            let Some(mut r) = self.table.pop_oldest(|r| &r.acc.key) else {
+                break;
+            };
+            self.resident_bytes -= r.mem;
+            r.acc.spilled = true;
+            self.buf.clear();
+            let written = match self.store.as_mut() {
+                Some(store) => self
+                    .acc
+                    .encode(&r.acc, &mut self.buf)
+                    .and_then(|()| store.append(&self.buf)),
+                None => Err(SpillError::Encode("no spill store".into())),
+            };
+            match written {
+                Ok(at) => {
+                    spilled += 1;
+                    self.spilled.insert(
+                        r.acc.key,
+                        Spilled {
+                            at,
+                            items: r.acc.items,
+                            last_seq: r.acc.last_seq,
+                            born: r.born,
+                            touched: r.touched,
+                            timer: r.timer,
+                        },
+                    );
+                }
+                Err(e) => {
+                    self.lost(r.acc.items, r.acc.last_seq, r.timer, e, tally);
+                    break;
+                }
+            }
+        }
+        if let Some(Err(e)) = self.store.as_mut().map(SpillStore::flush) {
+            self.failures.stage_error(StageError::from_error(e), tally);
+        }
+        self.ops.spilled.increment(spilled);
+        self.figures.spills.fetch_add(spilled, Relaxed);
+        self.reservation.resize(self.resident_bytes);
+    }
+
+    fn publish(&self) {
+        let f = &self.figures;
+        f.resident_keys.store(self.table.len() as u64, Relaxed);
+        f.resident_bytes.store(self.resident_bytes, Relaxed);
+        f.spilled_keys.store(self.spilled.len() as u64, Relaxed);
+        if let Some(store) = &self.store {
+            let s = store.stats();
+            f.spill_records.store(s.records, Relaxed);
+            f.spill_raw_bytes.store(s.raw_bytes, Relaxed);
+            f.spill_stored_bytes.store(s.stored_bytes, Relaxed);
+        }
+    }
+
+    async fn on_batch(&mut self, batch: Batch<A::In>, next: &mut dyn Downstream<A::Out>) {
+        let started = std::time::Instant::now();
+        let n = batch.len() as u64;
+        let mut tally = Tally {
+            received: n,
+            ..Tally::default()
+        };
+        if self.failures.failed {
+            tally.count_drop(DropReason::StageFailed, n);
+            self.failures.stats.add(&tally, None);
+            return;
+        }
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for item in batch {
+            self.ingest(item, now, &mut out, &mut tally);
+        }
+        self.relieve(&mut tally);
+        self.publish();
+        tally.emitted = out.len() as u64;
+        self.failures.stats.add(&tally, Some(started.elapsed()));
+        if !out.is_empty() {
+            next.push(Batch::from_items(out)).await;
+        }
+    }
+
+    async fn on_timer(&mut self, first: A::Key, next: &mut dyn Downstream<A::Out>) {
+        let now = Instant::now();
+        let mut tally = Tally::default();
+        let mut out = Vec::new();
+        let mut key = Some(first);
+        while let Some(k) = key.take() {
+            if !self.failures.failed {
+                self.expire(k, now, &mut out, &mut tally);
+            }
+            key = std::future::poll_fn(|cx| self.timers.poll_expired(cx))
+                .now_or_never()
+                .flatten()
+                .map(|e| e.into_inner());
+        }
+        self.relieve(&mut tally);
+        self.publish();
+        tally.emitted = out.len() as u64;
+        self.failures.stats.add(&tally, None);
+        if !out.is_empty() {
+            next.push(Batch::from_items(out)).await;
+        }
+    }
+
+    /// End of input: flushes (or discards) every key, in chunks of a batch.
+    async fn close(&mut self, next: &mut dyn Downstream<A::Out>) {
+        let chunk = self.failures.run.batch_size.max(1);
+        let mut tally = Tally::default();
+        let mut out = Vec::new();
+        let residents = self.table.drain_oldest_first();
+        self.resident_bytes = 0;
+        let mut spilled: Vec<(A::Key, Spilled)> = self.spilled.drain().collect();
+        spilled.sort_by_key(|(_, s)| s.at.offset());
+        self.timers.clear();
+        for mut r in residents {
+            r.timer = None;
+            if self.failures.failed {
+                tally.count_drop(DropReason::StageFailed, r.acc.items);
+            } else {
+                self.flush_entry(r, Action::PartialFlush, &mut out, &mut tally);
+            }
+            if out.len() >= chunk {
+                self.ship(&mut out, &mut tally, next).await;
+            }
+        }
+        for (key, mut sp) in spilled {
+            sp.timer = None;
+            if self.failures.failed {
+                tally.count_drop(DropReason::StageFailed, sp.items);
+                continue;
+            }
+            let (items, seq) = (sp.items, sp.last_seq);
+            match self.reload(&key, sp) {
+                Ok(r) => self.flush_entry(r, Action::PartialFlush, &mut out, &mut tally),
+                Err(e) => self.lost(items, seq, None, e, &mut tally),
+            }
+            if out.len() >= chunk {
+                self.ship(&mut out, &mut tally, next).await;
+            }
+        }
+        self.ship(&mut out, &mut tally, next).await;
+        self.reservation.resize(0);
+        self.publish();
+        self.store = None;
+    }
+
+    async fn ship(
+        &mut self,
+        out: &mut Vec<Envelope<A::Out>>,
+        tally: &mut Tally,
+        next: &mut dyn Downstream<A::Out>,
+    ) {
+        tally.emitted = out.len() as u64;
+        self.failures.stats.add(tally, None);
+        *tally = Tally::default();
+        if !out.is_empty() {
+            next.push(Batch::from_items(std::mem::take(out))).await;
+        }
+    }
+}
+
+enum Event<K, T> {
+    Timer(K),
+    Input(Option<Batch<T>>),
+}
+
+/// One worker's task: input and deadlines, then the end-of-input flush.
+async fn run_worker<A: Accumulator>(
+    rx: EdgeReceiver<A::In>,
+    mut stage: AccStage<A>,
+    mut next: Box<dyn Downstream<A::Out>>,
+) {
+    let init = stage.acc.init(&stage.ctx);
+    let span = stage.ctx.span.clone();
+    let ok = stage
+        .failures
+        .initialise(std::future::ready(init), &span)
+        .await;
+    let downstream_ok = next.start().await;
+    if !(ok && downstream_ok) {
+        stage.failures.failed = true;
+    }
+    let mut pacer = Pacer::new();
+    loop {
+        let timers_armed = !stage.timers.is_empty();
+        let event = tokio::select! {
+            biased;
+            Some(expired) = std::future::poll_fn(|cx| stage.timers.poll_expired(cx)), if timers_armed => {
+                Event::Timer(expired.into_inner())
+            }
+            batch = rx.recv() => Event::Input(batch.map(|(_, b)| b)),
+        };
+        match event {
+            Event::Timer(key) => stage.on_timer(key, &mut *next).await,
+            Event::Input(Some(batch)) => stage.on_batch(batch, &mut *next).await,
+            Event::Input(None) => break,
+        }
+        pacer.after_batch().await;
+    }
+    let stats = stage.failures.stats.clone();
+    stats.set_status(StageStatus::Closing);
+    stage.close(&mut *next).await;
+    next.finish().await;
+    stats.worker_stopped();
+    if stats.workers() == 0 {
+        stats.set_status(StageStatus::Completed);
+    }
+}
+
+/// Splits each batch by key hash so a key always goes to the same worker.
+async fn partition<A: Accumulator>(
+    rx: EdgeReceiver<A::In>,
+    lanes: Vec<EdgeSender<A::In>>,
+    keys: A,
+) {
+    let n = lanes.len() as u64;
+    let hasher = BuildHasherDefault::<DefaultHasher>::default();
+    while let Some((_, batch)) = rx.recv().await {
+        let mut split: Vec<Batch<A::In>> = (0..n).map(|_| Batch::default()).collect();
+        for item in batch {
+            let lane = (hasher.hash_one(keys.key(&item)) % n) as usize;
+            split[lane].push(item);
+        }
+        for (lane, part) in lanes.iter().zip(split) {
+            if !part.is_empty() {
+                lane.send(part).await;
+            }
+        }
+    }
+}
+
+/// Wires an accumulator stage: one worker, or several fed by key hash.
+pub(crate) fn wire_accumulator<A: Accumulator>(
+    w: &mut Wiring<'_>,
+    instances: AccInstances<A>,
+    policy: AccumulatorPolicy,
+) -> Result<(), PipelineError> {
+    let out = w.output::<A::Out>(0)?;
+    let rx = w.input_edge::<A::In>(1);
+    let workers = w.resolved.parallelism.initial_workers().max(1);
+    let span = w.ctx.span.clone();
+    let mut all = Vec::new();
+    let mut stage = |acc: A, w: &Wiring<'_>| {
+        let figures = Arc::new(AccFigures::default());
+        all.push(figures.clone());
+        AccStage::new(
+            acc,
+            policy.clone(),
+            w.failures(),
+            w.ctx.clone(),
+            w.memory.clone(),
+            figures,
+        )
+    };
+    match instances {
+        AccInstances::One(acc) if workers == 1 => {
+            let s = stage(acc, w);
+            w.run.spawn(
+                w.index,
+                run_worker(rx, s, out.into_downstream()).instrument(span),
+            );
+        }
+        AccInstances::One(_) => {
+            return Err(PipelineError::Task {
+                stage: w.stats.id.to_string(),
+                reason: "a parallel accumulator needs a factory (accumulate_with)".into(),
+            });
+        }
+        AccInstances::Many(make) if workers == 1 => {
+            let s = stage(make(), w);
+            w.run.spawn(
+                w.index,
+                run_worker(rx, s, out.into_downstream()).instrument(span),
+            );
+        }
+        AccInstances::Many(make) => {
+            let tx = out.into_sender(w.run, w.index);
+            let lane_buffer = BufferPolicy::new(
+                (w.resolved.buffer.capacity / workers).max(1),
+                DropPolicy::Block,
+            );
+            let mut lanes = Vec::with_capacity(workers);
+            for _ in 0..workers {
+                let (lane_tx, lane_rx) = channel::edge(lane_buffer, Arc::new(EdgeStats::default()));
+                lanes.push(lane_tx);
+                let s = stage(make(), w);
+                let next = Box::new(EdgeOut {
+                    tx: Some(tx.clone()),
+                });
+                w.run.spawn(
+                    w.index,
+                    run_worker(lane_rx, s, next).instrument(span.clone()),
+                );
+            }
+            w.run
+                .spawn(w.index, partition(rx, lanes, make()).instrument(span));
+        }
+    }
+    w.stats
+        .set_extra_metrics(ExtraMetrics(Arc::new(move || figures_metrics(&all))));
+    Ok(())
+}

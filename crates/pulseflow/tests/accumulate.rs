@@ -1,0 +1,389 @@
+//! Keyed accumulation end to end: completion, TTL and latency deadlines on the paused clock,
+//! end-of-input flush, discards, conservation, spill round trips and corrupt spill files.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use proptest::prelude::*;
+use pulseflow::accumulate::{
+    Accumulator, AccumulatorPolicy, AccumulatorState, CompletenessResult, TemplateResult,
+    TemplateVar, TemplateVars,
+};
+use pulseflow::engine::Supervision;
+use pulseflow::memory::MemoryBudget;
+use pulseflow::metrics::StageRuntimeState;
+use pulseflow::prelude::*;
+
+/// Count and sum per key; complete at `complete_at` items.
+#[derive(Clone)]
+struct CountSum {
+    complete_at: u64,
+}
+
+impl Accumulator for CountSum {
+    type In = (u32, u64);
+    type Out = (u32, u64, u64);
+    type Key = u32;
+    type State = (u64, u64);
+
+    fn key(&self, item: &Envelope<(u32, u64)>) -> u32 {
+        item.payload.0
+    }
+
+    fn create(&mut self, _key: &u32) -> (u64, u64) {
+        (0, 0)
+    }
+
+    fn update(&mut self, state: &mut (u64, u64), item: Envelope<(u32, u64)>) {
+        state.0 += 1;
+        state.1 += item.payload.1;
+    }
+
+    fn check(
+        &mut self,
+        e: &mut AccumulatorState<u32, (u64, u64)>,
+    ) -> CompletenessResult<Self::Out> {
+        e.score = e.items as f64 / self.complete_at as f64;
+        if e.items >= self.complete_at {
+            CompletenessResult::Complete((e.key, e.state.0, e.state.1))
+        } else {
+            CompletenessResult::Incomplete
+        }
+    }
+
+    fn flush(&mut self, e: AccumulatorState<u32, (u64, u64)>) -> Option<Self::Out> {
+        Some((e.key, e.state.0, e.state.1))
+    }
+}
+
+fn paused() -> ExecutionOptions {
+    ExecutionOptions::default().with_supervision(Supervision::Off)
+}
+
+fn checked(result: &PipelineResult) {
+    assert!(result.accounting.reconciles(), "{:?}", result.accounting);
+    assert!(
+        result.unbalanced_stages().is_empty(),
+        "{:?}",
+        result.unbalanced_stages()
+    );
+}
+
+fn stage<'a>(result: &'a PipelineResult, id: &str) -> &'a StageRuntimeState {
+    result.stage(id).expect("stage exists")
+}
+
+/// Items, then a pause of `gap` on Tokio's clock, then more items.
+fn with_gap<T: Send + 'static>(
+    first: Vec<T>,
+    gap: Duration,
+    then: Vec<T>,
+) -> impl futures::Stream<Item = T> + Unpin + Send + 'static {
+    let pause = futures::stream::once(tokio::time::sleep(gap)).filter_map(|()| async { None });
+    Box::pin(
+        futures::stream::iter(first)
+            .chain(pause)
+            .chain(futures::stream::iter(then)),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn ttl_expiry_emits_partial_with_missing_vars() {
+    let mut p = PipelineBuilder::new("ttl");
+    let (sink, got) = sinks::collect::<TemplateResult>();
+    let first = vec![
+        TemplateVar::new("u1", "name", "Ada"),
+        TemplateVar::new("u2", "name", "Bob"),
+    ];
+    let then = vec![
+        TemplateVar::new("u2", "email", "bob@example.org"),
+        TemplateVar::new("u3", "name", "Cy"),
+        TemplateVar::new("u3", "email", "cy@example.org"),
+    ];
+    p.source(
+        "in",
+        sources::stream(with_gap(first, Duration::from_secs(60), then)),
+    )
+    .accumulate(
+        "vars",
+        TemplateVars::new(["name", "email"]),
+        AccumulatorPolicy::default()
+            .with_completeness_ttl(Duration::from_secs(10))
+            .with_partial_flush(true),
+    )
+    .sink("out", sink);
+    let result = ExecutionEngine::new()
+        .run(p.build().expect("valid"), paused())
+        .await;
+    assert!(result.success, "{:?}", result.error);
+    checked(&result);
+    let mut out = got.take();
+    assert_eq!(out.len(), 4);
+    // u1 and u2 expired during the pause (same deadline: either order), before later items.
+    out[..2].sort_by(|a, b| a.payload.subject.cmp(&b.payload.subject));
+    let subjects: Vec<&str> = out.iter().map(|e| e.payload.subject.as_str()).collect();
+    assert_eq!(subjects, vec!["u1", "u2", "u3", "u2"]);
+    for e in &out[..2] {
+        assert_eq!(e.payload.missing, vec!["email".to_owned()]);
+        assert_eq!(e.header("acc.completeness"), Some("0.500"));
+        assert_eq!(e.header("acc.spilled"), Some("false"));
+    }
+    assert!(out[2].payload.is_complete());
+    assert_eq!(out[2].header("acc.completeness"), Some("1.000"));
+    // u2's email came after its TTL flush: a new key, flushed at the end of input.
+    assert_eq!(out[3].payload.missing, vec!["name".to_owned()]);
+    assert_eq!(stage(&result, "vars").counts.absorbed, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ttl_without_partial_flush_discards_and_counts() {
+    let mut p = PipelineBuilder::new("ttl-discard");
+    let (sink, got) = sinks::collect();
+    let first: Vec<(u32, u64)> = vec![(1, 1), (1, 2), (2, 5)];
+    let then: Vec<(u32, u64)> = vec![(3, 1), (3, 1), (3, 1)];
+    p.source(
+        "in",
+        sources::stream(with_gap(first, Duration::from_secs(5), then)),
+    )
+    .accumulate(
+        "sum",
+        CountSum { complete_at: 3 },
+        AccumulatorPolicy::default().with_completeness_ttl(Duration::from_secs(1)),
+    )
+    .sink("out", sink);
+    let result = ExecutionEngine::new()
+        .run(p.build().expect("valid"), paused())
+        .await;
+    assert!(result.success, "{:?}", result.error);
+    checked(&result);
+    assert_eq!(got.items(), vec![(3, 3, 3)]);
+    let s = stage(&result, "sum");
+    assert_eq!(s.counts.dropped.get("discarded_by_policy"), Some(&3));
+    assert_eq!(s.counts.absorbed, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_latency_flushes_a_busy_key() {
+    // Key 1 gets an item every second; its TTL never runs out but its latency does.
+    let items = futures::stream::iter(0..10u64).then(|i| async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        (1u32, i)
+    });
+    let mut p = PipelineBuilder::new("latency");
+    let (sink, got) = sinks::collect();
+    p.source("in", sources::stream(Box::pin(items)))
+        .accumulate(
+            "sum",
+            CountSum { complete_at: 100 },
+            AccumulatorPolicy::default()
+                .with_completeness_ttl(Duration::from_secs(3))
+                .with_max_latency(Duration::from_millis(4500))
+                .with_partial_flush(true),
+        )
+        .sink("out", sink);
+    let result = ExecutionEngine::new()
+        .run(p.build().expect("valid"), paused().with_batch_size(1))
+        .await;
+    assert!(result.success, "{:?}", result.error);
+    checked(&result);
+    let out = got.items();
+    assert!(out.len() >= 2, "{out:?}");
+    assert!(out.iter().all(|(_, n, _)| *n <= 5), "{out:?}");
+    assert_eq!(out.iter().map(|(_, n, _)| n).sum::<u64>(), 10);
+}
+
+#[tokio::test]
+async fn end_of_input_flush_and_limits() {
+    let mut p = PipelineBuilder::new("eoi");
+    let (sink, got) = sinks::collect();
+    // Keys 0..10, 7 items each; complete at 5 but max_items 4 flushes first.
+    p.source(
+        "in",
+        sources::iter((0..70u64).map(|i| ((i % 10) as u32, i))),
+    )
+    .accumulate(
+        "sum",
+        CountSum { complete_at: 5 },
+        AccumulatorPolicy::default()
+            .with_max_items(4)
+            .with_partial_flush(true),
+    )
+    .sink("out", sink);
+    let result = ExecutionEngine::new()
+        .run(p.build().expect("valid"), ExecutionOptions::default())
+        .await;
+    assert!(result.success, "{:?}", result.error);
+    checked(&result);
+    let mut out = got.items();
+    out.sort();
+    assert_eq!(out.len(), 20);
+    let counts: Vec<u64> = out.iter().map(|(_, n, _)| *n).collect();
+    assert_eq!(counts.iter().filter(|n| **n == 4).count(), 10);
+    assert_eq!(counts.iter().filter(|n| **n == 3).count(), 10);
+    assert_eq!(
+        out.iter().map(|(_, _, s)| s).sum::<u64>(),
+        (0..70u64).sum::<u64>()
+    );
+    assert_eq!(result.accounting.absorbed, 50);
+}
+
+#[tokio::test]
+async fn end_of_input_without_partial_flush_discards() {
+    let mut p = PipelineBuilder::new("eoi-discard");
+    let (sink, got) = sinks::collect();
+    p.source("in", sources::iter((0..10u64).map(|i| ((i % 4) as u32, i))))
+        .accumulate(
+            "sum",
+            CountSum { complete_at: 3 },
+            AccumulatorPolicy::default(),
+        )
+        .sink("out", sink);
+    let result = ExecutionEngine::new()
+        .run(p.build().expect("valid"), ExecutionOptions::default())
+        .await;
+    checked(&result);
+    // Keys 0 and 1 have 3 items (complete); keys 2 and 3 have 2 (discarded).
+    assert_eq!(got.len(), 2);
+    let s = stage(&result, "sum");
+    assert_eq!(s.counts.dropped.get("discarded_by_policy"), Some(&4));
+}
+
+#[tokio::test]
+async fn parallel_workers_keep_each_key_on_one_worker() {
+    let mut p = PipelineBuilder::new("par");
+    let (sink, got) = sinks::collect();
+    p.source(
+        "in",
+        sources::iter((0..10_000u64).map(|i| ((i % 100) as u32, i))),
+    )
+    .accumulate_with(
+        "sum",
+        || CountSum { complete_at: 100 },
+        AccumulatorPolicy::default(),
+    )
+    .parallelism(ParallelismHint::Fixed(3))
+    .sink("out", sink);
+    let result = ExecutionEngine::new()
+        .run(p.build().expect("valid"), ExecutionOptions::default())
+        .await;
+    assert!(result.success, "{:?}", result.error);
+    checked(&result);
+    let out = got.items();
+    assert_eq!(out.len(), 100);
+    assert!(out.iter().all(|(_, n, _)| *n == 100));
+}
+
+fn run_sum(
+    items: Vec<(u32, u64)>,
+    budget: MemoryBudget,
+) -> (Vec<(u32, u64, u64, String)>, PipelineResult) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let mut p = PipelineBuilder::new("spill");
+        let (sink, got) = sinks::collect();
+        p.source("in", sources::iter(items))
+            .accumulate(
+                "sum",
+                CountSum { complete_at: 4 },
+                AccumulatorPolicy::default()
+                    .with_partial_flush(true)
+                    .with_spill(true),
+            )
+            .sink("out", sink);
+        let options = ExecutionOptions::default()
+            .with_supervision(Supervision::Off)
+            .with_batch_size(7)
+            .with_memory_budget(budget);
+        let result = ExecutionEngine::new()
+            .run(p.build().expect("valid"), options)
+            .await;
+        let mut out: Vec<(u32, u64, u64, String)> = got
+            .take()
+            .into_iter()
+            .map(|e| {
+                let score = e.header("acc.completeness").unwrap_or("").to_owned();
+                (e.payload.0, e.payload.1, e.payload.2, score)
+            })
+            .collect();
+        out.sort();
+        (out, result)
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn spill_round_trips_exactly(items in prop::collection::vec((0u32..60, 0u64..1000), 1..400)) {
+        let (unlimited, r1) = run_sum(items.clone(), MemoryBudget::unlimited());
+        let (tiny, r2) = run_sum(items, MemoryBudget::new(256));
+        prop_assert!(r1.success && r2.success);
+        prop_assert!(r1.accounting.reconciles() && r2.accounting.reconciles());
+        prop_assert!(r2.unbalanced_stages().is_empty());
+        prop_assert_eq!(unlimited, tiny);
+    }
+}
+
+#[test]
+fn tiny_budget_really_spills_and_reports_it() {
+    let items: Vec<(u32, u64)> = (0..2000u64).map(|i| ((i % 500) as u32, i)).collect();
+    let (out, result) = run_sum(items, MemoryBudget::new(1024));
+    assert_eq!(out.len(), 500);
+    let s = stage(&result, "sum");
+    assert!(s.metrics["spill.spills"] > 0.0, "{:?}", s.metrics);
+    assert!(s.metrics["spill.reloads"] > 0.0, "{:?}", s.metrics);
+    assert!(s.metrics["spill.records"] > 0.0);
+    assert!(s.metrics["spill.compression_ratio"] > 0.0);
+}
+
+#[tokio::test]
+async fn corrupt_spill_file_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spill_dir = dir.path().to_owned();
+    let first: Vec<(u32, u64)> = (0..50u32).map(|k| (k, 1)).collect();
+    let then: Vec<(u32, u64)> = (0..50u32).map(|k| (k, 2)).collect();
+    let corrupt_dir = spill_dir.clone();
+    // Between the two halves, overwrite every spill file with garbage.
+    let pause = futures::stream::once(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for entry in std::fs::read_dir(&corrupt_dir).expect("spill dir") {
+            let path = entry.expect("entry").path();
+            let len = std::fs::metadata(&path).expect("meta").len() as usize;
+            std::fs::write(&path, vec![0xAB; len]).expect("overwrite");
+        }
+    })
+    .filter_map(|()| async { None });
+    let items = futures::stream::iter(first)
+        .chain(pause)
+        .chain(futures::stream::iter(then));
+    let mut p = PipelineBuilder::new("corrupt");
+    let (sink, got) = sinks::collect();
+    p.source("in", sources::stream(Box::pin(items)))
+        .accumulate(
+            "sum",
+            CountSum { complete_at: 2 },
+            AccumulatorPolicy::default()
+                .with_partial_flush(true)
+                .with_spill(true)
+                .with_spill_dir(&spill_dir),
+        )
+        .error_policy(ErrorPolicy::DeadLetter)
+        .sink("out", sink);
+    let options = ExecutionOptions::default()
+        .with_batch_size(10)
+        .with_memory_budget(MemoryBudget::new(512));
+    let result = ExecutionEngine::new()
+        .run(p.build().expect("valid"), options)
+        .await;
+    assert!(result.success, "{:?}", result.error);
+    checked(&result);
+    assert!(!result.dead_letters.is_empty());
+    let text = &result.dead_letters[0].error;
+    assert!(text.contains("corrupt spill record for key"), "{text}");
+    assert!(text.contains("segment-"), "{text}");
+    // Keys whose state was lost start again from the second item and are flushed at the end.
+    assert_eq!(got.len(), 50);
+}
