@@ -187,3 +187,55 @@ async fn reactive_pull_lets_in_only_what_downstream_requested() {
         .expect("buffer");
     assert!(input.peak_depth <= 200, "{}", input.peak_depth);
 }
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_batches_settle_near_the_latency_target() {
+    /// Costs 1 ms per item, once per batch.
+    struct PerItemCost;
+    impl Sink for PerItemCost {
+        type Item = u32;
+        async fn write(&mut self, _item: Envelope<u32>) -> Result<(), ItemFailure<u32>> {
+            Ok(())
+        }
+        async fn write_batch(
+            &mut self,
+            items: &mut std::vec::IntoIter<Envelope<u32>>,
+            _failed: &mut Vec<ItemFailure<u32>>,
+            progress: &mut pulseflow::stage::WriteProgress,
+        ) {
+            let n = items.len();
+            for item in items {
+                progress.current_seq = item.seq;
+                progress.delivered += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(n as u64)).await;
+        }
+    }
+    let engine = ExecutionEngine::new();
+    let mut p = PipelineBuilder::new("adaptive");
+    p.source("src", sources::iter(0u32..90_000))
+        .sink("costly", PerItemCost)
+        .backpressure(BackpressureStrategy::Adaptive {
+            min_batch: 16,
+            max_batch: 1024,
+        });
+    let pipeline = p.build().expect("valid");
+    let runner = engine.clone();
+    let handle = tokio::spawn(async move { runner.run(pipeline, options(1024)).await });
+    let size = |engine: &ExecutionEngine| {
+        engine
+            .inspect("costly")
+            .and_then(|s| s.metrics.get("backpressure.current_batch_size").copied())
+            .unwrap_or(0.0)
+    };
+    // Starts at (16 + 1024) / 2 = 520 items: 520 ms a chunk, far over the 100 ms target.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(size(&engine), 520.0);
+    // Adjusted every 5 s, it halves until under the target, then hovers around it.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let settled = size(&engine);
+    assert!((40.0..=160.0).contains(&settled), "batch size {settled}");
+    let r = handle.await.expect("run");
+    assert!(r.success, "{:?}", r.error);
+    assert_eq!(r.accounting.delivered, 90_000);
+}

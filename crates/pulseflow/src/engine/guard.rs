@@ -6,7 +6,9 @@
 //! is dropped. (A `Bounded` strategy is the stage's buffer itself and needs no guard.)
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::future::BoxFuture;
 
