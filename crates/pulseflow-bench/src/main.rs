@@ -55,6 +55,9 @@ enum Scenario {
     PulseOverhead(CommonOpts),
     /// Latency of light tasks next to CPU hogs: none, unsupervised, supervised (isolated).
     Isolation(CommonOpts),
+    /// Count-and-sum per key through the accumulator stage against a HashMap loop, in memory
+    /// and with a tenth of the memory (spill).
+    Accumulate(CommonOpts),
 }
 
 fn main() -> std::process::ExitCode {
@@ -64,6 +67,7 @@ fn main() -> std::process::ExitCode {
         Scenario::Backpressure(opts) => scenarios::backpressure::run(&opts),
         Scenario::PulseOverhead(opts) => scenarios::pulse_overhead::run(&opts),
         Scenario::Isolation(opts) => scenarios::isolation::run(&opts),
+        Scenario::Accumulate(opts) => scenarios::accumulate::run(&opts),
     };
     match outcome {
         Ok(report) => {

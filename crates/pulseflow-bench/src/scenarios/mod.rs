@@ -1,3 +1,4 @@
+pub mod accumulate;
 pub mod backpressure;
 pub mod isolation;
 pub mod linear;

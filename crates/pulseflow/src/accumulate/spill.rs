@@ -33,6 +33,9 @@ use std::path::{Path, PathBuf};
 
 /// Bytes buffered before they are appended to the file.
 const WRITE_BUFFER: usize = 256 << 10;
+/// Records smaller than this are stored raw: LZ4 cannot win on them and costs a hash table
+/// reset per call.
+const MIN_COMPRESS: usize = 256;
 /// Record header size.
 const HEADER: usize = 12;
 /// Largest record accepted (a corrupt length field must not make us allocate gigabytes).
@@ -218,11 +221,15 @@ impl SpillStore {
                 raw.len()
             )));
         }
-        self.scratch
-            .resize(lz4_flex::block::get_maximum_output_size(raw.len()), 0);
-        let payload = match lz4_flex::block::compress_into(raw, &mut self.scratch) {
-            Ok(n) if n < raw.len() => &self.scratch[..n],
-            _ => raw,
+        let payload = if raw.len() < MIN_COMPRESS {
+            raw
+        } else {
+            self.scratch
+                .resize(lz4_flex::block::get_maximum_output_size(raw.len()), 0);
+            match lz4_flex::block::compress_into(raw, &mut self.scratch) {
+                Ok(n) if n < raw.len() => &self.scratch[..n],
+                _ => raw,
+            }
         };
         let raw_len = (raw.len() as u32).to_le_bytes();
         let crc = crc32c::crc32c_append(crc32c::crc32c(&raw_len), payload);

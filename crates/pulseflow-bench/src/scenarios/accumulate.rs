@@ -1,0 +1,311 @@
+//! `accumulate`: count-and-sum per key over many updates, through the accumulator stage, against
+//! a plain `HashMap` loop doing the same updates in the same process; then again with the
+//! memory budget at a tenth of the state's size so most keys spill; and the spill store's write
+//! path against a plain sequential write of the same bytes.
+//!
+//! Keys arrive in a sliding window (each key gets its updates within a stretch of the input,
+//! like sessions): cold keys are the ones that spill, as they would in a real stream.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use pulseflow::accumulate::{
+    Accumulator, AccumulatorPolicy, AccumulatorState, CompletenessResult, SpillStore,
+};
+use pulseflow::engine::Supervision;
+use pulseflow::memory::MemoryBudget;
+use pulseflow::prelude::*;
+use serde_json::json;
+
+use crate::CommonOpts;
+use crate::report::{Report, per_sec};
+
+/// The key of update `i` of `n` over `keys` keys: a window sliding over the key space.
+#[inline]
+fn key_of(i: u64, n: u64, keys: u64) -> u32 {
+    let window = (keys / 50).max(1);
+    let base = i * keys / n;
+    let jitter = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+    ((base + jitter % window) % keys) as u32
+}
+
+/// Count and sum per key, never complete: everything is flushed at the end of input.
+struct CountSum;
+
+impl Accumulator for CountSum {
+    type In = (u32, u64);
+    type Out = (u32, u64, u64);
+    type Key = u32;
+    type State = (u64, u64);
+
+    fn key(&self, item: &Envelope<(u32, u64)>) -> u32 {
+        item.payload.0
+    }
+
+    fn create(&mut self, _key: &u32) -> (u64, u64) {
+        (0, 0)
+    }
+
+    fn update(&mut self, state: &mut (u64, u64), item: Envelope<(u32, u64)>) {
+        state.0 += 1;
+        state.1 = state.1.wrapping_add(item.payload.1);
+    }
+
+    fn check(
+        &mut self,
+        _e: &mut AccumulatorState<u32, (u64, u64)>,
+    ) -> CompletenessResult<Self::Out> {
+        CompletenessResult::Incomplete
+    }
+
+    fn flush(&mut self, e: AccumulatorState<u32, (u64, u64)>) -> Option<Self::Out> {
+        Some((e.key, e.state.0, e.state.1))
+    }
+}
+
+fn baseline(n: u64, keys: u64) -> (Duration, u64) {
+    let started = Instant::now();
+    let mut map: HashMap<u32, (u64, u64)> = HashMap::new();
+    for i in 0..n {
+        let e = map.entry(key_of(i, n, keys)).or_insert((0, 0));
+        e.0 += 1;
+        e.1 = e.1.wrapping_add(i);
+    }
+    let mut check = 0u64;
+    for (k, (c, s)) in map {
+        check = check.wrapping_add(u64::from(k) ^ c ^ s);
+    }
+    (started.elapsed(), check)
+}
+
+struct Run {
+    elapsed: Duration,
+    check: u64,
+    state_peak: u64,
+    metrics: std::collections::BTreeMap<String, f64>,
+}
+
+fn pipeline(
+    n: u64,
+    keys: u64,
+    budget: MemoryBudget,
+    spill: bool,
+    opts: &CommonOpts,
+) -> Result<Run, String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.workers.unwrap_or(2))
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let check = Arc::new(AtomicU64::new(0));
+        let sum = check.clone();
+        let mut p = PipelineBuilder::new("accumulate");
+        p.source(
+            "updates",
+            sources::iter((0..n).map(move |i| (key_of(i, n, keys), i))),
+        )
+        .accumulate(
+            "count-sum",
+            CountSum,
+            AccumulatorPolicy::default()
+                .with_partial_flush(true)
+                .with_spill(spill),
+        )
+        .sink(
+            "out",
+            sink_fn(move |(k, c, s): (u32, u64, u64)| {
+                sum.fetch_add(u64::from(k) ^ c ^ s, Ordering::Relaxed);
+            }),
+        );
+        let mut options = ExecutionOptions::default()
+            .with_batch_size(opts.batch.unwrap_or(1024))
+            .with_memory_budget(budget.clone());
+        if opts.unsupervised {
+            options = options.with_supervision(Supervision::Off);
+        }
+        let engine = ExecutionEngine::new();
+        let started = Instant::now();
+        let result = engine
+            .run(p.build().map_err(|e| e.to_string())?, options)
+            .await;
+        let elapsed = started.elapsed();
+        if !result.success || !result.accounting.reconciles() {
+            return Err(format!(
+                "run failed: {:?} {:?}",
+                result.error, result.accounting
+            ));
+        }
+        let metrics = result
+            .stage("count-sum")
+            .map(|s| s.metrics.clone())
+            .unwrap_or_default();
+        Ok(Run {
+            elapsed,
+            check: check.load(Ordering::Relaxed),
+            state_peak: budget.stats().peak,
+            metrics,
+        })
+    })
+}
+
+/// Spill store appends of `records` encoded states against a plain buffered write of the
+/// same number of bytes; returns (spill bytes/s, sequential bytes/s, stored bytes).
+fn write_paths(records: u64) -> Result<(f64, f64, u64), Box<dyn std::error::Error>> {
+    let mut store = SpillStore::open(None)?;
+    let mut buf = Vec::new();
+    let started = Instant::now();
+    for k in 0..records {
+        let entry = AccumulatorState {
+            key: k as u32,
+            state: (k % 13, k * 7),
+            items: k % 13,
+            bytes: 0,
+            first_ts: 0,
+            last_ts: 0,
+            last_seq: k,
+            score: 0.0,
+            spilled: true,
+        };
+        CountSum.encode(&entry, &mut buf)?;
+        store.append(&buf)?;
+        buf.clear();
+    }
+    store.flush()?;
+    let spill = started.elapsed();
+    let bytes = store.stats().stored_bytes;
+    let dir = tempfile_dir()?;
+    let path = dir.join("plain.bin");
+    let chunk = vec![0x5Au8; 64 << 10];
+    let started = Instant::now();
+    {
+        let mut f = std::io::BufWriter::with_capacity(256 << 10, std::fs::File::create(&path)?);
+        let mut left = bytes as usize;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            f.write_all(&chunk[..n])?;
+            left -= n;
+        }
+        f.flush()?;
+    }
+    let seq = started.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((
+        bytes as f64 / spill.as_secs_f64(),
+        bytes as f64 / seq.as_secs_f64(),
+        bytes,
+    ))
+}
+
+fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("pulseflow-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Peak resident set since the last reset, in KiB (Linux; 0 elsewhere).
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
+    let (n, keys) = if opts.quick {
+        (2_000_000u64, 200_000u64)
+    } else {
+        (10_000_000, 1_000_000)
+    };
+    let mut report = Report::new(
+        format!("accumulate: {n} updates over {keys} keys (count and sum per key)"),
+        &["run", "time", "updates/s", "vs hashmap", "notes"],
+    );
+    let (base_time, base_check) = baseline(n, keys);
+    let base_rate = n as f64 / base_time.as_secs_f64();
+    report.row(vec![
+        "HashMap loop".into(),
+        format!("{base_time:.2?}"),
+        per_sec(base_rate),
+        "1.00".into(),
+        String::new(),
+    ]);
+
+    let mem = pipeline(n, keys, MemoryBudget::unlimited(), false, opts)?;
+    if mem.check != base_check {
+        return Err("in-memory outputs differ from the baseline".into());
+    }
+    let mem_rate = n as f64 / mem.elapsed.as_secs_f64();
+    let state = mem.state_peak.max(1);
+    report.row(vec![
+        "accumulator, in memory".into(),
+        format!("{:.2?}", mem.elapsed),
+        per_sec(mem_rate),
+        format!("{:.2}", mem_rate / base_rate),
+        format!("state {:.1} MiB", state as f64 / 1048576.0),
+    ]);
+
+    let budget = state / 10;
+    reset_peak_rss();
+    let spill = pipeline(n, keys, MemoryBudget::new(budget), true, opts)?;
+    let peak_rss = peak_rss_kib() as f64 / 1024.0;
+    if spill.check != base_check {
+        return Err("outputs with spill differ from the baseline".into());
+    }
+    let spill_rate = n as f64 / spill.elapsed.as_secs_f64();
+    let m = |k: &str| spill.metrics.get(k).copied().unwrap_or(0.0);
+    report.row(vec![
+        "accumulator, budget = state / 10".into(),
+        format!("{:.2?}", spill.elapsed),
+        per_sec(spill_rate),
+        format!("{:.2}", spill_rate / base_rate),
+        format!(
+            "{} spills, {} reloads, ratio {:.2}, peak RSS {:.0} MiB, budget {:.1} MiB",
+            m("spill.spills"),
+            m("spill.reloads"),
+            m("spill.compression_ratio"),
+            peak_rss,
+            budget as f64 / 1048576.0
+        ),
+    ]);
+
+    let (spill_bps, seq_bps, bytes) = write_paths(keys)?;
+    report.row(vec![
+        "spill store write".into(),
+        String::new(),
+        format!("{:.0} MiB/s", spill_bps / 1048576.0),
+        String::new(),
+        format!(
+            "{:.1} MiB; plain sequential write {:.0} MiB/s",
+            bytes as f64 / 1048576.0,
+            seq_bps / 1048576.0
+        ),
+    ]);
+    let over = peak_rss - budget as f64 / 1048576.0;
+    report.note("keys arrive in a window sliding over the key space (about 10 updates per key); everything is flushed at the end of input");
+    report.summary(json!({
+        "scenario": "accumulate",
+        "updates": n,
+        "keys": keys,
+        "vs_hashmap": (mem_rate / base_rate * 1000.0).round() / 1000.0,
+        "spill_vs_hashmap": (spill_rate / base_rate * 1000.0).round() / 1000.0,
+        "spill_write_vs_seq_write": (spill_bps / seq_bps * 1000.0).round() / 1000.0,
+        "peak_rss_over_budget_mib": (over * 10.0).round() / 10.0,
+        "spills": m("spill.spills"),
+        "reloads": m("spill.reloads"),
+        "compression_ratio": (m("spill.compression_ratio") * 100.0).round() / 100.0,
+    }));
+    Ok(report)
+}
