@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::time::{DelayQueue, delay_queue};
 use tracing::Instrument;
 
+use super::FlowGuard;
 use super::downstream::{Downstream, EdgeOut};
 use super::failure::Failures;
 use super::wiring::Wiring;
@@ -52,6 +53,17 @@ pub(crate) struct AccFigures {
     spill_records: AtomicU64,
     spill_raw_bytes: AtomicU64,
     spill_stored_bytes: AtomicU64,
+}
+
+/// Resident bytes and keys on disk over all workers of the stage, for accumulator-aware
+/// backpressure.
+fn pressure(all: &[Arc<AccFigures>]) -> (u64, u64) {
+    all.iter().fold((0, 0), |(bytes, keys), f| {
+        (
+            bytes + f.resident_bytes.load(Relaxed),
+            keys + f.spilled_keys.load(Relaxed),
+        )
+    })
 }
 
 fn figures_metrics(all: &[Arc<AccFigures>]) -> Vec<(String, f64)> {
@@ -674,6 +686,8 @@ async fn run_worker<A: Accumulator>(
     rx: EdgeReceiver<A::In>,
     mut stage: AccStage<A>,
     mut next: Box<dyn Downstream<A::Out>>,
+    flow: FlowGuard,
+    all: Arc<std::sync::OnceLock<Vec<Arc<AccFigures>>>>,
 ) {
     let init = stage.acc.init(&stage.ctx);
     let span = stage.ctx.span.clone();
@@ -697,8 +711,16 @@ async fn run_worker<A: Accumulator>(
         };
         match event {
             Event::Timer(key) => stage.on_timer(key, &mut *next).await,
-            Event::Input(Some(batch)) => stage.on_batch(batch, &mut *next).await,
+            Event::Input(Some(batch)) => {
+                let (n, bytes) = (batch.len(), batch.total_bytes());
+                stage.on_batch(batch, &mut *next).await;
+                flow.processed(n, bytes);
+            }
             Event::Input(None) => break,
+        }
+        if let (Some(aware), Some(all)) = (&flow.accumulator, all.get()) {
+            let (pending, spilled) = pressure(all);
+            aware.update(pending, spilled);
         }
         pacer.after_batch().await;
     }
@@ -745,6 +767,9 @@ pub(crate) fn wire_accumulator<A: Accumulator>(
     let workers = w.resolved.parallelism.initial_workers().max(1);
     let span = w.ctx.span.clone();
     let mut all = Vec::new();
+    let flow = w.resolved.flow.clone();
+    // Every worker's figures, known once all are made: read by each for the pressure sum.
+    let shared = Arc::new(std::sync::OnceLock::new());
     let mut stage = |acc: A, w: &Wiring<'_>| {
         let figures = Arc::new(AccFigures::default());
         all.push(figures.clone());
@@ -762,7 +787,8 @@ pub(crate) fn wire_accumulator<A: Accumulator>(
             let s = stage(acc, w);
             w.run.spawn(
                 w.index,
-                run_worker(rx, s, out.into_downstream()).instrument(span),
+                run_worker(rx, s, out.into_downstream(), flow.clone(), shared.clone())
+                    .instrument(span),
             );
         }
         AccInstances::One(_) => {
@@ -775,7 +801,8 @@ pub(crate) fn wire_accumulator<A: Accumulator>(
             let s = stage(make(), w);
             w.run.spawn(
                 w.index,
-                run_worker(rx, s, out.into_downstream()).instrument(span),
+                run_worker(rx, s, out.into_downstream(), flow.clone(), shared.clone())
+                    .instrument(span),
             );
         }
         AccInstances::Many(make) => {
@@ -794,13 +821,15 @@ pub(crate) fn wire_accumulator<A: Accumulator>(
                 });
                 w.run.spawn(
                     w.index,
-                    run_worker(lane_rx, s, next).instrument(span.clone()),
+                    run_worker(lane_rx, s, next, flow.clone(), shared.clone())
+                        .instrument(span.clone()),
                 );
             }
             w.run
                 .spawn(w.index, partition(rx, lanes, make()).instrument(span));
         }
     }
+    let _ = shared.set(all.clone());
     w.stats
         .set_extra_metrics(ExtraMetrics(Arc::new(move || figures_metrics(&all))));
     Ok(())

@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 
 use super::downstream::Downstream;
 use crate::envelope::Batch;
-use crate::flow::{BackpressureController, CircuitBreaker, Load};
+use crate::flow::{AccumulatorAware, BackpressureController, CircuitBreaker, Load};
 use crate::metrics::StageStats;
 
 /// How long one wait for admission lasts before it is counted and started again.
@@ -137,6 +137,9 @@ impl<T: Send + 'static> Downstream<T> for Guard<T> {
 pub(crate) struct FlowGuard {
     pub controller: Option<Arc<dyn BackpressureController>>,
     pub breaker: Option<Arc<CircuitBreaker>>,
+    /// For an accumulator stage with a strategy: the same controller, fed with the stage's
+    /// pending bytes and spills.
+    pub accumulator: Option<Arc<AccumulatorAware>>,
 }
 
 impl FlowGuard {
@@ -144,9 +147,22 @@ impl FlowGuard {
     /// pull strategies bound what is in flight, the edge included) rather than in front of
     /// the handler.
     pub fn at_senders(&self) -> bool {
-        self.controller
-            .as_ref()
-            .is_some_and(|c| matches!(c.strategy(), "credit" | "pull"))
+        self.accumulator.is_some()
+            || self
+                .controller
+                .as_ref()
+                .is_some_and(|c| matches!(c.strategy(), "credit" | "pull"))
+    }
+
+    /// After a stage admitted at its senders processed `items`: return credit, ask for more
+    /// (pull).
+    pub fn processed(&self, items: usize, bytes: u64) {
+        if let Some(c) = &self.controller {
+            if self.at_senders() {
+                c.on_processed(items, bytes);
+                c.request(items);
+            }
+        }
     }
 
     /// The gate for the stage's input edge, when admission happens at the senders.

@@ -1,4 +1,4 @@
-//! The [`ExecutionEngine`]: runs a built [`Pipeline`](crate::Pipeline) on Tokio, answers
+//! The [`ExecutionEngine`]: runs a built [`Pipeline`] on Tokio, answers
 //! [`inspect`](ExecutionEngine::inspect) while it runs, and stops it gracefully
 //! ([`stop`](ExecutionEngine::stop)) or at once ([`abort`](ExecutionEngine::abort)).
 //!
@@ -170,8 +170,16 @@ impl ExecutionEngine {
                 Some(BackpressureStrategy::Bounded {
                     capacity,
                     drop_policy,
-                }) => buffer = BufferPolicy::new(capacity, drop_policy),
+                }) if node.kind != crate::stage::StageKind::Accumulator => {
+                    buffer = BufferPolicy::new(capacity, drop_policy)
+                }
                 Some(strategy) => match crate::flow::controller_for(&strategy) {
+                    // An accumulator's pending state and spills count as queue depth.
+                    Ok(c) if node.kind == crate::stage::StageKind::Accumulator => {
+                        let aware = Arc::new(crate::flow::AccumulatorAware::new(c));
+                        flow.controller = Some(aware.clone());
+                        flow.accumulator = Some(aware);
+                    }
                     Ok(c) => flow.controller = Some(Arc::from(c)),
                     Err(e) => run.fail(PipelineError::Stage {
                         stage: node.id.clone(),

@@ -92,7 +92,14 @@ impl AccumulatorAware {
             .saturating_add(spills.ceil() as usize)
     }
 
+    /// The load the wrapped controller sees. While the stage's own queue is empty the
+    /// accumulator is waiting for input: holding input back then could not relieve it (its keys
+    /// complete only with more input), so it sees its queue as it is and the pipeline cannot
+    /// deadlock on its own pressure.
     fn effective(&self, load: Load) -> Load {
+        if load.queue_depth == 0 {
+            return load;
+        }
         Load {
             queue_depth: load.queue_depth.saturating_add(self.extra_depth()),
             pending_bytes: load
@@ -178,14 +185,23 @@ mod tests {
     #[test]
     fn accumulator_bytes_and_spills_fill_the_buffer() {
         let c = bounded(20, DropPolicy::DropNewest);
-        c.update(1_000, 2); // 10 + 6 items
-        let a = c.try_admit(10, 0, Load::items(0));
-        assert_eq!((a.admitted, a.dropped), (4, 6));
+        c.update(1_000, 2); // 10 + 6 items, on top of 1 queued
+        let a = c.try_admit(10, 0, Load::items(1));
+        assert_eq!((a.admitted, a.dropped), (3, 7));
         let m = c.metrics();
         assert_eq!(m["pending_accumulator_bytes"], 1_000.0);
         assert_eq!(m["active_spill_count"], 2.0);
         assert_eq!(m["effective_pressure"], 16.0);
-        assert_eq!(m["dropped_count"], 6.0); // the wrapped controller's figures are kept
+        assert_eq!(m["dropped_count"], 7.0); // the wrapped controller's figures are kept
+    }
+
+    #[test]
+    fn an_empty_queue_is_never_held_back() {
+        // The accumulator waits for input to complete its keys: refusing input would deadlock.
+        let c = bounded(10, DropPolicy::Block);
+        c.update(1_000_000, 5);
+        assert_eq!(c.try_admit(4, 0, Load::items(0)).admitted, 4);
+        assert_eq!(c.try_admit(4, 0, Load::items(1)).admitted, 0);
     }
 
     #[test]
@@ -207,17 +223,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiting_sees_the_accumulator_drain() {
         let c = Arc::new(bounded(10, DropPolicy::Block));
-        c.update(1_000, 0); // 10 items: full
+        c.update(900, 0); // 9 items, and 1 queued: full
         let waiter = {
             let c = c.clone();
             tokio::spawn(async move {
-                let probe = Load::default;
+                let probe = || Load::items(1);
                 c.acquire(5, 0, &probe, Duration::from_secs(10)).await
             })
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!waiter.is_finished());
-        c.update(500, 0); // the accumulator flushed half: the waiter looks again
+        c.update(400, 0); // the accumulator flushed: the waiter looks again
         let a = waiter.await.expect("task").expect("room");
         assert_eq!(a.admitted, 5);
     }

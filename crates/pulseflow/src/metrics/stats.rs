@@ -640,7 +640,7 @@ pub struct StageRuntimeState {
     pub cpu_time: Duration,
 }
 
-/// Pipeline-wide totals of a run. See the [module docs](self) for the law they obey.
+/// Pipeline-wide totals of a run. See the [module docs](crate::metrics) for the law they obey.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Accounting {
     /// Items produced by sources.
