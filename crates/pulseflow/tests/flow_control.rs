@@ -166,13 +166,20 @@ async fn reactive_pull_lets_in_only_what_downstream_requested() {
     let mut peak_queued = 0;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(37)).await;
-        if let Some(s) = engine.inspect("slow") {
+        if let (Some(src), Some(s)) = (engine.inspect("src"), engine.inspect("slow")) {
             assert!(
                 s.metrics["backpressure.outstanding_requests"] <= 200.0,
                 "{:?}",
                 s.metrics
             );
             peak_queued = peak_queued.max(s.input_queue_depth);
+            // The source produced only what the sink asked for.
+            let produced = src.counts.ingested;
+            let delivered = s.counts.delivered;
+            assert!(
+                produced <= delivered + 200,
+                "{produced} produced, {delivered} delivered"
+            );
         }
     }
     let r = handle.await.expect("run");

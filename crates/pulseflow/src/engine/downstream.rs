@@ -21,6 +21,12 @@ pub(crate) trait Downstream<T>: Send {
     fn push(&mut self, batch: Batch<T>) -> BoxFuture<'_, ()>;
     /// End of input: close what runs in this task and release the edges.
     fn finish(&mut self) -> BoxFuture<'_, ()>;
+
+    /// How many items downstream asked for (reactive pull), waiting until it asked for some;
+    /// `usize::MAX` when it does not pull.
+    fn demand(&mut self) -> BoxFuture<'_, usize> {
+        Box::pin(std::future::ready(usize::MAX))
+    }
 }
 
 /// How a producer reaches one of its consumers.
@@ -75,6 +81,15 @@ impl<T: Send + 'static> Downstream<T> for EdgeOut<T> {
     fn finish(&mut self) -> BoxFuture<'_, ()> {
         self.tx = None;
         Box::pin(async {})
+    }
+
+    fn demand(&mut self) -> BoxFuture<'_, usize> {
+        Box::pin(async move {
+            match &self.tx {
+                Some(tx) => tx.demand().await,
+                None => usize::MAX,
+            }
+        })
     }
 }
 

@@ -52,6 +52,12 @@ async fn produce<S: Source>(
         if stop.is_cancelled() {
             return;
         }
+        // Under reactive pull, produce only what downstream asked for.
+        let demand = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            demand = out.demand() => demand,
+        };
         let started = Instant::now();
         // A source that Tokio-Pulse moved to Yield produces small batches.
         let yielding = super::yielding(&stats, batch_size);
@@ -59,7 +65,8 @@ async fn produce<S: Source>(
             super::YIELD_CHUNK.min(batch_size)
         } else {
             batch_size
-        };
+        }
+        .min(demand);
         let mut buf = SourceOutput::new(limit, seq, now_millis());
         let status = tokio::select! {
             biased;

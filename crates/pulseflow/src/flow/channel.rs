@@ -291,6 +291,15 @@ impl<T> EdgeSender<T> {
         }
     }
 
+    /// How many items the receiving stage asked for (reactive pull), waiting until it asked
+    /// for some; `usize::MAX` when the edge is not demand-driven.
+    pub async fn demand(&self) -> usize {
+        match &self.shared.gate {
+            Some(gate) => gate.demand().await,
+            None => usize::MAX,
+        }
+    }
+
     /// Whether every receiver is gone.
     #[cfg(test)]
     pub fn is_closed(&self) -> bool {

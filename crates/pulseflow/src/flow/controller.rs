@@ -194,6 +194,13 @@ pub trait BackpressureController: Send + Sync + fmt::Debug {
         0
     }
 
+    /// Waits until downstream has asked for items and returns how many it asked for that were
+    /// not sent yet (reactive pull), so a source produces only that many. Controllers that are
+    /// not demand-driven return `usize::MAX` at once.
+    fn demand(&self) -> BoxFuture<'_, usize> {
+        Box::pin(std::future::ready(usize::MAX))
+    }
+
     /// The controller's figures by name (`dropped_count`, `available_credits`, ...).
     fn metrics(&self) -> BTreeMap<&'static str, f64>;
 }

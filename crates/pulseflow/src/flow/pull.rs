@@ -133,6 +133,22 @@ impl BackpressureController for ReactivePull {
         d.in_flight -= items.min(d.in_flight);
     }
 
+    /// Waits for open demand and returns it.
+    fn demand(&self) -> BoxFuture<'_, usize> {
+        Box::pin(async move {
+            loop {
+                let requested = self.requested.notified();
+                tokio::pin!(requested);
+                requested.as_mut().enable();
+                let open = self.demand.lock().open;
+                if open > 0 {
+                    return open;
+                }
+                requested.await;
+            }
+        })
+    }
+
     /// Grants as much of `n` as the window has room for; only the granted part is outstanding.
     fn request(&self, n: usize) -> usize {
         let granted = {
