@@ -133,6 +133,9 @@ async fn a_bounded_strategy_is_the_stages_buffer() {
     assert_eq!(input.capacity, 100);
     assert!(input.dropped.get("drop_newest").copied().unwrap_or(0) > 0);
     assert_eq!(r.accounting.delivered + input.dropped_total(), 2000);
+    let m = &r.stage("slow").expect("stage").metrics;
+    assert_eq!(m["buffer.dropped_count"], input.dropped_total() as f64);
+    assert_eq!(m["buffer.peak_utilization"], 1.0);
 }
 
 #[test]

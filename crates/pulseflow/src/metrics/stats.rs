@@ -493,6 +493,20 @@ impl StageStats {
             },
         );
         metrics.insert("workers".to_owned(), self.workers() as f64);
+        if let Some(edge) = &input {
+            // The stage's buffer: a `Bounded` strategy's figures.
+            let capacity = edge.capacity.load(Relaxed).max(1) as f64;
+            let dropped: u64 = edge.dropped.iter().map(|d| d.load(Relaxed)).sum();
+            metrics.insert("buffer.dropped_count".to_owned(), dropped as f64);
+            metrics.insert(
+                "buffer.utilization".to_owned(),
+                input_depth as f64 / capacity,
+            );
+            metrics.insert(
+                "buffer.peak_utilization".to_owned(),
+                edge.peak_depth.load(Relaxed) as f64 / capacity,
+            );
+        }
         let (controller, breaker) = self.flow.lock().clone();
         if let Some(c) = controller {
             for (name, value) in c.metrics() {
