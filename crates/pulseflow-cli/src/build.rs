@@ -111,6 +111,29 @@ pub fn component_graph(config: &Config) -> PipelineGraph {
     graph
 }
 
+/// The engine's validation of the component graph. An edge from an unknown component also
+/// leaves its target with an input that never becomes ready, which the engine's cycle search
+/// would report as a cycle; cycles are therefore searched without such edges.
+pub fn validate_components(config: &Config) -> Vec<ValidationError> {
+    let graph = component_graph(config);
+    let mut errors: Vec<ValidationError> = graph
+        .validate(&config.registry)
+        .into_iter()
+        .filter(|e| !matches!(e, ValidationError::Cycle(_)))
+        .collect();
+    let mut known = graph.clone();
+    known
+        .edges
+        .retain(|e| config.component(&e.from).is_some() && config.component(&e.to).is_some());
+    errors.extend(
+        known
+            .validate(&config.registry)
+            .into_iter()
+            .filter(|e| matches!(e, ValidationError::Cycle(_))),
+    );
+    errors
+}
+
 /// Maps an engine stage id back to the component that made it.
 fn component_of<'a>(config: &'a Config, stage: &str) -> Option<&'a Component> {
     config.component(stage).or_else(|| {
@@ -180,9 +203,13 @@ pub fn validation_problems(config: &Config, errors: &[ValidationError]) -> Vec<P
 
 /// Validates the component graph with the engine, then builds the pipeline.
 pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
-    let errors = component_graph(config).validate(&config.registry);
-    if !errors.is_empty() {
-        return Err(validation_problems(config, &errors));
+    let mut problems = Problems::new(&config.file, config.text.clone());
+    crate::config::check_references(config, &mut problems);
+    let errors = validate_components(config);
+    if !errors.is_empty() || !problems.is_empty() {
+        let mut all = problems.into_vec();
+        all.extend(validation_problems(config, &errors));
+        return Err(all);
     }
     let progress = Progress {
         bytes: Arc::new(AtomicU64::new(0)),

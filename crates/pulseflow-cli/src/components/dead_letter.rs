@@ -65,14 +65,17 @@ impl DeadLetterWriter {
     /// Opens the target and starts the writer thread.
     pub fn start(target: &DeadLetterTarget) -> std::io::Result<(Self, DeadLetterHandle)> {
         let mut out: Box<dyn Write + Send> = match target {
-            DeadLetterTarget::File { path, append } => Box::new(
+            DeadLetterTarget::File { path, append } => Box::new({
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)?;
+                }
                 std::fs::OpenOptions::new()
                     .create(true)
                     .write(true)
                     .append(*append)
                     .truncate(!*append)
-                    .open(path)?,
-            ),
+                    .open(path)?
+            }),
             DeadLetterTarget::Stderr => Box::new(std::io::stderr()),
         };
         let (tx, rx) = mpsc::channel::<Msg>();

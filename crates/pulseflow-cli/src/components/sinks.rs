@@ -53,6 +53,11 @@ impl Sink for NdjsonSink {
         self.out = Some(match &self.target {
             Target::Stdout => Box::new(tokio::io::stdout()),
             Target::File { path, append } => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    tokio::fs::create_dir_all(dir).await.map_err(|e| {
+                        StageError::msg(format!("cannot create {}: {e}", dir.display()))
+                    })?;
+                }
                 let file = tokio::fs::OpenOptions::new()
                     .create(true)
                     .write(true)

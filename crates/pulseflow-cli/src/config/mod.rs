@@ -425,7 +425,6 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
             ),
         }
     }
-    check_references(&config, &mut problems);
     if config.components.is_empty() && problems.is_empty() {
         problems.add(
             "the config declares no components",
@@ -829,7 +828,7 @@ pub fn outputs_of(c: &Component) -> Vec<String> {
 
 /// Checks what the engine cannot: references to a component's outputs that it does not have,
 /// sinks used as inputs, and parallelism names.
-fn check_references(config: &Config, problems: &mut Problems) {
+pub fn check_references(config: &Config, problems: &mut Problems) {
     for c in &config.components {
         for input in &c.inputs {
             let Some(target) = config.component(&input.component) else {

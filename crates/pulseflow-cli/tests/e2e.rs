@@ -1,0 +1,301 @@
+//! End-to-end tests: the built `pulseflow` binary on sample files, outputs compared with
+//! expected files, config errors snapshotted, exit codes checked.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pulseflow"));
+    c.env("NO_COLOR", "1");
+    c
+}
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Copies a directory tree (small sample data) into `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let path = entry.path();
+        let name = entry.file_name();
+        if name == "out" {
+            continue;
+        }
+        if path.is_dir() {
+            copy_dir(&path, &to.join(name));
+        } else {
+            std::fs::copy(&path, to.join(name)).expect("copy file");
+        }
+    }
+}
+
+fn run_in(dir: &Path, args: &[&str]) -> Output {
+    bin()
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("binary runs")
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn expected(name: &str) -> String {
+    read(&manifest_dir().join("tests/expected").join(name))
+}
+
+/// Lines sorted, for outputs whose order depends on scheduling (dead letters from several
+/// stages, merges).
+fn sorted(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    lines.sort();
+    lines
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn formats_csv_lines_generate_and_dead_letters() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    copy_dir(&manifest_dir().join("tests/cases/formats"), tmp.path());
+    let out = run_in(tmp.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let o = tmp.path().join("out");
+    assert_eq!(
+        read(&o.join("adults.ndjson")),
+        expected("formats-adults.ndjson")
+    );
+    assert_eq!(
+        read(&o.join("words.ndjson")),
+        expected("formats-words.ndjson")
+    );
+    assert_eq!(read(&o.join("odd.ndjson")), expected("formats-odd.ndjson"));
+    assert_eq!(
+        sorted(&read(&o.join("dead.ndjson"))),
+        sorted(&expected("formats-dead.ndjson"))
+    );
+}
+
+fn examples_copy() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    copy_dir(&manifest_dir().join("../../examples"), tmp.path());
+    tmp
+}
+
+#[test]
+fn example_routing_errors() {
+    let tmp = examples_copy();
+    let out = run_in(tmp.path(), &["run", "routing_errors.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        expected("routing-stdout.ndjson")
+    );
+    let o = tmp.path().join("out");
+    assert_eq!(
+        read(&o.join("errors.ndjson")),
+        expected("routing-errors.ndjson")
+    );
+    assert_eq!(
+        read(&o.join("routing-dead.ndjson")),
+        expected("routing-dead.ndjson")
+    );
+}
+
+#[test]
+fn example_per_user_totals() {
+    let tmp = examples_copy();
+    let out = run_in(tmp.path(), &["run", "per_user_totals.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let o = tmp.path().join("out");
+    assert_eq!(read(&o.join("totals.ndjson")), expected("totals.ndjson"));
+    let dead = read(&o.join("totals-dead.ndjson"));
+    let kinds: Vec<serde_json::Value> = dead
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(kinds.len(), 2, "{dead}");
+    assert!(
+        kinds
+            .iter()
+            .any(|k| k["kind"] == "malformed_input" && k["line"] == 6)
+    );
+    assert!(
+        kinds.iter().any(|k| k["kind"] == "failed_item"
+            && k["stage"] == "totals"
+            && k["item"]["order"] == 5)
+    );
+}
+
+#[test]
+fn example_quickstart_validates_and_runs() {
+    let tmp = examples_copy();
+    let out = run_in(tmp.path(), &["validate", "quickstart.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // The example generates a million orders; a tenth of that keeps the debug build quick.
+    let config = read(&tmp.path().join("quickstart.toml")).replace("1_000_000", "100_000");
+    std::fs::write(tmp.path().join("quickstart.toml"), config).expect("write");
+    let out = run_in(tmp.path(), &["run", "--quiet", "quickstart.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let vip = read(&tmp.path().join("out/quickstart-vip.ndjson"));
+    // ids 0, 7, 14, ... whose cents are at least 50000.
+    let expected_count = (0..100_000u64)
+        .filter(|i| i % 7 == 0 && (i * 7919) % 100_000 >= 50_000)
+        .count();
+    assert_eq!(vip.lines().count(), expected_count);
+}
+
+#[test]
+fn stdin_source() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tmp.path().join("p.toml"),
+        "[sources.in]\ntype = \"stdin\"\n[transforms.m]\ntype = \"map\"\ninputs = [\"in\"]\njq = \".a + 1\"\n[sinks.out]\ntype = \"stdout\"\ninputs = [\"m\"]\n",
+    )
+    .expect("write");
+    let mut child = bin()
+        .args(["run", "p.toml"])
+        .current_dir(tmp.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"{\"a\": 1}\n{\"a\": 41}\n")
+            .expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2\n42\n");
+}
+
+#[test]
+fn failing_pipeline_exits_1() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(tmp.path().join("in.ndjson"), "{}\nnot json\n").expect("write");
+    std::fs::write(
+        tmp.path().join("p.toml"),
+        "[sources.in]\ntype = \"file\"\npath = \"in.ndjson\"\nerror_policy = \"fail\"\n[sinks.out]\ntype = \"blackhole\"\ninputs = [\"in\"]\n",
+    )
+    .expect("write");
+    let out = run_in(tmp.path(), &["run", "p.toml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("in.ndjson:2"), "{}", stderr(&out));
+
+    std::fs::write(
+        tmp.path().join("missing.toml"),
+        "[sources.in]\ntype = \"file\"\npath = \"nothing-*.ndjson\"\n[sinks.out]\ntype = \"blackhole\"\ninputs = [\"in\"]\n",
+    )
+    .expect("write");
+    let out = run_in(tmp.path(), &["run", "missing.toml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no file matches"), "{}", stderr(&out));
+}
+
+#[test]
+fn graph_formats() {
+    let tmp = examples_copy();
+    let out = run_in(tmp.path(), &["graph", "routing_errors.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let dot = String::from_utf8_lossy(&out.stdout);
+    assert!(dot.contains("digraph"), "{dot}");
+    assert!(dot.contains("logs.decode"), "{dot}");
+    let out = run_in(
+        tmp.path(),
+        &["graph", "--format", "mermaid", "routing_errors.toml"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("flowchart"));
+}
+
+/// Runs `validate` on `config` and returns its exit code and error output.
+fn validate(config: &str) -> (Option<i32>, String) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(tmp.path().join("pipeline.toml"), config).expect("write");
+    let out = run_in(tmp.path(), &["validate", "pipeline.toml"]);
+    (out.status.code(), stderr(&out))
+}
+
+#[test]
+fn config_errors_unknown_keys_types_and_jq() {
+    let (code, err) = validate(
+        r#"[sources.logs]
+type = "file"
+path = "a.ndjson"
+fromat = "csv"
+
+[transforms.big]
+type = "filtr"
+inputs = ["logs"]
+
+[transforms.m]
+type = "map"
+inputs = ["logs"]
+jq = '{a: .b | nosuch}'
+buffer = { capacity = "x" }
+
+[sinks.out]
+type = "stdout"
+inputs = ["m"]
+colour = "red"
+"#,
+    );
+    assert_eq!(code, Some(2));
+    insta::assert_snapshot!(err);
+}
+
+#[test]
+fn config_errors_from_the_engine() {
+    let (code, err) = validate(
+        r#"[sources.logs]
+type = "file"
+path = "a.ndjson"
+
+[transforms.a]
+type = "filter"
+inputs = ["b", "logs"]
+condition = "true"
+
+[transforms.b]
+type = "map"
+inputs = ["a", "nope"]
+jq = "."
+buffer = { capacity = 0 }
+
+[transforms.r]
+type = "route"
+inputs = ["logs"]
+routes = { big = ".n > 10" }
+
+[sinks.out]
+type = "stdout"
+inputs = ["b", "r.small"]
+error_policy = "missing"
+"#,
+    );
+    assert_eq!(code, Some(2));
+    insta::assert_snapshot!(err);
+}
+
+#[test]
+fn config_errors_syntax_and_recursion() {
+    let (code, err) = validate("[sources.x\ntype = \"file\"\n");
+    assert_eq!(code, Some(2));
+    insta::assert_snapshot!("syntax", err);
+    let (code, err) = validate(
+        "[sources.g]\ntype = \"generate\"\njq = 'def f: f; f'\n[sinks.out]\ntype = \"blackhole\"\ninputs = [\"g\"]\n",
+    );
+    assert_eq!(code, Some(2));
+    insta::assert_snapshot!("recursion", err);
+}
