@@ -9,6 +9,7 @@
 //!
 //! Exit status: 0 on success, 1 when the pipeline failed, 2 for an invalid config.
 
+mod admin;
 mod build;
 mod components;
 mod config;
@@ -98,7 +99,7 @@ fn main() -> ExitCode {
                 quiet,
                 admin,
             } => run(&config, quiet, admin).await,
-            Command::Top { addr } => ExitCode::from(EXIT_FAILED.min(addr.len() as u8)),
+            Command::Top { addr } => ExitCode::from(admin::top(&addr).await),
         }
     })
 }
@@ -158,7 +159,7 @@ fn graph(path: &Path, format: GraphFormat) -> ExitCode {
     }
 }
 
-async fn run(path: &Path, quiet: bool, _admin: Option<String>) -> ExitCode {
+async fn run(path: &Path, quiet: bool, admin: Option<String>) -> ExitCode {
     let (config, pipeline, progress) = match load(path) {
         Ok(x) => x,
         Err(code) => return code,
@@ -182,10 +183,31 @@ async fn run(path: &Path, quiet: bool, _admin: Option<String>) -> ExitCode {
         }
     }
     let engine = ExecutionEngine::new();
+    let mut server = None;
+    if let Some(addr) = admin {
+        let started = async {
+            let addr = admin::parse_addr(&addr).await?;
+            let metrics = admin::install_metrics().map_err(std::io::Error::other)?;
+            admin::serve(addr, engine.clone(), metrics).await
+        };
+        match started.await {
+            Ok((local, task)) => {
+                eprintln!("admin: http://{local} (/metrics, /stages, /health)");
+                server = Some(task);
+            }
+            Err(e) => {
+                eprintln!("error: cannot serve --admin {addr}: {e}");
+                return ExitCode::from(EXIT_FAILED);
+            }
+        }
+    }
     let signals = tokio::spawn(watch_signals(engine.clone()));
     let bar = (terminal && progress.total > 0).then(|| progress_bar(&progress));
     let result = engine.run(pipeline, options).await;
     signals.abort();
+    if let Some(task) = server {
+        task.abort();
+    }
     if let Some((bar, task)) = bar {
         task.abort();
         bar.set_position(progress.bytes.load(std::sync::atomic::Ordering::Relaxed));

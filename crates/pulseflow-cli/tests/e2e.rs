@@ -299,3 +299,69 @@ fn config_errors_syntax_and_recursion() {
     assert_eq!(code, Some(2));
     insta::assert_snapshot!("recursion", err);
 }
+
+/// GETs `path` from `addr` with a plain HTTP/1.1 request.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+#[test]
+fn admin_serves_health_stages_and_metrics() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tmp.path().join("p.toml"),
+        "[sources.g]\ntype = \"generate\"\ncount = 60\nrate = 20.0\n[sinks.out]\ntype = \"blackhole\"\ninputs = [\"g\"]\n",
+    )
+    .expect("write");
+    let mut child = bin()
+        .args(["run", "--quiet", "--admin", "0", "p.toml"])
+        .current_dir(tmp.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let first = lines.next().expect("a line").expect("utf-8");
+    let addr = first
+        .strip_prefix("admin: http://")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected: {first}"))
+        .to_owned();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    assert!(http_get(&addr, "/health").ends_with("ok\n"));
+    // The server starts just before the run does: poll until the stages show.
+    let mut json = serde_json::Value::Null;
+    for _ in 0..50 {
+        let stages = http_get(&addr, "/stages");
+        let body = stages.split("\r\n\r\n").nth(1).expect("body");
+        json = serde_json::from_str(body).expect("json");
+        if json.as_array().is_some_and(|a| !a.is_empty()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let names: Vec<&str> = json
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|s| s["stage"].as_str())
+        .collect();
+    assert!(names.contains(&"g") && names.contains(&"out"), "{names:?}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let metrics = http_get(&addr, "/metrics");
+    assert!(metrics.contains("pulseflow_items_in_total"), "{metrics}");
+    assert!(http_get(&addr, "/nope").starts_with("HTTP/1.1 404"));
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+}
