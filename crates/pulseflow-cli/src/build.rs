@@ -10,7 +10,9 @@
 //!   (where its policies apply and malformed lines are dead-lettered);
 //! - a `generate` source `x` counts in `x` and builds items in `x.build`;
 //! - an output read by several components fans out through `x.fanout` (copies);
-//! - a component with several inputs merges them in `x.merge`.
+//! - a component with several inputs merges them in `x.merge`;
+//! - an `accumulate` transform `x` evaluates its jq expressions in `x.eval` (where its
+//!   policies apply and failing items are dead-lettered) and accumulates in `x`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use pulseflow::stage::StageKind;
 use pulseflow::{BuildError, Pipeline, PipelineBuilder, Routes, Stream, ValidationError};
 use serde_json::Value;
 
+use crate::components::accumulate::{Aggregator, Evaluate};
 use crate::components::decode::Decode;
 use crate::components::generate::Generate;
 use crate::components::lines::{Input, LineSource};
@@ -41,6 +44,7 @@ pub struct Progress {
 fn stage_kind(c: &Component) -> StageKind {
     match (&c.kind, c.role) {
         (Kind::Route { .. }, _) => StageKind::Branch,
+        (Kind::Accumulate(_), _) => StageKind::Accumulator,
         (_, Role::Source) => StageKind::Source,
         (_, Role::Transform) => StageKind::Transform,
         (_, Role::Sink) => StageKind::Sink,
@@ -93,7 +97,7 @@ pub fn component_graph(config: &Config) -> PipelineGraph {
         if let Some(h) = parallelism(config, c) {
             node.parallelism = h;
             node.replicable = !matches!(c.kind, Kind::Route { .. }) && c.role != Role::Sink;
-            node.stateless = true;
+            node.stateless = !matches!(c.kind, Kind::Accumulate(_));
         }
         graph.nodes.push(node);
         for i in &c.inputs {
@@ -343,6 +347,23 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                     outputs.push(("_unmatched".into(), s));
                 }
             }
+            (Kind::Accumulate(spec), Some(input)) => {
+                let eval = spec.clone();
+                let s = input.transform_with(format!("{}.eval", c.name), move || Evaluate {
+                    spec: eval.clone(),
+                });
+                let s = with_policies(s, c, hint);
+                let acc = spec.clone();
+                let mut s = s.accumulate_with(
+                    c.name.clone(),
+                    move || Aggregator { spec: acc.clone() },
+                    spec.policy.clone(),
+                );
+                if let Some(h) = hint {
+                    s = s.parallelism(h);
+                }
+                outputs.push(("out".into(), s));
+            }
             (Kind::StdoutSink, Some(input)) => {
                 sink_policies(input.sink(c.name.clone(), NdjsonSink::stdout()), c);
             }
@@ -390,7 +411,11 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
     }
 }
 
-fn with_policies(s: Stream<Value>, c: &Component, hint: Option<ParallelismHint>) -> Stream<Value> {
+fn with_policies<T: Send + 'static>(
+    s: Stream<T>,
+    c: &Component,
+    hint: Option<ParallelismHint>,
+) -> Stream<T> {
     let p = &c.policies;
     let mut s = s;
     if let Some(b) = &p.buffer {

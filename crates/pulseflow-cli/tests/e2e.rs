@@ -365,3 +365,87 @@ fn admin_serves_health_stages_and_metrics() {
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn accumulate_count_jq_and_dead_letters() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    copy_dir(&manifest_dir().join("tests/cases/accumulate"), tmp.path());
+    let out = run_in(tmp.path(), &["run", "pipeline.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let o = tmp.path().join("out");
+    // Complete keys first (as they complete), then partial ones flushed at the end.
+    assert_eq!(
+        read(&o.join("counted.ndjson")),
+        expected("accumulate-counted.ndjson")
+    );
+    // Without partial_flush, keys that never pass the condition are discarded.
+    assert_eq!(
+        read(&o.join("big.ndjson")),
+        expected("accumulate-big.ndjson")
+    );
+    assert_eq!(
+        read(&o.join("dead.ndjson")),
+        expected("accumulate-dead.ndjson")
+    );
+}
+
+#[test]
+fn example_sessions_complete_and_partial() {
+    let tmp = examples_copy();
+    let out = run_in(tmp.path(), &["run", "sessions.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let o = tmp.path().join("out");
+    let got = read(&o.join("sessions.ndjson"));
+    assert_eq!(got, expected("sessions.ndjson"));
+    let rows: Vec<serde_json::Value> = got
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let complete: Vec<&str> = rows
+        .iter()
+        .filter(|r| r["complete"] == true)
+        .filter_map(|r| r["key"].as_str())
+        .collect();
+    assert_eq!(complete, ["s1", "s3"]);
+    assert!(rows.iter().filter(|r| r["complete"] == false).all(|r| {
+        r["completeness"]
+            .as_f64()
+            .is_some_and(|c| c > 0.0 && c < 1.0)
+    }));
+    assert!(read(&o.join("sessions-dead.ndjson")).contains("\"line\":10"));
+}
+
+#[test]
+fn example_per_user_totals_accumulated() {
+    let tmp = examples_copy();
+    let out = run_in(tmp.path(), &["run", "per_user_totals.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        read(&tmp.path().join("out/user-totals.ndjson")),
+        expected("user-totals.ndjson")
+    );
+}
+
+#[test]
+fn config_errors_accumulate() {
+    let (code, err) = validate(
+        r#"[sources.logs]
+type = "file"
+path = "a.ndjson"
+
+[transforms.acc]
+type = "accumulate"
+inputs = ["logs"]
+key = ".user"
+aggregates = { n = "count", spent = "total(.amount)", top = "max(.amount | nosuch)", avg = "avg" }
+complete_when = { count = 0 }
+ttl = "soon"
+
+[sinks.out]
+type = "stdout"
+inputs = ["acc"]
+"#,
+    );
+    assert_eq!(code, Some(2));
+    insta::assert_snapshot!(err);
+}

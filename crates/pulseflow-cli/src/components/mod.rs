@@ -1,5 +1,6 @@
 //! The components a config can name: sources, transforms and sinks, one file per concern.
 
+pub mod accumulate;
 pub mod csv;
 pub mod dead_letter;
 pub mod decode;

@@ -6,6 +6,7 @@
 //! types, jq expressions that do not compile, unknown route outputs) and reported at once, with
 //! the file, line and column of the offending text.
 
+pub mod accumulate;
 pub mod diagnostic;
 pub mod policies;
 
@@ -54,7 +55,7 @@ impl Role {
     fn types(self) -> &'static [&'static str] {
         match self {
             Role::Source => &["file", "stdin", "generate"],
-            Role::Transform => &["filter", "map", "route"],
+            Role::Transform => &["filter", "map", "route", "accumulate"],
             Role::Sink => &["stdout", "file", "blackhole"],
         }
     }
@@ -108,6 +109,7 @@ pub enum Kind {
     Route {
         routes: Vec<(String, Jq)>,
     },
+    Accumulate(accumulate::SharedSpec),
     StdoutSink,
     FileSink {
         path: PathBuf,
@@ -241,6 +243,7 @@ fn specific_keys(role: Role, ty: &str) -> &'static [&'static str] {
         (Role::Transform, "filter") => &["condition"],
         (Role::Transform, "map") => &["jq"],
         (Role::Transform, "route") => &["routes"],
+        (Role::Transform, "accumulate") => accumulate::KEYS,
         (Role::Sink, "file") => &["path", "append"],
         _ => &[],
     }
@@ -769,6 +772,10 @@ fn read_component(
             }
             Err(e) => fail(e, problems),
         },
+        (Role::Transform, "accumulate") => {
+            accumulate::read(rest, &ctx, allow_recursion, text, problems)
+                .map(|spec| Kind::Accumulate(Arc::new(spec)))
+        }
         (Role::Sink, "stdout") => match de::<StdoutCfg>(rest) {
             Ok(_) => Some(Kind::StdoutSink),
             Err(e) => fail(e, problems),
