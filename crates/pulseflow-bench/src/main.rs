@@ -51,6 +51,9 @@ enum Scenario {
     /// A fast source into a slowed sink, once per backpressure strategy: in-flight peak
     /// against the bound, peak RSS, shaped rate, controller cost per item.
     Backpressure(CommonOpts),
+    /// `pulseflow run` on a file of JSON lines (filter + map to a file) against a serde_json
+    /// read-parse-write loop and `jq -c`.
+    Ndjson(CommonOpts),
     /// Cost per poll of Tokio-Pulse supervision against bare, TaskMonitor and a CPU-clock wrapper.
     PulseOverhead(CommonOpts),
     /// Latency of light tasks next to CPU hogs: none, unsupervised, supervised (isolated).
@@ -65,6 +68,7 @@ fn main() -> std::process::ExitCode {
     let outcome = match cli.scenario {
         Scenario::Linear(opts) => scenarios::linear::run(&opts),
         Scenario::Backpressure(opts) => scenarios::backpressure::run(&opts),
+        Scenario::Ndjson(opts) => scenarios::ndjson::run(&opts),
         Scenario::PulseOverhead(opts) => scenarios::pulse_overhead::run(&opts),
         Scenario::Isolation(opts) => scenarios::isolation::run(&opts),
         Scenario::Accumulate(opts) => scenarios::accumulate::run(&opts),

@@ -2,4 +2,5 @@ pub mod accumulate;
 pub mod backpressure;
 pub mod isolation;
 pub mod linear;
+pub mod ndjson;
 pub mod pulse_overhead;

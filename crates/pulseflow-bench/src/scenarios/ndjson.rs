@@ -1,0 +1,194 @@
+//! `ndjson`: the `pulseflow` command on a file of JSON lines (a jq filter and a jq map, written
+//! to a file) against a plain serde_json read-parse-write loop doing the same (the parser's own
+//! limit) and `jq -c` with the same program, when jq is on the PATH.
+//!
+//! The `pulseflow` binary is taken from beside this one: build it first with
+//! `cargo build --release -p pulseflow-cli`.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::CommonOpts;
+use crate::report::Report;
+
+const FILTER: &str = ".ok";
+const MAP: &str = "{id, user, amount: (.amount * 2)}";
+
+type BoxError = Box<dyn std::error::Error>;
+
+/// Writes JSON lines until the file holds `bytes` bytes; returns the line count.
+fn generate(path: &Path, bytes: u64) -> Result<u64, BoxError> {
+    let mut out = BufWriter::new(File::create(path)?);
+    let (mut written, mut lines) = (0u64, 0u64);
+    while written < bytes {
+        let line = json!({
+            "id": lines,
+            "user": format!("user{}", lines % 1000),
+            "amount": lines % 997,
+            "ok": lines % 3 != 0,
+            "tags": ["alpha", "beta"],
+            "note": "the quick brown fox jumps over the lazy dog",
+        })
+        .to_string();
+        out.write_all(line.as_bytes())?;
+        out.write_all(b"\n")?;
+        written += line.len() as u64 + 1;
+        lines += 1;
+    }
+    out.flush()?;
+    Ok(lines)
+}
+
+fn pulseflow_binary() -> Result<PathBuf, BoxError> {
+    let bin = std::env::current_exe()?
+        .parent()
+        .ok_or("no directory for this executable")?
+        .join("pulseflow");
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} not found: build it first with `cargo build --release -p pulseflow-cli`",
+            bin.display()
+        )
+        .into())
+    }
+}
+
+fn run_pulseflow(dir: &Path, input: &Path, output: &Path) -> Result<Duration, BoxError> {
+    let config = dir.join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"ndjson-bench\"\n\n\
+             [sources.lines]\ntype = \"file\"\npath = {input:?}\n\n\
+             [transforms.keep]\ntype = \"filter\"\ninputs = [\"lines\"]\ncondition = {FILTER:?}\n\n\
+             [transforms.shape]\ntype = \"map\"\ninputs = [\"keep\"]\njq = {MAP:?}\n\n\
+             [sinks.out]\ntype = \"file\"\ninputs = [\"shape\"]\npath = {output:?}\n"
+        ),
+    )?;
+    let started = Instant::now();
+    let status = Command::new(pulseflow_binary()?)
+        .args(["run", "--quiet"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .status()?;
+    let elapsed = started.elapsed();
+    if !status.success() {
+        return Err(format!("pulseflow run exited with {status}").into());
+    }
+    Ok(elapsed)
+}
+
+/// The same work with serde_json alone: read, parse, keep `.ok`, build the object, write.
+fn run_parse_loop(input: &Path, output: &Path) -> Result<Duration, BoxError> {
+    let started = Instant::now();
+    let reader = BufReader::new(File::open(input)?);
+    let mut out = BufWriter::new(File::create(output)?);
+    for line in reader.lines() {
+        let v: Value = serde_json::from_str(&line?)?;
+        if v.get("ok").and_then(Value::as_bool) != Some(true) {
+            continue;
+        }
+        let amount = v.get("amount").and_then(Value::as_i64).unwrap_or(0);
+        let shaped = json!({"id": v.get("id"), "user": v.get("user"), "amount": amount * 2});
+        serde_json::to_writer(&mut out, &shaped)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(started.elapsed())
+}
+
+fn run_jq(input: &Path, output: &Path) -> Option<Result<Duration, BoxError>> {
+    let probe = Command::new("jq").arg("--version").output().ok()?;
+    if !probe.status.success() {
+        return None;
+    }
+    let run = || -> Result<Duration, BoxError> {
+        let started = Instant::now();
+        let status = Command::new("jq")
+            .arg("-c")
+            .arg(format!("select({FILTER}) | {MAP}"))
+            .stdin(File::open(input)?)
+            .stdout(File::create(output)?)
+            .status()?;
+        if !status.success() {
+            return Err(format!("jq exited with {status}").into());
+        }
+        Ok(started.elapsed())
+    };
+    Some(run())
+}
+
+fn line_count(path: &Path) -> Result<u64, BoxError> {
+    Ok(BufReader::new(File::open(path)?).lines().count() as u64)
+}
+
+/// Runs the scenario.
+pub fn run(opts: &CommonOpts) -> Result<Report, BoxError> {
+    let megabytes: u64 = if opts.quick { 40 } else { 200 };
+    let dir = std::env::temp_dir().join(format!("pulseflow-ndjson-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = measure(&dir, megabytes);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn measure(dir: &Path, megabytes: u64) -> Result<Report, BoxError> {
+    let input = dir.join("input.ndjson");
+    let lines = generate(&input, megabytes << 20)?;
+    let bytes = std::fs::metadata(&input)?.len() as f64;
+    let mb = bytes / (1 << 20) as f64;
+
+    let pf_out = dir.join("pulseflow.ndjson");
+    let loop_out = dir.join("loop.ndjson");
+    let jq_out = dir.join("jq.ndjson");
+    let pulseflow = run_pulseflow(dir, &input, &pf_out)?;
+    let parse_loop = run_parse_loop(&input, &loop_out)?;
+    let jq = run_jq(&input, &jq_out).transpose()?;
+
+    let expected = line_count(&loop_out)?;
+    let got = line_count(&pf_out)?;
+    if got != expected {
+        return Err(format!("pulseflow wrote {got} lines, the parse loop {expected}").into());
+    }
+    if jq.is_some() && line_count(&jq_out)? != expected {
+        return Err("jq wrote a different number of lines".into());
+    }
+
+    let rate = |d: Duration| mb / d.as_secs_f64();
+    let mut report = Report::new(
+        format!("ndjson: {mb:.0} MB, {lines} lines, filter {FILTER} | map {MAP} -> file"),
+        &["contender", "MB/s", "seconds", "pulseflow ÷ this (speed)"],
+    );
+    let mut row = |name: &str, d: Duration| {
+        report.row(vec![
+            name.to_owned(),
+            format!("{:.1}", rate(d)),
+            format!("{:.2}", d.as_secs_f64()),
+            format!("{:.2}", d.as_secs_f64() / pulseflow.as_secs_f64()),
+        ]);
+    };
+    row("pulseflow run (binary, jq via jaq)", pulseflow);
+    row("serde_json read-parse-write loop", parse_loop);
+    match jq {
+        Some(d) => row("jq -c", d),
+        None => report.note("jq not on PATH: vs_jq is null"),
+    }
+    let vs = |d: Duration| ((d.as_secs_f64() / pulseflow.as_secs_f64()) * 100.0).round() / 100.0;
+    report.summary(json!({
+        "scenario": "ndjson",
+        "megabytes": mb.round(),
+        "lines": lines,
+        "mb_per_sec": (rate(pulseflow) * 10.0).round() / 10.0,
+        "vs_parse_loop": vs(parse_loop),
+        "vs_jq": jq.map(vs),
+        "cores": pulseflow::policy::cores(),
+    }));
+    Ok(report)
+}
