@@ -1,7 +1,7 @@
 //! `pulseflow`: run pipelines described in configuration files.
 //!
 //! ```text
-//! pulseflow run CONFIG [--quiet] [--admin ADDR]
+//! pulseflow run CONFIG [--quiet] [--admin ADDR] [--unsupervised]
 //! pulseflow validate CONFIG
 //! pulseflow graph CONFIG [--format dot|mermaid]
 //! pulseflow top [ADDR]
@@ -46,6 +46,11 @@ enum Command {
         /// Serve /metrics, /stages and /health on ADDR (a port alone means loopback).
         #[arg(long, value_name = "ADDR")]
         admin: Option<String>,
+        /// Run stages without Tokio-Pulse supervision (it is on by default and isolates
+        /// CPU-bound stages on restrained threads; a batch job alone on a machine may not want
+        /// that).
+        #[arg(long)]
+        unsupervised: bool,
     },
     /// Check a config file without running it.
     Validate {
@@ -98,7 +103,8 @@ fn main() -> ExitCode {
                 config,
                 quiet,
                 admin,
-            } => run(&config, quiet, admin).await,
+                unsupervised,
+            } => run(&config, quiet, admin, unsupervised).await,
             Command::Top { addr } => ExitCode::from(admin::top(&addr).await),
         }
     })
@@ -159,13 +165,16 @@ fn graph(path: &Path, format: GraphFormat) -> ExitCode {
     }
 }
 
-async fn run(path: &Path, quiet: bool, admin: Option<String>) -> ExitCode {
+async fn run(path: &Path, quiet: bool, admin: Option<String>, unsupervised: bool) -> ExitCode {
     let (config, pipeline, progress) = match load(path) {
         Ok(x) => x,
         Err(code) => return code,
     };
     let terminal = std::io::stderr().is_terminal() && !quiet;
     let mut options = ExecutionOptions::default();
+    if unsupervised {
+        options = options.with_supervision(pulseflow::engine::Supervision::Off);
+    }
     if let Some(n) = config.batch_size {
         options = options.with_batch_size(n);
     }

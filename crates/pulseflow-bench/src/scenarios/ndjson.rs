@@ -60,7 +60,12 @@ fn pulseflow_binary() -> Result<PathBuf, BoxError> {
     }
 }
 
-fn run_pulseflow(dir: &Path, input: &Path, output: &Path) -> Result<Duration, BoxError> {
+fn run_pulseflow(
+    dir: &Path,
+    input: &Path,
+    output: &Path,
+    unsupervised: bool,
+) -> Result<Duration, BoxError> {
     let config = dir.join("bench.toml");
     std::fs::write(
         &config,
@@ -73,11 +78,12 @@ fn run_pulseflow(dir: &Path, input: &Path, output: &Path) -> Result<Duration, Bo
         ),
     )?;
     let started = Instant::now();
-    let status = Command::new(pulseflow_binary()?)
-        .args(["run", "--quiet"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .status()?;
+    let mut command = Command::new(pulseflow_binary()?);
+    command.args(["run", "--quiet"]).arg(&config);
+    if unsupervised {
+        command.arg("--unsupervised");
+    }
+    let status = command.stdout(Stdio::null()).status()?;
     let elapsed = started.elapsed();
     if !status.success() {
         return Err(format!("pulseflow run exited with {status}").into());
@@ -134,12 +140,12 @@ pub fn run(opts: &CommonOpts) -> Result<Report, BoxError> {
     let megabytes: u64 = if opts.quick { 40 } else { 200 };
     let dir = std::env::temp_dir().join(format!("pulseflow-ndjson-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = measure(&dir, megabytes);
+    let result = measure(&dir, megabytes, opts.unsupervised);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn measure(dir: &Path, megabytes: u64) -> Result<Report, BoxError> {
+fn measure(dir: &Path, megabytes: u64, unsupervised: bool) -> Result<Report, BoxError> {
     let input = dir.join("input.ndjson");
     let lines = generate(&input, megabytes << 20)?;
     let bytes = std::fs::metadata(&input)?.len() as f64;
@@ -148,7 +154,7 @@ fn measure(dir: &Path, megabytes: u64) -> Result<Report, BoxError> {
     let pf_out = dir.join("pulseflow.ndjson");
     let loop_out = dir.join("loop.ndjson");
     let jq_out = dir.join("jq.ndjson");
-    let pulseflow = run_pulseflow(dir, &input, &pf_out)?;
+    let pulseflow = run_pulseflow(dir, &input, &pf_out, unsupervised)?;
     let parse_loop = run_parse_loop(&input, &loop_out)?;
     let jq = run_jq(&input, &jq_out).transpose()?;
 
