@@ -88,3 +88,21 @@ pub fn per_sec(rate: f64) -> String {
     }
     out
 }
+
+/// Peak resident set since the last [`reset_peak_rss`], in KiB (Linux; 0 elsewhere).
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Resets the peak resident set (Linux; does nothing elsewhere).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}

@@ -21,7 +21,7 @@ use pulseflow::prelude::*;
 use serde_json::json;
 
 use crate::CommonOpts;
-use crate::report::{Report, per_sec};
+use crate::report::{Report, peak_rss_kib, per_sec, reset_peak_rss};
 
 /// The key of update `i` of `n` over `keys` keys: a window sliding over the key space.
 #[inline]
@@ -204,23 +204,6 @@ fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("pulseflow-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
-}
-
-/// Peak resident set since the last reset, in KiB (Linux; 0 elsewhere).
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {

@@ -11,7 +11,7 @@ use pulseflow::prelude::*;
 use serde_json::json;
 
 use crate::CommonOpts;
-use crate::report::{Report, per_sec};
+use crate::report::{Report, peak_rss_kib, per_sec, reset_peak_rss};
 
 const BATCH: usize = 256;
 
@@ -91,23 +91,6 @@ fn cases(window: usize) -> Vec<Case> {
             bound: Some(window as f64),
         },
     ]
-}
-
-/// Peak resident set since the last reset, in KiB (Linux; 0 elsewhere).
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 struct Outcome {
