@@ -85,13 +85,38 @@ impl PipelineGraph {
                 }
             }
         }
-        let stuck: Vec<String> = self
+        // What cannot be ordered is on a cycle or downstream of one: peel off, repeatedly, the
+        // stuck stages that feed no other stuck stage, leaving the cycles themselves.
+        let mut stuck: BTreeSet<&str> = indegree
+            .iter()
+            .filter(|(_, d)| **d > 0)
+            .map(|(id, _)| *id)
+            .collect();
+        loop {
+            let leaves: Vec<&str> = stuck
+                .iter()
+                .copied()
+                .filter(|id| {
+                    !self
+                        .edges
+                        .iter()
+                        .any(|e| e.from == *id && stuck.contains(e.to.as_str()))
+                })
+                .collect();
+            if leaves.is_empty() {
+                break;
+            }
+            for id in leaves {
+                stuck.remove(id);
+            }
+        }
+        let cycle: Vec<String> = self
             .nodes
             .iter()
-            .filter(|n| indegree.get(n.id.as_str()).is_some_and(|d| *d > 0))
+            .filter(|n| stuck.contains(n.id.as_str()))
             .map(|n| n.id.clone())
             .collect();
-        (!stuck.is_empty()).then_some(stuck)
+        (!cycle.is_empty()).then_some(cycle)
     }
 
     /// Decides which stages run fused into the task of the stage before them: stateless,
@@ -310,6 +335,33 @@ mod tests {
         assert!(has("unknown error policy `nope`"), "{text:?}");
         assert!(has("output `out` of stage `orphan`"), "{text:?}");
         assert!(has("stage `orphan` has no input"), "{text:?}");
+    }
+
+    #[test]
+    fn a_cycle_is_reported_without_what_hangs_below_it() {
+        let nodes = ["src", "a", "b", "out"]
+            .iter()
+            .map(|id| {
+                let kind = match *id {
+                    "src" => StageKind::Source,
+                    "out" => StageKind::Sink,
+                    _ => StageKind::Transform,
+                };
+                StageNode::new(*id, kind)
+            })
+            .collect();
+        let graph = PipelineGraph {
+            nodes,
+            edges: vec![
+                edge("src", "a"),
+                edge("a", "b"),
+                edge("b", "a"),
+                edge("b", "out"),
+            ],
+            metadata: Default::default(),
+        };
+        let cycle = graph.find_cycle().expect("a cycle");
+        assert_eq!(cycle, vec!["a".to_owned(), "b".to_owned()]);
     }
 
     #[test]
