@@ -1,7 +1,8 @@
 //! `linear`: source of u64 -> map -> filter (keeps half) -> summing sink, through the public
-//! builder API, against three baselines doing the same work in the same process:
-//! a chain of tokio mpsc channels sending one item per message, the same chain sending
-//! `Vec` batches of 1024, and a single task running the loop.
+//! builder API, against baselines doing the same work in the same process: a chain of tokio
+//! mpsc channels sending one item per message, the same chain sending `Vec<u64>` batches of
+//! 1024, a single task running the loop, and the batched chain carrying pulseflow's
+//! `Envelope<u64>` (the same bytes per item as pulseflow moves, without its accounting).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -165,6 +166,61 @@ async fn mpsc_batched(n: u64) -> (Duration, u64) {
     (started.elapsed(), sum)
 }
 
+/// The batched chain again, carrying pulseflow's own `Envelope<u64>` (sequence number,
+/// timestamp, cost) instead of bare `u64`s: the same bytes per item as pulseflow moves, with
+/// none of its accounting, policies or supervision.
+async fn mpsc_batched_envelopes(n: u64) -> (Duration, u64) {
+    let started = Instant::now();
+    let cap = (CHANNEL_MESSAGES / BATCH * 8).max(8);
+    let (tx1, mut rx1) = mpsc::channel::<Vec<Envelope<u64>>>(cap);
+    let (tx2, mut rx2) = mpsc::channel::<Vec<Envelope<u64>>>(cap);
+    let (tx3, mut rx3) = mpsc::channel::<Vec<Envelope<u64>>>(cap);
+    let source = tokio::spawn(async move {
+        let mut x = 0;
+        while x < n {
+            let end = (x + BATCH as u64).min(n);
+            let now = pulseflow::envelope::now_millis();
+            let batch = (x..end)
+                .map(|v| Envelope::new(v).with_seq(v).with_timestamp(now))
+                .collect();
+            if tx1.send(batch).await.is_err() {
+                return;
+            }
+            x = end;
+        }
+    });
+    let map = tokio::spawn(async move {
+        while let Some(mut v) = rx1.recv().await {
+            for e in &mut v {
+                e.payload = work(e.payload);
+            }
+            if tx2.send(v).await.is_err() {
+                return;
+            }
+        }
+    });
+    let filter = tokio::spawn(async move {
+        while let Some(mut v) = rx2.recv().await {
+            v.retain(|e| keep(&e.payload));
+            if tx3.send(v).await.is_err() {
+                return;
+            }
+        }
+    });
+    let sink = tokio::spawn(async move {
+        let mut sum = 0u64;
+        while let Some(v) = rx3.recv().await {
+            for e in v {
+                sum = sum.wrapping_add(e.payload);
+            }
+        }
+        sum
+    });
+    let _ = tokio::join!(source, map, filter);
+    let sum = sink.await.unwrap_or_default();
+    (started.elapsed(), sum)
+}
+
 async fn single_task(n: u64) -> (Duration, u64) {
     let started = Instant::now();
     let sum = tokio::spawn(async move {
@@ -201,7 +257,7 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
     let expected: u64 = (0..n).map(work).filter(keep).fold(0u64, u64::wrapping_add);
-    let mut times: [Vec<Duration>; 4] = Default::default();
+    let mut times: [Vec<Duration>; 5] = Default::default();
     if opts.profile {
         let took = rt.block_on(async {
             let mut took = Vec::new();
@@ -230,6 +286,9 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
             let (t, s) = single_task(n).await;
             check(s, expected, "single task")?;
             times[3].push(t);
+            let (t, s) = mpsc_batched_envelopes(n).await;
+            check(s, expected, "mpsc batched envelopes")?;
+            times[4].push(t);
         }
         Ok::<(), String>(())
     })?;
@@ -242,6 +301,7 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
         "tokio mpsc, one item per message",
         "tokio mpsc, Vec batches of 1024",
         "single task loop",
+        "tokio mpsc, Vec<Envelope<u64>> batches of 1024",
     ];
     let mut report = Report::new(
         format!(
@@ -268,6 +328,7 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
         "vs_mpsc_per_item": round2(rates[0] / rates[1]),
         "vs_mpsc_batched": round2(rates[0] / rates[2]),
         "vs_single_task": round2(rates[0] / rates[3]),
+        "vs_mpsc_batched_envelopes": round2(rates[0] / rates[4]),
         "cores": pulseflow::policy::cores(),
     }));
     Ok(report)
