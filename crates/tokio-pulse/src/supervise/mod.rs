@@ -154,6 +154,7 @@ impl Core {
     pub(crate) fn task_gone(&self, task: &TaskShared, tier: Tier) {
         self.tier_counts[tier as usize].fetch_sub(1, Ordering::Relaxed);
         self.tasks.lock().remove(&task.id);
+        telemetry::task_gone(task, tier);
     }
 
     fn tier_counts(&self) -> [u64; 4] {
@@ -284,8 +285,7 @@ impl Supervisor {
     {
         let core = &self.shared.core;
         let id = core.next_task.fetch_add(1, Ordering::Relaxed);
-        let label = name.map_or_else(|| id.to_string(), str::to_owned);
-        let task = Arc::new(TaskShared::new(id, label));
+        let task = Arc::new(TaskShared::new(id, name));
         core.tasks.lock().insert(id, Arc::clone(&task));
         core.tier_counts[Tier::Monitor as usize].fetch_add(1, Ordering::Relaxed);
         let watch = Watch::new(Arc::clone(core), Arc::clone(&task));

@@ -19,6 +19,8 @@ use super::{Core, Shared, telemetry};
 pub(crate) struct TaskShared {
     pub(crate) id: u64,
     pub(crate) label: String,
+    /// Whether the label is a name given by the caller (only those get a per-task gauge).
+    pub(crate) named: bool,
     pub(crate) tier: AtomicU8,
     pub(crate) cpu_ns: AtomicU64,
     pub(crate) polls: AtomicU64,
@@ -28,10 +30,11 @@ pub(crate) struct TaskShared {
 }
 
 impl TaskShared {
-    pub(crate) fn new(id: u64, label: String) -> Self {
+    pub(crate) fn new(id: u64, name: Option<&str>) -> Self {
         Self {
             id,
-            label,
+            label: name.map_or_else(|| id.to_string(), str::to_owned),
+            named: name.is_some(),
             tier: AtomicU8::new(Tier::Monitor as u8),
             cpu_ns: AtomicU64::new(0),
             polls: AtomicU64::new(0),
@@ -225,7 +228,7 @@ impl Watch {
         if let Some(change) = changes {
             self.task.tier.store(change.to as u8, Ordering::Relaxed);
             core.count_tier(change);
-            telemetry::transition(&self.task.label, change);
+            telemetry::transition(&self.task, change);
             if change.to < change.from {
                 tracing::info!(task = %self.task.label, from = %change.from, to = %change.to, "tokio-pulse: task behaves, tier lowered");
             }

@@ -3,7 +3,7 @@
 //!
 //! | name | kind | labels | meaning |
 //! |---|---|---|---|
-//! | `tokio_pulse_task_tier` | gauge | `task` | tier of a task (0 Monitor … 3 Isolate) |
+//! | `tokio_pulse_task_tier` | gauge | `task` | tier of a named task (0 Monitor … 3 Isolate), set when it changes tier and back to 0 when it ends |
 //! | `tokio_pulse_tasks` | gauge | `tier` | live supervised tasks in each tier |
 //! | `tokio_pulse_violations_total` | counter | `tier` | polls over budget, by the tier after the poll |
 //! | `tokio_pulse_tier_transitions_total` | counter | `from`, `to` | tier changes |
@@ -12,10 +12,16 @@
 //! | `tokio_pulse_poll_duration_seconds` | histogram | | every poll over budget, and one in 64 of the others |
 //! | `tokio_pulse_isolation_cpu_seconds` | gauge | | CPU time used by the isolation runtime's threads |
 //! | `tokio_pulse_isolation_cpu_percent` | gauge | | their share of the machine since the previous sample |
+//!
+//! Only tasks spawned with [`Supervisor::spawn_named`](super::Supervisor::spawn_named) get a
+//! `tokio_pulse_task_tier` series: a label per anonymous task would grow without bound in a
+//! program that spawns many; those are counted in `tokio_pulse_tasks` by tier.
 
 use metrics::{Counter, Histogram};
 
 use crate::tier::{Tier, Transition};
+
+use super::task::TaskShared;
 
 /// Gauge: tier of a task.
 pub const TASK_TIER: &str = "tokio_pulse_task_tier";
@@ -58,10 +64,19 @@ impl Handles {
     }
 }
 
-pub(crate) fn transition(task_label: &str, change: Transition) {
+pub(crate) fn transition(task: &TaskShared, change: Transition) {
     metrics::counter!(TRANSITIONS, "from" => change.from.as_str(), "to" => change.to.as_str())
         .increment(1);
-    metrics::gauge!(TASK_TIER, "task" => task_label.to_owned()).set(f64::from(change.to as u8));
+    if task.named {
+        metrics::gauge!(TASK_TIER, "task" => task.label.clone()).set(f64::from(change.to as u8));
+    }
+}
+
+/// A named task that ended above Monitor leaves its gauge at 0, not at its last tier.
+pub(crate) fn task_gone(task: &TaskShared, tier: Tier) {
+    if task.named && tier != Tier::Monitor {
+        metrics::gauge!(TASK_TIER, "task" => task.label.clone()).set(0.0);
+    }
 }
 
 pub(crate) fn migration(direction: &'static str) {
