@@ -304,6 +304,8 @@ pub struct PollClock {
     tsc: bool,
     /// Nanoseconds in 2^20 ticks.
     ns_per_mega_tick: u64,
+    /// Whether it only moves when told to ([`PollClock::manual`]).
+    manual: bool,
 }
 
 /// Controls a manual [`PollClock`].
@@ -313,22 +315,29 @@ impl PollClock {
     /// The fastest reliable clock of this machine (calibrated once per process).
     pub fn new() -> Self {
         static CLOCK: OnceLock<quanta::Clock> = OnceLock::new();
-        Self::from_quanta(CLOCK.get_or_init(quanta::Clock::new).clone())
+        Self::from_quanta(CLOCK.get_or_init(quanta::Clock::new).clone(), false)
     }
 
     /// A clock that only moves when told to, for deterministic tests.
     pub fn manual() -> (Self, ManualClock) {
         let (clock, mock) = quanta::Clock::mock();
-        (Self::from_quanta(clock), mock)
+        (Self::from_quanta(clock, true), mock)
     }
 
-    fn from_quanta(clock: quanta::Clock) -> Self {
+    /// Whether this is a [`manual`](Self::manual) clock. In the simulated time of a manual
+    /// clock nothing is preempted, so the supervisor takes its time for CPU time too.
+    pub fn is_manual(&self) -> bool {
+        self.manual
+    }
+
+    fn from_quanta(clock: quanta::Clock, manual: bool) -> Self {
         let ns_per_mega_tick = clock.delta_as_nanos(1, 1 + (1 << 20)).max(1);
         let tsc = quanta_uses_tsc(&clock);
         Self {
             clock,
             tsc,
             ns_per_mega_tick,
+            manual,
         }
     }
 

@@ -8,7 +8,8 @@
 //! | [`Tier::Isolate`] | the task runs on the isolation runtime, whose threads the OS limits |
 //!
 //! Escalation is immediate: a violation raises the score (see [`crate::budget`]) and the task
-//! goes to the highest tier whose threshold the score reaches. Demotion is slow, one tier at a
+//! goes to the highest tier whose threshold the score reaches; a violation measured only in
+//! wall-clock time ([`TierManager::on_unconfirmed_poll`]) goes no higher than Warn. Demotion is slow, one tier at a
 //! time, and needs all of: no violation for [`TierConfig::cooldown`], no tier change for as
 //! long, and the decayed score below the tier's threshold by the hysteresis margin. A task that
 //! oscillates around a threshold therefore does not flap.
@@ -292,15 +293,64 @@ impl TierManager {
     ///
     /// Polls within budget change nothing here (demotion is [`review`](Self::review)'s job).
     pub fn on_poll(&self, task: &mut TaskBudget, poll_ns: u64, now_ns: u64) -> Option<Transition> {
+        self.record(task, poll_ns, now_ns, Tier::Isolate)
+    }
+
+    /// Records a violation known only by wall-clock time: the thread may have been preempted
+    /// during the poll, so it counts, but it raises the task to [`Tier::Warn`] at most (and its
+    /// score stays below the Yield threshold). The supervisor measures the CPU time of tasks at
+    /// Warn and above, so a task that really hogs its worker goes further on its next long
+    /// poll, while one that was only preempted calms down again.
+    ///
+    /// ```
+    /// use tokio_pulse::budget::TaskBudget;
+    /// use tokio_pulse::tier::{Tier, TierConfig, TierManager};
+    ///
+    /// let manager = TierManager::new(TierConfig::default()).expect("valid config");
+    /// let mut task = TaskBudget::new(0);
+    /// let change = manager.on_unconfirmed_poll(&mut task, 20_000_000, 20_000_000);
+    /// assert_eq!(change.map(|c| c.to), Some(Tier::Warn));
+    /// // The next long poll, measured in CPU time, escalates as usual.
+    /// let change = manager.on_poll(&mut task, 20_000_000, 40_000_000);
+    /// assert_eq!(change.map(|c| c.to), Some(Tier::Isolate));
+    /// ```
+    pub fn on_unconfirmed_poll(
+        &self,
+        task: &mut TaskBudget,
+        poll_ns: u64,
+        now_ns: u64,
+    ) -> Option<Transition> {
+        self.record(task, poll_ns, now_ns, Tier::Warn)
+    }
+
+    fn record(
+        &self,
+        task: &mut TaskBudget,
+        poll_ns: u64,
+        now_ns: u64,
+        ceiling: Tier,
+    ) -> Option<Transition> {
         if !self.is_violation(poll_ns) {
             return None;
         }
         task.decay(now_ns, self.decay_ns);
         let points = (poll_ns / self.budget_ns).clamp(1, u64::from(self.config.max_poll_score));
-        task.score = (task.score.saturating_add(points as u32)).min(self.config.max_score);
+        let before = task.score;
+        task.score = (before.saturating_add(points as u32)).min(self.config.max_score);
+        let mut target = self.config.tier_for(task.score);
+        if ceiling < Tier::Isolate {
+            // Stay below the next tier's threshold (never lowering a score already above it),
+            // and never go past the ceiling by this poll.
+            let next = self.config.threshold(Tier::from_u8(ceiling as u8 + 1));
+            let cap = next
+                .saturating_sub(1)
+                .max(self.config.threshold(ceiling))
+                .max(before);
+            task.score = task.score.min(cap);
+            target = self.config.tier_for(task.score).min(ceiling.max(task.tier));
+        }
         task.violations = task.violations.saturating_add(1);
         task.last_violation_ns = now_ns;
-        let target = self.config.tier_for(task.score);
         if target > task.tier {
             let change = Transition {
                 from: task.tier,
@@ -455,6 +505,45 @@ mod tests {
         assert_eq!(c.map(|c| c.to), Some(Tier::Isolate));
         assert_eq!(t.violations(), 3);
         assert_eq!(m.escalations(), 3);
+    }
+
+    #[test]
+    fn unconfirmed_violations_stop_at_warn() {
+        let m = manager();
+        let mut t = TaskBudget::new(0);
+        let c = m.on_unconfirmed_poll(&mut t, 500 * MS, 500 * MS);
+        assert_eq!(c.map(|c| c.to), Some(Tier::Warn));
+        assert_eq!(t.score(), TierConfig::default().yield_at - 1);
+        // More of them, back to back, still leave the task at Warn.
+        for i in 1..10 {
+            assert_eq!(
+                m.on_unconfirmed_poll(&mut t, 500 * MS, (500 + i) * MS),
+                None
+            );
+        }
+        assert_eq!(t.tier(), Tier::Warn);
+        assert_eq!(t.violations(), 10);
+        // One confirmed 2 ms poll is enough for Yield from there.
+        let c = m.on_poll(&mut t, 2 * MS, 520 * MS);
+        assert_eq!(c.map(|c| c.to), Some(Tier::Yield));
+        // At Yield, an unconfirmed poll neither escalates nor lowers the score.
+        let score = t.score();
+        assert_eq!(m.on_unconfirmed_poll(&mut t, 50 * MS, 521 * MS), None);
+        assert!(t.score() >= score);
+        assert_eq!(t.tier(), Tier::Yield);
+    }
+
+    #[test]
+    fn unconfirmed_ceiling_holds_when_warn_and_yield_share_a_threshold() {
+        let m = TierManager::new(TierConfig {
+            warn_at: 3,
+            yield_at: 3,
+            ..TierConfig::default()
+        })
+        .expect("valid");
+        let mut t = TaskBudget::new(0);
+        let c = m.on_unconfirmed_poll(&mut t, 100 * MS, 100 * MS);
+        assert_eq!(c.map(|c| c.to), Some(Tier::Warn));
     }
 
     #[test]

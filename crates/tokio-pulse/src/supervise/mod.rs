@@ -13,6 +13,16 @@
 //! every [`SupervisorConfig::sample_interval`] and charges the delta to the task that worker
 //! is polling at that moment.
 //!
+//! A poll is timed with the cheap clock, which also counts time the thread spent preempted.
+//! Such a wall-clock violation can raise a task to Warn and no further
+//! ([`TierManager::on_unconfirmed_poll`](crate::tier::TierManager::on_unconfirmed_poll)).
+//! From Warn up, the task's polls are also timed with its thread's CPU clock (two reads of
+//! a few hundred nanoseconds each, paid only by tasks that have already overrun), and Yield
+//! and Isolate follow CPU time. So a busy task on a machine crowded by other processes is not
+//! sent to the idle-priority isolation runtime for being preempted, while a task that burns
+//! its worker gets there on its second long poll (on its first when the sampler read the
+//! thread's clock during it, as it does for any poll much longer than the sample interval).
+//!
 //! ```
 //! use tokio_pulse::{Supervisor, SupervisorConfig};
 //!

@@ -100,6 +100,8 @@ pub(crate) struct Watch {
     polls: u64,
     published_polls: u64,
     isolated: bool,
+    /// Whether polls are also timed with the thread's CPU clock (at Warn and above).
+    cpu_timed: bool,
 }
 
 impl Watch {
@@ -115,6 +117,7 @@ impl Watch {
             polls: 0,
             published_polls: 0,
             isolated: false,
+            cpu_timed: false,
         }
     }
 
@@ -146,6 +149,11 @@ impl Watch {
         };
         let core = &*self.core;
         let guard = slot.enter(self.task.id);
+        let cpu_start = if self.cpu_timed {
+            slot.clock.and_then(|c| c.read_ns())
+        } else {
+            None
+        };
         let start = core.clock.raw();
         let result = fut.poll(cx);
         let end = core.clock.raw();
@@ -153,7 +161,7 @@ impl Watch {
         let over = end.wrapping_sub(start) > core.budget_ticks || end >= self.review_at;
         self.polls += 1;
         let action = if over {
-            self.slow_path(start, end)
+            self.slow_path(start, end, cpu_start)
         } else {
             Action::Continue
         };
@@ -185,19 +193,26 @@ impl Watch {
 
     #[cold]
     #[inline(never)]
-    fn slow_path(&mut self, start: u64, end: u64) -> Action {
+    fn slow_path(&mut self, start: u64, end: u64, cpu_start: Option<u64>) -> Action {
         let core = Arc::clone(&self.core);
-        let mut poll_ns = core.clock.nanos_between(start, end);
-        if core.tiers.is_violation(poll_ns) {
-            poll_ns = self.on_cpu_ns(start, end, poll_ns);
-        }
+        let wall_ns = core.clock.nanos_between(start, end);
+        let (poll_ns, confirmed) = if core.tiers.is_violation(wall_ns) {
+            self.measure(start, end, wall_ns, cpu_start)
+        } else {
+            (wall_ns, true)
+        };
         let now = core.ns_at(end);
         let mut changes: Option<Transition> = None;
         if core.tiers.is_violation(poll_ns) {
             if let Some(slot) = &self.slot {
                 slot.stats.add_violation();
             }
-            changes = core.tiers.on_poll(&mut self.budget, poll_ns, now);
+            changes = if confirmed {
+                core.tiers.on_poll(&mut self.budget, poll_ns, now)
+            } else {
+                core.tiers
+                    .on_unconfirmed_poll(&mut self.budget, poll_ns, now)
+            };
             let tier = self.budget.tier();
             self.task.violations.fetch_add(1, Ordering::Relaxed);
             core.metrics.violation(tier);
@@ -207,6 +222,7 @@ impl Watch {
                     task = %self.task.label,
                     poll_us = poll_ns / 1_000,
                     budget_us = core.tiers.config().poll_budget.as_micros() as u64,
+                    cpu_measured = confirmed,
                     tier = %tier,
                     "tokio-pulse: poll over budget"
                 );
@@ -234,6 +250,7 @@ impl Watch {
             }
         }
         let tier = self.budget.tier();
+        self.cpu_timed = tier >= Tier::Warn;
         match (self.isolated, tier) {
             (false, Tier::Isolate) => Action::Isolate,
             (false, Tier::Yield) if core.tiers.is_violation(poll_ns) => Action::Yield,
@@ -242,27 +259,39 @@ impl Watch {
         }
     }
 
-    /// Discounts the time the worker thread spent preempted during a long poll, when the CPU
-    /// sampler took a sample inside the poll: only the CPU share of the window from that sample
-    /// to the end of the poll counts. Reads the thread's CPU clock, so only on the slow path.
-    fn on_cpu_ns(&self, start: u64, end: u64, wall_ns: u64) -> u64 {
+    /// The length of a poll that took `wall_ns` of wall-clock time, and whether it is known
+    /// in CPU time (`true`) or only in wall-clock time, which counts time the thread spent
+    /// preempted (`false`). CPU time is known when the poll was CPU-timed (tasks at Warn and
+    /// above), when the CPU sampler read the thread's clock during the poll (the CPU share of
+    /// the window from that sample to the end of the poll is applied), on a manual clock (no
+    /// preemption in simulated time), and trivially where threads have no CPU clock at all.
+    /// Reads the thread's CPU clock, so only on the slow path.
+    fn measure(&self, start: u64, end: u64, wall_ns: u64, cpu_start: Option<u64>) -> (u64, bool) {
+        let clock = self.slot.as_ref().and_then(|s| s.clock);
+        if self.core.clock.is_manual() || clock.is_none() {
+            return (wall_ns, true);
+        }
+        let cpu_now = clock.and_then(|c| c.read_ns());
+        if let (Some(before), Some(now)) = (cpu_start, cpu_now) {
+            return (now.saturating_sub(before).min(wall_ns), true);
+        }
         let Some(slot) = &self.slot else {
-            return wall_ns;
+            return (wall_ns, false);
         };
         let sample_raw = slot.last_sample_raw.load(Ordering::Relaxed);
         let cpu_then = slot.last_cpu_ns.load(Ordering::Relaxed);
-        if sample_raw <= start || sample_raw >= end {
-            return wall_ns;
-        }
-        let Some(cpu_now) = slot.clock.and_then(|c| c.read_ns()) else {
-            return wall_ns;
+        let Some(cpu_now) = cpu_now else {
+            return (wall_ns, false);
         };
+        if sample_raw <= start || sample_raw >= end || cpu_now < cpu_then {
+            return (wall_ns, false);
+        }
         let window = self.core.clock.nanos_between(sample_raw, end);
-        if window == 0 || cpu_now < cpu_then {
-            return wall_ns;
+        if window == 0 {
+            return (wall_ns, false);
         }
         let share = ((cpu_now - cpu_then) as f64 / window as f64).min(1.0);
-        (wall_ns as f64 * share) as u64
+        ((wall_ns as f64 * share) as u64, true)
     }
 
     fn finish(&mut self) {
