@@ -86,6 +86,8 @@ struct Run {
     check: u64,
     state_peak: u64,
     metrics: std::collections::BTreeMap<String, f64>,
+    /// Highest Tokio-Pulse tier each stage's tasks reached (empty when unsupervised).
+    tiers: String,
 }
 
 fn pipeline(
@@ -143,7 +145,13 @@ fn pipeline(
             .stage("count-sum")
             .map(|s| s.metrics.clone())
             .unwrap_or_default();
+        let tiers = ["updates", "count-sum", "out"]
+            .iter()
+            .filter_map(|id| Some(format!("{id}={}", result.stage(id)?.tier?)))
+            .collect::<Vec<_>>()
+            .join(" ");
         Ok(Run {
+            tiers,
             elapsed,
             check: check.load(Ordering::Relaxed),
             state_peak: budget.stats().peak,
@@ -152,9 +160,11 @@ fn pipeline(
     })
 }
 
-/// Spill store appends of `records` encoded states against a plain buffered write of the
-/// same number of bytes; returns (spill bytes/s, sequential bytes/s, stored bytes).
-fn write_paths(records: u64) -> Result<(f64, f64, u64), Box<dyn std::error::Error>> {
+/// Spill store write path (encode, append, flush) of `records` states against a plain
+/// buffered write of the same number of bytes (the encoded states: what the store is given to
+/// keep; it may store fewer after compression). Returns (spill bytes/s, sequential bytes/s,
+/// encoded bytes, stored bytes).
+fn write_paths(records: u64) -> Result<(f64, f64, u64, u64), Box<dyn std::error::Error>> {
     let mut store = SpillStore::open(None)?;
     let mut buf = Vec::new();
     let started = Instant::now();
@@ -176,7 +186,8 @@ fn write_paths(records: u64) -> Result<(f64, f64, u64), Box<dyn std::error::Erro
     }
     store.flush()?;
     let spill = started.elapsed();
-    let bytes = store.stats().stored_bytes;
+    let bytes = store.stats().raw_bytes;
+    let stored = store.stats().stored_bytes;
     let dir = tempfile_dir()?;
     let path = dir.join("plain.bin");
     let chunk = vec![0x5Au8; 64 << 10];
@@ -197,6 +208,7 @@ fn write_paths(records: u64) -> Result<(f64, f64, u64), Box<dyn std::error::Erro
         bytes as f64 / spill.as_secs_f64(),
         bytes as f64 / seq.as_secs_f64(),
         bytes,
+        stored,
     ))
 }
 
@@ -237,7 +249,7 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
         format!("{:.2?}", mem.elapsed),
         per_sec(mem_rate),
         format!("{:.2}", mem_rate / base_rate),
-        format!("state {:.1} MiB", state as f64 / 1048576.0),
+        format!("state {:.1} MiB {}", state as f64 / 1048576.0, mem.tiers),
     ]);
 
     let budget = state / 10;
@@ -255,24 +267,26 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
         per_sec(spill_rate),
         format!("{:.2}", spill_rate / base_rate),
         format!(
-            "{} spills, {} reloads, ratio {:.2}, peak RSS {:.0} MiB, budget {:.1} MiB",
+            "{} spills, {} reloads, ratio {:.2}, peak RSS {:.0} MiB, budget {:.1} MiB {}",
             m("spill.spills"),
             m("spill.reloads"),
             m("spill.compression_ratio"),
             peak_rss,
-            budget as f64 / 1048576.0
+            budget as f64 / 1048576.0,
+            spill.tiers
         ),
     ]);
 
-    let (spill_bps, seq_bps, bytes) = write_paths(keys)?;
+    let (spill_bps, seq_bps, bytes, stored) = write_paths(keys)?;
     report.row(vec![
         "spill store write".into(),
         String::new(),
         format!("{:.0} MiB/s", spill_bps / 1048576.0),
         String::new(),
         format!(
-            "{:.1} MiB; plain sequential write {:.0} MiB/s",
+            "{:.1} MiB of states ({:.1} MiB stored); plain sequential write {:.0} MiB/s",
             bytes as f64 / 1048576.0,
+            stored as f64 / 1048576.0,
             seq_bps / 1048576.0
         ),
     ]);
