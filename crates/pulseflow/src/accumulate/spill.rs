@@ -1,10 +1,10 @@
 //! The spill store: a checksummed append-only segment log of compressed blocks of records.
 //!
-//! Records (encoded states) are packed into blocks of about 32 KiB, each record as a LEB128
+//! Records (encoded states) are packed into blocks of about 4 KiB, each record as a LEB128
 //! length and its bytes. A block is stored as `stored_len: u32 | raw_len: u32 | crc32c: u32 |
 //! payload`, little-endian: the payload is the block compressed with LZ4 when that makes it
-//! smaller, the raw block otherwise (`stored_len == raw_len`), and the checksum covers
-//! `raw_len` and the payload. One header and one checksum per block instead of per record
+//! smaller and is worth its time ([`Compression`]), the raw block otherwise (`stored_len ==
+//! raw_len`), and the checksum covers `raw_len` and the payload. One header and one checksum per block instead of per record
 //! (records are often ~20 bytes), and LZ4 gets enough input to find repeats. Sealed blocks are
 //! buffered and written in large appends ([`SpillStore::flush`] seals the open block and
 //! writes everything). A read decompresses the record's block once and keeps it: reloads in
@@ -37,8 +37,10 @@ use std::path::{Path, PathBuf};
 
 /// Bytes buffered before they are appended to the file.
 const WRITE_BUFFER: usize = 256 << 10;
-/// A block is sealed once its records reach this many bytes.
-const BLOCK: usize = 32 << 10;
+/// A block is sealed once its records reach this many bytes: large enough that a header and
+/// a checksum per block cost nothing and LZ4 finds repeats, small enough that reading one
+/// record at random reads and checks only a few KiB.
+const BLOCK: usize = 4 << 10;
 /// Blocks smaller than this are stored raw: LZ4 cannot win on them.
 const MIN_COMPRESS: usize = 256;
 /// Block header size.
@@ -47,6 +49,51 @@ const HEADER: usize = 12;
 const MAX_RECORD: usize = 256 << 20;
 /// Largest raw block (a record above [`BLOCK`] gets a block of its own).
 const MAX_BLOCK: usize = MAX_RECORD + BLOCK + 8;
+/// Under [`Compression::Auto`], every this many blocks one is compressed to refresh the
+/// estimate of what compression costs and saves.
+const PROBE_EVERY: u32 = 32;
+
+/// Whether the spill store compresses its blocks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// Compress a block when that is expected to save more write time than it costs: the
+    /// store keeps running estimates of LZ4's time and savings per byte and of the file's
+    /// write time per byte. On a page cache or a fast disk LZ4 does not pay; on a slow disk
+    /// (or one the kernel throttles) it does.
+    #[default]
+    Auto,
+    /// Compress every block (kept raw only when LZ4 does not make it smaller).
+    Always,
+    /// Never compress.
+    Never,
+}
+
+/// Running estimates behind [`Compression::Auto`], in nanoseconds per byte.
+#[derive(Debug, Clone, Copy, Default)]
+struct CostModel {
+    write_ns: Option<f64>,
+    lz4_ns: Option<f64>,
+    /// Fraction of the bytes LZ4 saves.
+    saved: f64,
+    since_probe: u32,
+}
+
+impl CostModel {
+    fn blend(old: Option<f64>, new: f64) -> f64 {
+        old.map_or(new, |o| 0.75 * o + 0.25 * new)
+    }
+
+    fn should_compress(&mut self) -> bool {
+        self.since_probe += 1;
+        match (self.write_ns, self.lz4_ns) {
+            (Some(w), Some(c)) if self.since_probe < PROBE_EVERY => c < w * self.saved,
+            _ => {
+                self.since_probe = 0;
+                true
+            }
+        }
+    }
+}
 
 /// An error of the spill store.
 #[derive(Debug, thiserror::Error)]
@@ -149,10 +196,12 @@ pub struct SpillStore {
     file: File,
     /// Bytes already in the file.
     flushed: u64,
-    /// Sealed blocks not yet in the file.
+    /// Sealed blocks not yet in the file, then the open block (header space and records),
+    /// from `open_start` on.
     buffer: Vec<u8>,
-    /// Records of the block being filled (raw).
-    open: Vec<u8>,
+    open_start: usize,
+    compression: Compression,
+    costs: CostModel,
     /// Offset and stored size (header included) of each sealed block.
     blocks: Vec<(u64, u32)>,
     /// The block last read, decompressed and checked.
@@ -231,8 +280,10 @@ impl SpillStore {
             path,
             file,
             flushed: 0,
-            buffer: Vec::with_capacity(WRITE_BUFFER + BLOCK),
-            open: Vec::with_capacity(BLOCK + 64),
+            buffer: Vec::with_capacity(WRITE_BUFFER + 2 * BLOCK),
+            open_start: 0,
+            compression: Compression::Auto,
+            costs: CostModel::default(),
             blocks: Vec::new(),
             cached: None,
             cache: Vec::new(),
@@ -256,11 +307,16 @@ impl SpillStore {
         self.stats
     }
 
+    /// Sets whether blocks are compressed (default [`Compression::Auto`]).
+    pub fn set_compression(&mut self, compression: Compression) {
+        self.compression = compression;
+    }
+
     /// Offset in the log of the block holding `at` (for error messages).
     pub fn offset_of(&self, at: RecordRef) -> u64 {
         match self.blocks.get(at.block as usize) {
             Some(&(offset, _)) => offset,
-            None => self.flushed + self.buffer.len() as u64,
+            None => self.flushed + self.open_start as u64,
         }
     }
 
@@ -274,47 +330,67 @@ impl SpillStore {
         }
         let block = u32::try_from(self.blocks.len())
             .map_err(|_| SpillError::Encode("spill log has too many blocks".into()))?;
+        if self.buffer.len() == self.open_start {
+            // A new block: room for its header.
+            self.buffer.extend_from_slice(&[0; HEADER]);
+        }
+        let data = self.open_start + HEADER;
         let at = RecordRef {
             block,
-            pos: self.open.len() as u32,
+            pos: (self.buffer.len() - data) as u32,
         };
-        put_varint(&mut self.open, raw.len() as u64);
-        self.open.extend_from_slice(raw);
+        put_varint(&mut self.buffer, raw.len() as u64);
+        self.buffer.extend_from_slice(raw);
         self.stats.records += 1;
         self.stats.raw_bytes += raw.len() as u64;
-        if self.open.len() >= BLOCK {
+        if self.buffer.len() - data >= BLOCK {
             self.seal()?;
         }
         Ok(at)
     }
 
-    /// Compresses the open block into the write buffer.
+    /// Closes the open block: compresses it in place when that is worth it, fills in its
+    /// header.
     fn seal(&mut self) -> Result<(), SpillError> {
-        if self.open.is_empty() {
+        if self.buffer.len() == self.open_start {
             return Ok(());
         }
-        let raw = &self.open;
-        let payload: &[u8] = if raw.len() < MIN_COMPRESS {
-            raw
-        } else {
+        let data = self.open_start + HEADER;
+        let raw_len = self.buffer.len() - data;
+        let compress = raw_len >= MIN_COMPRESS
+            && match self.compression {
+                Compression::Always => true,
+                Compression::Never => false,
+                Compression::Auto => self.costs.should_compress(),
+            };
+        if compress {
+            let raw = &self.buffer[data..];
             self.scratch
-                .resize(lz4_flex::block::get_maximum_output_size(raw.len()), 0);
-            match lz4_flex::block::compress_into(raw, &mut self.scratch) {
-                Ok(n) if n < raw.len() => &self.scratch[..n],
-                _ => raw,
+                .resize(lz4_flex::block::get_maximum_output_size(raw_len), 0);
+            let started = std::time::Instant::now();
+            let packed = lz4_flex::block::compress_into(raw, &mut self.scratch);
+            let took = started.elapsed().as_nanos() as f64 / raw_len as f64;
+            self.costs.lz4_ns = Some(CostModel::blend(self.costs.lz4_ns, took));
+            if let Ok(n) = packed {
+                let saved = 1.0 - (n as f64 / raw_len as f64).min(1.0);
+                self.costs.saved = 0.75 * self.costs.saved + 0.25 * saved;
+                if n < raw_len {
+                    self.buffer.truncate(data);
+                    self.buffer.extend_from_slice(&self.scratch[..n]);
+                }
             }
-        };
-        let raw_len = (raw.len() as u32).to_le_bytes();
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&raw_len), payload);
-        let offset = self.flushed + self.buffer.len() as u64;
-        self.buffer
-            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        self.buffer.extend_from_slice(&raw_len);
-        self.buffer.extend_from_slice(&crc.to_le_bytes());
-        self.buffer.extend_from_slice(payload);
-        let len = (HEADER + payload.len()) as u32;
-        self.blocks.push((offset, len));
-        self.open.clear();
+        }
+        let stored = self.buffer.len() - data;
+        let raw_word = (raw_len as u32).to_le_bytes();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&raw_word), &self.buffer[data..]);
+        let header = &mut self.buffer[self.open_start..data];
+        header[0..4].copy_from_slice(&(stored as u32).to_le_bytes());
+        header[4..8].copy_from_slice(&raw_word);
+        header[8..12].copy_from_slice(&crc.to_le_bytes());
+        let len = (HEADER + stored) as u32;
+        self.blocks
+            .push((self.flushed + self.open_start as u64, len));
+        self.open_start = self.buffer.len();
         self.stats.blocks += 1;
         self.stats.stored_bytes += u64::from(len);
         if self.buffer.len() >= WRITE_BUFFER {
@@ -323,13 +399,18 @@ impl SpillStore {
         Ok(())
     }
 
+    /// Writes the sealed blocks (the open block must be empty).
     fn write_out(&mut self) -> Result<(), SpillError> {
         if self.buffer.is_empty() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         self.file.write_all(&self.buffer).map_err(io(&self.path))?;
+        let took = started.elapsed().as_nanos() as f64 / self.buffer.len() as f64;
+        self.costs.write_ns = Some(CostModel::blend(self.costs.write_ns, took));
         self.flushed += self.buffer.len() as u64;
         self.buffer.clear();
+        self.open_start = 0;
         Ok(())
     }
 
@@ -355,7 +436,9 @@ impl SpillStore {
             reason,
         };
         let block: &[u8] = if at.block as usize == self.blocks.len() {
-            &self.open
+            self.buffer
+                .get(self.open_start + HEADER..)
+                .unwrap_or_default()
         } else {
             if self.cached != Some(at.block) {
                 self.cached = None;
@@ -521,7 +604,14 @@ mod tests {
 
     #[test]
     fn many_small_records_share_blocks() {
+        for mode in [Compression::Always, Compression::Never, Compression::Auto] {
+            small_records(mode);
+        }
+    }
+
+    fn small_records(mode: Compression) {
         let mut store = SpillStore::open(None).expect("open");
+        store.set_compression(mode);
         let refs: Vec<_> = (0..10_000u32)
             .map(|i| {
                 let rec = format!("state-{i}");
@@ -530,8 +620,12 @@ mod tests {
             .collect();
         store.flush().expect("flush");
         let stats = store.stats();
-        assert!(stats.blocks < 10, "{stats:?}");
-        assert!(stats.compression_ratio() > 1.5, "{stats:?}");
+        assert!(stats.blocks * 100 < stats.records, "{stats:?}");
+        match mode {
+            Compression::Always => assert!(stats.compression_ratio() > 1.5, "{stats:?}"),
+            Compression::Never => assert!(stats.compression_ratio() < 1.0, "{stats:?}"),
+            Compression::Auto => {}
+        }
         let mut out = Vec::new();
         for i in [9_999u32, 0, 5_000, 5_001, 1] {
             store.read(refs[i as usize], &i, &mut out).expect("read");
