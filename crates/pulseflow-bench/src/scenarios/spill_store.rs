@@ -180,7 +180,7 @@ fn fjall_store(r: &Records) -> Result<Measured, BoxError> {
 
 #[cfg(feature = "store-eval")]
 fn redb_store(r: &Records) -> Result<Measured, BoxError> {
-    use redb::{Database, Durability, ReadableTable, TableDefinition};
+    use redb::{Database, Durability, TableDefinition};
     const SPILL: TableDefinition<u32, &[u8]> = TableDefinition::new("spill");
     let dir = fresh_dir("redb")?;
     let db = Database::create(dir.join("spill.redb"))?;
@@ -217,7 +217,6 @@ fn redb_store(r: &Records) -> Result<Measured, BoxError> {
         }
     }
     let read_random = started.elapsed();
-    let _ = table.len();
     drop(table);
     drop(txn);
     drop(db);
