@@ -61,6 +61,9 @@ enum Scenario {
     /// Count-and-sum per key through the accumulator stage against a HashMap loop, in memory
     /// and with a tenth of the memory (spill).
     Accumulate(CommonOpts),
+    /// The accumulator's spilled states through the segment log and (with `--features
+    /// store-eval`) fjall and redb: write, read in order, read at random, disk use.
+    SpillStore(CommonOpts),
 }
 
 fn main() -> std::process::ExitCode {
@@ -72,6 +75,7 @@ fn main() -> std::process::ExitCode {
         Scenario::PulseOverhead(opts) => scenarios::pulse_overhead::run(&opts),
         Scenario::Isolation(opts) => scenarios::isolation::run(&opts),
         Scenario::Accumulate(opts) => scenarios::accumulate::run(&opts),
+        Scenario::SpillStore(opts) => scenarios::spill_store::run(&opts),
     };
     match outcome {
         Ok(report) => {

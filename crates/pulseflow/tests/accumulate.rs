@@ -387,3 +387,53 @@ async fn corrupt_spill_file_is_an_error_not_a_panic() {
     // Keys whose state was lost start again from the second item and are flushed at the end.
     assert_eq!(got.len(), 50);
 }
+
+/// Keys spilled under a tiny budget still expire on their TTL: their deadlines are kept apart
+/// from the compact index of spilled keys, fire from the deadline queue, and the flushed
+/// outputs say they were on disk.
+#[tokio::test(start_paused = true)]
+async fn spilled_keys_expire_on_their_ttl() {
+    let first: Vec<(u32, u64)> = (0..40u32).map(|k| (k, u64::from(k))).collect();
+    let then: Vec<(u32, u64)> = vec![(1000, 7)];
+    let mut p = PipelineBuilder::new("ttl-spill");
+    let (sink, got) = sinks::collect();
+    p.source(
+        "in",
+        sources::stream(with_gap(first, Duration::from_secs(60), then)),
+    )
+    .accumulate(
+        "sum",
+        CountSum { complete_at: 4 },
+        AccumulatorPolicy::default()
+            .with_completeness_ttl(Duration::from_secs(10))
+            .with_partial_flush(true)
+            .with_spill(true),
+    )
+    .sink("out", sink);
+    let options = paused()
+        .with_batch_size(5)
+        .with_memory_budget(MemoryBudget::new(1024));
+    let result = ExecutionEngine::new()
+        .run(p.build().expect("valid"), options)
+        .await;
+    assert!(result.success, "{:?}", result.error);
+    checked(&result);
+    let s = stage(&result, "sum");
+    assert!(s.metrics["spill.spills"] > 0.0, "{:?}", s.metrics);
+    let out = got.take();
+    assert_eq!(out.len(), 41);
+    // The 40 first keys expired during the pause, before the late key (flushed at the end).
+    let (expired, late) = out.split_at(40);
+    let mut keys: Vec<u32> = expired.iter().map(|e| e.payload.0).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, (0..40).collect::<Vec<_>>());
+    assert!(expired.iter().all(|e| e.payload.1 == 1));
+    assert!(
+        expired
+            .iter()
+            .any(|e| e.header("acc.spilled") == Some("true")),
+        "some expired keys were on disk"
+    );
+    assert_eq!(late[0].payload, (1000, 1, 7));
+    assert_eq!(late[0].header("acc.spilled"), Some("false"));
+}

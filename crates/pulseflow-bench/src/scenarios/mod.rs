@@ -4,3 +4,4 @@ pub mod isolation;
 pub mod linear;
 pub mod ndjson;
 pub mod pulse_overhead;
+pub mod spill_store;

@@ -102,10 +102,22 @@ pub trait Accumulator: Send + 'static {
         entry: &AccumulatorState<Self::Key, Self::State>,
         out: &mut Vec<u8>,
     ) -> Result<(), SpillError> {
-        let bytes = postcard::to_extend(entry, std::mem::take(out))
-            .map_err(|e| SpillError::Encode(e.to_string()))?;
-        *out = bytes;
-        Ok(())
+        // Small states (the common case) go through a stack buffer: postcard writes a slice
+        // much faster than it extends a vector byte by byte.
+        let mut small = [0u8; 256];
+        match postcard::to_slice(entry, &mut small) {
+            Ok(bytes) => {
+                out.extend_from_slice(bytes);
+                Ok(())
+            }
+            Err(postcard::Error::SerializeBufferFull) => {
+                let bytes = postcard::to_extend(entry, std::mem::take(out))
+                    .map_err(|e| SpillError::Encode(e.to_string()))?;
+                *out = bytes;
+                Ok(())
+            }
+            Err(e) => Err(SpillError::Encode(e.to_string())),
+        }
     }
 
     /// Decodes an entry written by [`Accumulator::encode`].

@@ -1,16 +1,20 @@
-//! The spill store: a checksummed append-only segment log of compressed records.
+//! The spill store: a checksummed append-only segment log of compressed blocks of records.
 //!
-//! Each record is `stored_len: u32 | raw_len: u32 | crc32c: u32 | payload`, little-endian.
-//! The payload is the raw bytes compressed with LZ4 when that makes them smaller, the raw bytes
-//! otherwise (`stored_len == raw_len`). The checksum covers `raw_len` and the payload. Records
-//! are buffered and written in large appends; a read of a record still in the buffer costs no
-//! I/O. The directory is temporary (removed when the store is dropped) unless one is given.
+//! Records (encoded states) are packed into blocks of about 4 KiB, each record as a LEB128
+//! length and its bytes. A block is stored as `stored_len: u32 | raw_len: u32 | crc32c: u32 |
+//! payload`, little-endian: the payload is the block compressed with LZ4 when that makes it
+//! smaller and is worth its time ([`Compression`]), the raw block otherwise (`stored_len ==
+//! raw_len`), and the checksum covers `raw_len` and the payload. One header and one checksum per block instead of per record
+//! (records are often ~20 bytes), and LZ4 gets enough input to find repeats. Sealed blocks are
+//! buffered and written in large appends ([`SpillStore::flush`] seals the open block and
+//! writes everything). A read decompresses the record's block once and keeps it: reloads in
+//! spill order (the end-of-input flush) cost one block read per block, not per record.
 //!
 //! Why a segment log and not an embedded key-value store: spilled state is written once per
 //! eviction and read at most once per reload, never updated in place, and the stage already
 //! keeps the index of spilled keys in memory. An append is a `memcpy` into a buffer; a B-tree
-//! or LSM store adds its own index, write-ahead log and compaction for nothing (see
-//! BENCHMARKS.md, "accumulate").
+//! or LSM store adds its own index, write-ahead log and compaction for nothing (measured by
+//! `pulseflow-bench spill-store`, see BENCHMARKS.md, "accumulate").
 //!
 //! ```
 //! use pulseflow::accumulate::SpillStore;
@@ -33,13 +37,63 @@ use std::path::{Path, PathBuf};
 
 /// Bytes buffered before they are appended to the file.
 const WRITE_BUFFER: usize = 256 << 10;
-/// Records smaller than this are stored raw: LZ4 cannot win on them and costs a hash table
-/// reset per call.
+/// A block is sealed once its records reach this many bytes: large enough that a header and
+/// a checksum per block cost nothing and LZ4 finds repeats, small enough that reading one
+/// record at random reads and checks only a few KiB.
+const BLOCK: usize = 4 << 10;
+/// Blocks smaller than this are stored raw: LZ4 cannot win on them.
 const MIN_COMPRESS: usize = 256;
-/// Record header size.
+/// Block header size.
 const HEADER: usize = 12;
 /// Largest record accepted (a corrupt length field must not make us allocate gigabytes).
 const MAX_RECORD: usize = 256 << 20;
+/// Largest raw block (a record above [`BLOCK`] gets a block of its own).
+const MAX_BLOCK: usize = MAX_RECORD + BLOCK + 8;
+/// Under [`Compression::Auto`], every this many blocks one is compressed to refresh the
+/// estimate of what compression costs and saves.
+const PROBE_EVERY: u32 = 32;
+
+/// Whether the spill store compresses its blocks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// Compress a block when that is expected to save more write time than it costs: the
+    /// store keeps running estimates of LZ4's time and savings per byte and of the file's
+    /// write time per byte. On a page cache or a fast disk LZ4 does not pay; on a slow disk
+    /// (or one the kernel throttles) it does.
+    #[default]
+    Auto,
+    /// Compress every block (kept raw only when LZ4 does not make it smaller).
+    Always,
+    /// Never compress.
+    Never,
+}
+
+/// Running estimates behind [`Compression::Auto`], in nanoseconds per byte.
+#[derive(Debug, Clone, Copy, Default)]
+struct CostModel {
+    write_ns: Option<f64>,
+    lz4_ns: Option<f64>,
+    /// Fraction of the bytes LZ4 saves.
+    saved: f64,
+    since_probe: u32,
+}
+
+impl CostModel {
+    fn blend(old: Option<f64>, new: f64) -> f64 {
+        old.map_or(new, |o| 0.75 * o + 0.25 * new)
+    }
+
+    fn should_compress(&mut self) -> bool {
+        self.since_probe += 1;
+        match (self.write_ns, self.lz4_ns) {
+            (Some(w), Some(c)) if self.since_probe < PROBE_EVERY => c < w * self.saved,
+            _ => {
+                self.since_probe = 0;
+                true
+            }
+        }
+    }
+}
 
 /// An error of the spill store.
 #[derive(Debug, thiserror::Error)]
@@ -70,27 +124,28 @@ pub enum SpillError {
     Encode(String),
 }
 
-/// Where a record is.
+/// Where a record is: its block and its position in the block (8 bytes, so the index of
+/// spilled keys stays small).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordRef {
-    offset: u64,
-    len: u32,
+    block: u32,
+    pos: u32,
 }
 
 impl RecordRef {
-    /// Offset of the record in the log.
-    pub fn offset(&self) -> u64 {
-        self.offset
+    /// Number of the record's block in the log.
+    pub fn block(&self) -> u32 {
+        self.block
     }
 
-    /// Stored size of the record, header included.
-    pub fn len(&self) -> u32 {
-        self.len
+    /// Position of the record in its (uncompressed) block.
+    pub fn position(&self) -> u32 {
+        self.pos
     }
 
-    /// Whether the record is empty (never: a record has a header).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// An order of records that follows the log (for reading many back).
+    pub fn order(&self) -> u64 {
+        (u64::from(self.block) << 32) | u64::from(self.pos)
     }
 }
 
@@ -105,6 +160,8 @@ pub struct SpillStats {
     pub raw_bytes: u64,
     /// Bytes written (headers included).
     pub stored_bytes: u64,
+    /// Blocks written.
+    pub blocks: u64,
 }
 
 impl SpillStats {
@@ -132,14 +189,24 @@ impl Dir {
     }
 }
 
-/// An append-only log of checksummed, compressed records.
+/// An append-only log of checksummed, compressed blocks of records.
 pub struct SpillStore {
     dir: Dir,
     path: PathBuf,
     file: File,
     /// Bytes already in the file.
     flushed: u64,
+    /// Sealed blocks not yet in the file, then the open block (header space and records),
+    /// from `open_start` on.
     buffer: Vec<u8>,
+    open_start: usize,
+    compression: Compression,
+    costs: CostModel,
+    /// Offset and stored size (header included) of each sealed block.
+    blocks: Vec<(u64, u32)>,
+    /// The block last read, decompressed and checked.
+    cached: Option<u32>,
+    cache: Vec<u8>,
     scratch: Vec<u8>,
     stats: SpillStats,
 }
@@ -158,6 +225,27 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpillError + '_ {
         path: path.to_owned(),
         source,
     }
+}
+
+/// Appends `n` as LEB128.
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// Reads a LEB128 number at `at`: the number and the bytes it took.
+fn get_varint(bytes: &[u8], at: usize) -> Option<(u64, usize)> {
+    let mut n = 0u64;
+    for (i, b) in bytes.get(at..)?.iter().take(10).enumerate() {
+        n |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((n, i + 1));
+        }
+    }
+    None
 }
 
 impl SpillStore {
@@ -192,7 +280,13 @@ impl SpillStore {
             path,
             file,
             flushed: 0,
-            buffer: Vec::with_capacity(WRITE_BUFFER),
+            buffer: Vec::with_capacity(WRITE_BUFFER + 2 * BLOCK),
+            open_start: 0,
+            compression: Compression::Auto,
+            costs: CostModel::default(),
+            blocks: Vec::new(),
+            cached: None,
+            cache: Vec::new(),
             scratch: Vec::new(),
             stats: SpillStats::default(),
         })
@@ -213,7 +307,20 @@ impl SpillStore {
         self.stats
     }
 
-    /// Appends a record (compressed when that helps) and says where it is.
+    /// Sets whether blocks are compressed (default [`Compression::Auto`]).
+    pub fn set_compression(&mut self, compression: Compression) {
+        self.compression = compression;
+    }
+
+    /// Offset in the log of the block holding `at` (for error messages).
+    pub fn offset_of(&self, at: RecordRef) -> u64 {
+        match self.blocks.get(at.block as usize) {
+            Some(&(offset, _)) => offset,
+            None => self.flushed + self.open_start as u64,
+        }
+    }
+
+    /// Appends a record to the open block and says where it is.
     pub fn append(&mut self, raw: &[u8]) -> Result<RecordRef, SpillError> {
         if raw.len() > MAX_RECORD {
             return Err(SpillError::Encode(format!(
@@ -221,114 +328,214 @@ impl SpillStore {
                 raw.len()
             )));
         }
-        let payload = if raw.len() < MIN_COMPRESS {
-            raw
-        } else {
-            self.scratch
-                .resize(lz4_flex::block::get_maximum_output_size(raw.len()), 0);
-            match lz4_flex::block::compress_into(raw, &mut self.scratch) {
-                Ok(n) if n < raw.len() => &self.scratch[..n],
-                _ => raw,
-            }
+        let block = u32::try_from(self.blocks.len())
+            .map_err(|_| SpillError::Encode("spill log has too many blocks".into()))?;
+        if self.buffer.len() == self.open_start {
+            // A new block: room for its header.
+            self.buffer.extend_from_slice(&[0; HEADER]);
+        }
+        let data = self.open_start + HEADER;
+        let at = RecordRef {
+            block,
+            pos: (self.buffer.len() - data) as u32,
         };
-        let raw_len = (raw.len() as u32).to_le_bytes();
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&raw_len), payload);
-        let offset = self.flushed + self.buffer.len() as u64;
-        self.buffer
-            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        self.buffer.extend_from_slice(&raw_len);
-        self.buffer.extend_from_slice(&crc.to_le_bytes());
-        self.buffer.extend_from_slice(payload);
-        let len = (HEADER + payload.len()) as u32;
+        put_varint(&mut self.buffer, raw.len() as u64);
+        self.buffer.extend_from_slice(raw);
         self.stats.records += 1;
         self.stats.raw_bytes += raw.len() as u64;
-        self.stats.stored_bytes += u64::from(len);
-        if self.buffer.len() >= WRITE_BUFFER {
-            self.flush()?;
+        if self.buffer.len() - data >= BLOCK {
+            self.seal()?;
         }
-        Ok(RecordRef { offset, len })
+        Ok(at)
     }
 
-    /// Writes buffered records to the file.
-    pub fn flush(&mut self) -> Result<(), SpillError> {
-        if self.buffer.is_empty() {
+    /// Closes the open block: compresses it in place when that is worth it, fills in its
+    /// header.
+    fn seal(&mut self) -> Result<(), SpillError> {
+        if self.buffer.len() == self.open_start {
             return Ok(());
         }
-        self.file.write_all(&self.buffer).map_err(io(&self.path))?;
-        self.flushed += self.buffer.len() as u64;
-        self.buffer.clear();
+        let data = self.open_start + HEADER;
+        let raw_len = self.buffer.len() - data;
+        let compress = raw_len >= MIN_COMPRESS
+            && match self.compression {
+                Compression::Always => true,
+                Compression::Never => false,
+                Compression::Auto => self.costs.should_compress(),
+            };
+        if compress {
+            let raw = &self.buffer[data..];
+            self.scratch
+                .resize(lz4_flex::block::get_maximum_output_size(raw_len), 0);
+            let started = std::time::Instant::now();
+            let packed = lz4_flex::block::compress_into(raw, &mut self.scratch);
+            let took = started.elapsed().as_nanos() as f64 / raw_len as f64;
+            self.costs.lz4_ns = Some(CostModel::blend(self.costs.lz4_ns, took));
+            if let Ok(n) = packed {
+                let saved = 1.0 - (n as f64 / raw_len as f64).min(1.0);
+                self.costs.saved = 0.75 * self.costs.saved + 0.25 * saved;
+                if n < raw_len {
+                    self.buffer.truncate(data);
+                    self.buffer.extend_from_slice(&self.scratch[..n]);
+                }
+            }
+        }
+        let stored = self.buffer.len() - data;
+        let raw_word = (raw_len as u32).to_le_bytes();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&raw_word), &self.buffer[data..]);
+        let header = &mut self.buffer[self.open_start..data];
+        header[0..4].copy_from_slice(&(stored as u32).to_le_bytes());
+        header[4..8].copy_from_slice(&raw_word);
+        header[8..12].copy_from_slice(&crc.to_le_bytes());
+        let len = (HEADER + stored) as u32;
+        self.blocks
+            .push((self.flushed + self.open_start as u64, len));
+        self.open_start = self.buffer.len();
+        self.stats.blocks += 1;
+        self.stats.stored_bytes += u64::from(len);
+        if self.buffer.len() >= WRITE_BUFFER {
+            self.write_out()?;
+        }
         Ok(())
     }
 
-    /// Reads a record back into `out` (replacing its contents), checking its checksum. `key`
-    /// names the record in errors.
+    /// Writes the sealed blocks (the open block must be empty).
+    fn write_out(&mut self) -> Result<(), SpillError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        self.file.write_all(&self.buffer).map_err(io(&self.path))?;
+        let took = started.elapsed().as_nanos() as f64 / self.buffer.len() as f64;
+        self.costs.write_ns = Some(CostModel::blend(self.costs.write_ns, took));
+        self.flushed += self.buffer.len() as u64;
+        self.buffer.clear();
+        self.open_start = 0;
+        Ok(())
+    }
+
+    /// Seals the open block and writes everything buffered to the file.
+    pub fn flush(&mut self) -> Result<(), SpillError> {
+        self.seal()?;
+        self.write_out()
+    }
+
+    /// Reads a record back into `out` (replacing its contents), checking its block's checksum.
+    /// `key` names the record in errors.
     pub fn read(
         &mut self,
         at: RecordRef,
         key: &dyn Debug,
         out: &mut Vec<u8>,
     ) -> Result<(), SpillError> {
-        let corrupt = |reason: String| SpillError::Corrupt {
+        let offset = self.offset_of(at);
+        let corrupt = |path: &Path, reason: String| SpillError::Corrupt {
             key: format!("{key:?}"),
-            path: self.path.clone(),
-            offset: at.offset,
+            path: path.to_owned(),
+            offset,
             reason,
         };
-        let len = at.len as usize;
+        let block: &[u8] = if at.block as usize == self.blocks.len() {
+            self.buffer
+                .get(self.open_start + HEADER..)
+                .unwrap_or_default()
+        } else {
+            if self.cached != Some(at.block) {
+                self.cached = None;
+                self.load_block(at.block).map_err(|e| match e {
+                    Err(reason) => corrupt(&self.path, reason),
+                    Ok(io) => io,
+                })?;
+                self.cached = Some(at.block);
+            }
+            &self.cache
+        };
+        let pos = at.pos as usize;
+        let (len, n) = get_varint(block, pos).ok_or_else(|| {
+            corrupt(
+                &self.path,
+                format!("no record at position {pos} of its block"),
+            )
+        })?;
+        let start = pos + n;
+        let bytes = usize::try_from(len)
+            .ok()
+            .and_then(|len| block.get(start..start.checked_add(len)?))
+            .ok_or_else(|| {
+                corrupt(
+                    &self.path,
+                    format!("record of {len} bytes beyond its block"),
+                )
+            })?;
+        out.clear();
+        out.extend_from_slice(bytes);
+        self.stats.reads += 1;
+        Ok(())
+    }
+
+    /// Reads, checks and decompresses a sealed block into the cache. `Err(Err(reason))` is a
+    /// corrupt block, `Err(Ok(error))` an I/O error.
+    fn load_block(&mut self, block: u32) -> Result<(), Result<SpillError, String>> {
+        let Some(&(offset, len)) = self.blocks.get(block as usize) else {
+            return Err(Err(format!("no block {block} in the log")));
+        };
+        let len = len as usize;
         if len < HEADER {
-            return Err(corrupt(format!("record length {len} below header size")));
+            return Err(Err(format!("block length {len} below header size")));
         }
         let mut record = std::mem::take(&mut self.scratch);
         record.resize(len, 0);
-        if at.offset >= self.flushed {
-            let start = (at.offset - self.flushed) as usize;
+        let fetched = if offset >= self.flushed {
+            let start = (offset - self.flushed) as usize;
             match self.buffer.get(start..start + len) {
-                Some(bytes) => record.copy_from_slice(bytes),
-                None => return Err(corrupt("record beyond the end of the log".into())),
+                Some(bytes) => {
+                    record.copy_from_slice(bytes);
+                    Ok(())
+                }
+                None => Err(Err("block beyond the end of the log".into())),
             }
         } else {
-            read_at(&self.file, &mut record, at.offset).map_err(|e| {
+            read_at(&self.file, &mut record, offset).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    corrupt("record truncated".into())
+                    Err("block truncated".into())
                 } else {
-                    SpillError::Io {
+                    Ok(SpillError::Io {
                         path: self.path.clone(),
                         source: e,
-                    }
+                    })
                 }
-            })?;
-        }
-        let word =
-            |i: usize| u32::from_le_bytes([record[i], record[i + 1], record[i + 2], record[i + 3]]);
-        let (stored, raw_len, crc) = (word(0) as usize, word(4) as usize, word(8));
-        let result = if stored + HEADER != len {
-            Err(corrupt(format!(
-                "stored length {stored} does not match the index ({})",
-                len - HEADER
-            )))
-        } else if crc32c::crc32c_append(crc32c::crc32c(&record[4..8]), &record[HEADER..]) != crc {
-            Err(corrupt("checksum mismatch".into()))
-        } else if raw_len > MAX_RECORD || stored > raw_len {
-            Err(corrupt(format!("implausible raw length {raw_len}")))
-        } else if stored == raw_len {
-            out.clear();
-            out.extend_from_slice(&record[HEADER..]);
-            Ok(())
-        } else {
-            out.clear();
-            out.resize(raw_len, 0);
-            match lz4_flex::block::decompress_into(&record[HEADER..], out) {
-                Ok(n) if n == raw_len => Ok(()),
-                Ok(n) => Err(corrupt(format!(
-                    "decompressed {n} bytes, expected {raw_len}"
-                ))),
-                Err(e) => Err(corrupt(format!("lz4: {e}"))),
-            }
+            })
         };
+        let result = fetched.and_then(|()| {
+            let word = |i: usize| {
+                u32::from_le_bytes([record[i], record[i + 1], record[i + 2], record[i + 3]])
+            };
+            let (stored, raw_len, crc) = (word(0) as usize, word(4) as usize, word(8));
+            if stored + HEADER != len {
+                Err(Err(format!(
+                    "stored length {stored} does not match the index ({})",
+                    len - HEADER
+                )))
+            } else if crc32c::crc32c_append(crc32c::crc32c(&record[4..8]), &record[HEADER..]) != crc
+            {
+                Err(Err("checksum mismatch".into()))
+            } else if raw_len > MAX_BLOCK || stored > raw_len {
+                Err(Err(format!("implausible raw length {raw_len}")))
+            } else if stored == raw_len {
+                self.cache.clear();
+                self.cache.extend_from_slice(&record[HEADER..]);
+                Ok(())
+            } else {
+                self.cache.clear();
+                self.cache.resize(raw_len, 0);
+                match lz4_flex::block::decompress_into(&record[HEADER..], &mut self.cache) {
+                    Ok(n) if n == raw_len => Ok(()),
+                    Ok(n) => Err(Err(format!("decompressed {n} bytes, expected {raw_len}"))),
+                    Err(e) => Err(Err(format!("lz4: {e}"))),
+                }
+            }
+        });
         self.scratch = record;
-        if result.is_ok() {
-            self.stats.reads += 1;
-        }
         result
     }
 }
@@ -388,9 +595,60 @@ mod tests {
         let err = store
             .read(at, &"user-7", &mut Vec::new())
             .expect_err("corrupt");
+        assert!(matches!(err, SpillError::Corrupt { .. }), "{err}");
         let text = err.to_string();
         assert!(text.contains("\"user-7\""), "{text}");
         assert!(text.contains("segment-"), "{text}");
         assert!(text.contains("checksum"), "{text}");
+    }
+
+    #[test]
+    fn many_small_records_share_blocks() {
+        for mode in [Compression::Always, Compression::Never, Compression::Auto] {
+            small_records(mode);
+        }
+    }
+
+    fn small_records(mode: Compression) {
+        let mut store = SpillStore::open(None).expect("open");
+        store.set_compression(mode);
+        let refs: Vec<_> = (0..10_000u32)
+            .map(|i| {
+                let rec = format!("state-{i}");
+                store.append(rec.as_bytes()).expect("append")
+            })
+            .collect();
+        store.flush().expect("flush");
+        let stats = store.stats();
+        assert!(stats.blocks * 100 < stats.records, "{stats:?}");
+        match mode {
+            Compression::Always => assert!(stats.compression_ratio() > 1.5, "{stats:?}"),
+            Compression::Never => assert!(stats.compression_ratio() < 1.0, "{stats:?}"),
+            Compression::Auto => {}
+        }
+        let mut out = Vec::new();
+        for i in [9_999u32, 0, 5_000, 5_001, 1] {
+            store.read(refs[i as usize], &i, &mut out).expect("read");
+            assert_eq!(out, format!("state-{i}").as_bytes());
+        }
+        let big = vec![3u8; 100_000];
+        let at = store.append(&big).expect("append big");
+        store
+            .read(at, &"big", &mut out)
+            .expect("from the open block");
+        assert_eq!(out, big);
+        store.flush().expect("flush");
+        store.read(at, &"big", &mut out).expect("from the file");
+        assert_eq!(out, big);
+    }
+
+    #[test]
+    fn varint_round_trip() {
+        for n in [0u64, 1, 127, 128, 300, 1 << 20, u64::from(u32::MAX)] {
+            let mut v = vec![9];
+            put_varint(&mut v, n);
+            assert_eq!(get_varint(&v, 1), Some((n, v.len() - 1)));
+        }
+        assert_eq!(get_varint(&[0x80, 0x80], 0), None);
     }
 }

@@ -1,37 +1,110 @@
-//! The state table of one accumulator worker: a hash index into a slab of entries threaded on
-//! a recency list, so finding a key, marking it used and finding the coldest key are all O(1)
-//! and allocation-free once the slab has grown.
+//! The state table of one accumulator worker.
+//!
+//! - [`Shards`]: a hash map split into 64 shards (foldhash, seeded per map). Growing a shard
+//!   rehashes a 64th of the keys, so no single insertion stalls the worker for long (one rehash
+//!   of a million-key map takes milliseconds, long enough for the supervisor to count a
+//!   blocking poll).
+//! - [`ClockTable`]: resident values in a slab, a sharded index from key to slot, and CLOCK
+//!   (second chance) eviction: touching a key sets its slot's reference bit, the eviction hand
+//!   sweeps the slab clearing bits and takes the first slot whose bit is clear. A touch costs
+//!   no relinking (the exact-LRU list cost about four cache misses per update), and the victim
+//!   is a key not used since the hand last passed, which is what spilling needs.
 
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 
-const NIL: u32 = u32::MAX;
+/// Shards of a [`Shards`] map (a power of two).
+const SHARDS: usize = 64;
+
+/// A hash map in 64 independently growing shards.
+pub(crate) struct Shards<K, V> {
+    route: foldhash::fast::RandomState,
+    shards: Box<[HashMap<K, V, foldhash::fast::RandomState>]>,
+    len: usize,
+}
+
+impl<K: Hash + Eq, V> Shards<K, V> {
+    pub fn new() -> Self {
+        Self {
+            route: foldhash::fast::RandomState::default(),
+            shards: (0..SHARDS)
+                .map(|_| HashMap::with_hasher(foldhash::fast::RandomState::default()))
+                .collect(),
+            len: 0,
+        }
+    }
+
+    #[inline]
+    fn shard(&self, key: &K) -> usize {
+        (self.route.hash_one(key) >> 58) as usize & (SHARDS - 1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.shards[self.shard(key)].get(key)
+    }
+
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        let s = self.shard(key);
+        self.shards[s].get_mut(key)
+    }
+
+    /// Inserts or replaces; returns the value replaced.
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        let s = self.shard(&key);
+        let old = self.shards[s].insert(key, value);
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        let s = self.shard(key);
+        let old = self.shards[s].remove(key);
+        if old.is_some() {
+            self.len -= 1;
+        }
+        old
+    }
+
+    /// Every entry, shard by shard.
+    pub fn into_entries(self) -> impl Iterator<Item = (K, V)> {
+        self.shards
+            .into_vec()
+            .into_iter()
+            .flat_map(|s| s.into_iter())
+    }
+}
 
 struct Slot<V> {
     value: Option<V>,
-    /// Towards the most recently used end.
-    newer: u32,
-    /// Towards the least recently used end.
-    older: u32,
+    /// Used since the eviction hand last passed.
+    referenced: bool,
 }
 
-/// Values by key, in recency order.
-pub(crate) struct LruTable<K, V> {
-    index: HashMap<K, u32>,
+/// Resident values by key, with CLOCK eviction.
+pub(crate) struct ClockTable<K, V> {
+    index: Shards<K, u32>,
     slots: Vec<Slot<V>>,
     free: Vec<u32>,
-    newest: u32,
-    oldest: u32,
+    hand: usize,
 }
 
-impl<K: Hash + Eq + Clone, V> LruTable<K, V> {
+impl<K: Hash + Eq + Clone, V> ClockTable<K, V> {
     pub fn new() -> Self {
         Self {
-            index: HashMap::new(),
+            index: Shards::new(),
             slots: Vec::new(),
             free: Vec::new(),
-            newest: NIL,
-            oldest: NIL,
+            hand: 0,
         }
     }
 
@@ -39,33 +112,34 @@ impl<K: Hash + Eq + Clone, V> LruTable<K, V> {
         self.index.len()
     }
 
-    /// The key's slot, marked most recently used.
+    /// The key's slot, marked used.
+    #[inline]
     pub fn touch(&mut self, key: &K) -> Option<u32> {
         let slot = *self.index.get(key)?;
-        if slot != self.newest {
-            self.unlink(slot);
-            self.link_newest(slot);
+        if let Some(s) = self.slots.get_mut(slot as usize) {
+            s.referenced = true;
         }
         Some(slot)
     }
 
-    /// Inserts a key that is not in the table, as most recently used.
+    /// Inserts a key that is not in the table, marked used.
     pub fn insert(&mut self, key: K, value: V) -> u32 {
         let slot = match self.free.pop() {
             Some(s) => {
-                self.slots[s as usize].value = Some(value);
+                self.slots[s as usize] = Slot {
+                    value: Some(value),
+                    referenced: true,
+                };
                 s
             }
             None => {
                 self.slots.push(Slot {
                     value: Some(value),
-                    newer: NIL,
-                    older: NIL,
+                    referenced: true,
                 });
                 (self.slots.len() - 1) as u32
             }
         };
-        self.link_newest(slot);
         self.index.insert(key, slot);
         slot
     }
@@ -76,6 +150,7 @@ impl<K: Hash + Eq + Clone, V> LruTable<K, V> {
         self.get_mut(slot)
     }
 
+    #[inline]
     pub fn get_mut(&mut self, slot: u32) -> Option<&mut V> {
         self.slots.get_mut(slot as usize)?.value.as_mut()
     }
@@ -83,70 +158,58 @@ impl<K: Hash + Eq + Clone, V> LruTable<K, V> {
     /// Removes a key.
     pub fn remove(&mut self, key: &K) -> Option<V> {
         let slot = self.index.remove(key)?;
-        self.unlink(slot);
+        let value = self.slots.get_mut(slot as usize)?.value.take();
         self.free.push(slot);
-        self.slots[slot as usize].value.take()
+        value
     }
 
-    /// The least recently used key's value.
-    #[cfg(test)]
-    pub fn oldest(&self) -> Option<&V> {
-        self.slots.get(self.oldest as usize)?.value.as_ref()
-    }
-
-    /// Removes the least recently used entry; `key_of` finds its key in the value.
-    pub fn pop_oldest(&mut self, key_of: impl Fn(&V) -> &K) -> Option<V> {
-        let slot = self.oldest;
-        let key = key_of(self.slots.get(slot as usize)?.value.as_ref()?).clone();
-        self.remove(&key)
-    }
-
-    /// Every value, least recently used first, emptying the table.
-    pub fn drain_oldest_first(&mut self) -> Vec<V> {
-        let mut out = Vec::with_capacity(self.len());
-        let mut at = self.oldest;
-        while at != NIL {
-            let slot = &mut self.slots[at as usize];
-            at = slot.newer;
-            if let Some(v) = slot.value.take() {
-                out.push(v);
+    /// Removes a value the eviction hand picks: the first occupied slot at or after the hand
+    /// that was not used since the hand last passed (bits of used slots are cleared on the
+    /// way). `key_of` finds a value's key.
+    pub fn evict(&mut self, key_of: impl Fn(&V) -> &K) -> Option<V> {
+        if self.index.is_empty() || self.slots.is_empty() {
+            return None;
+        }
+        // Two full turns always find a victim: the first clears every bit.
+        for _ in 0..2 * self.slots.len() {
+            if self.hand >= self.slots.len() {
+                self.hand = 0;
+            }
+            let at = self.hand;
+            self.hand += 1;
+            let slot = &mut self.slots[at];
+            match &slot.value {
+                None => {}
+                Some(_) if slot.referenced => slot.referenced = false,
+                Some(v) => {
+                    let key = key_of(v).clone();
+                    self.index.remove(&key);
+                    self.free.push(at as u32);
+                    return slot.value.take();
+                }
             }
         }
-        self.index.clear();
-        self.slots.clear();
-        self.free.clear();
-        self.newest = NIL;
-        self.oldest = NIL;
-        out
+        None
     }
 
-    fn unlink(&mut self, slot: u32) {
-        let (newer, older) = {
-            let s = &self.slots[slot as usize];
-            (s.newer, s.older)
-        };
-        match newer {
-            NIL => self.newest = older,
-            n => self.slots[n as usize].older = older,
-        }
-        match older {
-            NIL => self.oldest = newer,
-            o => self.slots[o as usize].newer = newer,
-        }
+    /// Every value, starting at the eviction hand (roughly least recently used first),
+    /// emptying the table. Lazy, so a caller can pause between values.
+    pub fn drain(&mut self) -> impl Iterator<Item = V> + use<K, V> {
+        let mut slots = std::mem::take(&mut self.slots);
+        let n = slots.len();
+        let start = self.hand.min(n);
+        self.index = Shards::new();
+        self.free = Vec::new();
+        self.hand = 0;
+        (start..n)
+            .chain(0..start)
+            .filter_map(move |i| slots[i].value.take())
     }
 
-    fn link_newest(&mut self, slot: u32) {
-        let previous = self.newest;
-        {
-            let s = &mut self.slots[slot as usize];
-            s.newer = NIL;
-            s.older = previous;
-        }
-        match previous {
-            NIL => self.oldest = slot,
-            p => self.slots[p as usize].newer = slot,
-        }
-        self.newest = slot;
+    /// Bytes of bookkeeping per resident key (index entry and slot header), approximately.
+    pub fn overhead_per_key() -> usize {
+        // Index bucket at 7/8 load plus its control byte, slot flag and padding, free list.
+        (std::mem::size_of::<(K, u32)>() + 1) * 8 / 7 + 8 + 4
     }
 }
 
@@ -155,18 +218,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recency_order() {
-        let mut t = LruTable::new();
+    fn second_chance_eviction() {
+        let mut t = ClockTable::new();
         for k in 0..5u32 {
-            t.insert(k, k * 10);
+            t.insert(k, (k, k * 10));
         }
-        t.touch(&0);
-        t.touch(&2);
-        assert_eq!(t.oldest(), Some(&10));
-        assert_eq!(t.remove(&1), Some(10));
-        assert_eq!(t.oldest(), Some(&30));
-        t.insert(7, 70);
-        assert_eq!(t.drain_oldest_first(), vec![30, 40, 0, 20, 70]);
+        fn key(v: &(u32, u32)) -> &u32 {
+            &v.0
+        }
+        // All were just inserted (referenced): the first sweep clears bits, then 0 goes.
+        assert_eq!(t.evict(key), Some((0, 0)));
+        // 1 is used again: it survives the hand, 2 goes next.
+        t.touch(&1);
+        assert_eq!(t.evict(key), Some((2, 20)));
+        assert_eq!(t.len(), 3);
+        assert!(t.touch(&2).is_none());
+        assert_eq!(t.remove(&3), Some((3, 30)));
+        t.insert(7, (7, 70));
+        let mut rest: Vec<_> = t.drain().map(|v| v.1).collect();
+        rest.sort();
+        assert_eq!(rest, vec![10, 40, 70]);
         assert_eq!(t.len(), 0);
+        assert_eq!(t.evict(key), None);
+    }
+
+    #[test]
+    fn shards_count_and_drain() {
+        let mut m = Shards::new();
+        for k in 0..1000u32 {
+            assert_eq!(m.insert(k, k + 1), None);
+        }
+        assert_eq!(m.insert(5, 0), Some(6));
+        assert_eq!(m.len(), 1000);
+        assert_eq!(m.remove(&5), Some(0));
+        assert_eq!(m.get(&7), Some(&8));
+        let mut all: Vec<_> = m.into_entries().collect();
+        all.sort();
+        assert_eq!(all.len(), 999);
+        assert_eq!(all[5], (6, 7));
     }
 }

@@ -8,8 +8,7 @@
 //! still held in state are in flight until their key is emitted, discarded or flushed at the
 //! end of input.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -22,8 +21,8 @@ use super::FlowGuard;
 use super::downstream::{Downstream, EdgeOut};
 use super::failure::Failures;
 use super::wiring::Wiring;
-use super::workers::Pacer;
-use crate::accumulate::table::LruTable;
+use super::workers::{BUSY_SLICE, Pacer};
+use crate::accumulate::table::{ClockTable, Shards};
 use crate::accumulate::{
     Accumulator, AccumulatorPolicy, AccumulatorState, CompletenessResult, RecordRef, SpillError,
     SpillStore,
@@ -137,14 +136,44 @@ struct Resident<K, S> {
     timer: Option<delay_queue::Key>,
 }
 
-/// A key on disk.
+/// A key on disk: 24 bytes besides the key (its deadlines are kept apart, and only when the
+/// policy has deadlines).
 struct Spilled {
     at: RecordRef,
     items: u64,
     last_seq: u64,
+}
+
+/// The deadlines of a key on disk.
+struct SpillTimes {
     born: Instant,
     touched: Instant,
     timer: Option<delay_queue::Key>,
+}
+
+/// Gives way to the runtime once a stretch of work has run for a [`BUSY_SLICE`], so no poll
+/// of the worker runs long (a long poll counts against the task under supervision).
+struct Slice {
+    since: std::time::Instant,
+    steps: u32,
+}
+
+impl Slice {
+    fn new() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            steps: 0,
+        }
+    }
+
+    /// Called after each unit of work; reads the clock every 64 units.
+    async fn step(&mut self) {
+        self.steps = self.steps.wrapping_add(1);
+        if self.steps % 64 == 0 && self.since.elapsed() >= BUSY_SLICE {
+            tokio::task::yield_now().await;
+            self.since = std::time::Instant::now();
+        }
+    }
 }
 
 /// What an emitted output says about its key.
@@ -174,8 +203,10 @@ impl Meta {
 pub(crate) struct AccStage<A: Accumulator> {
     acc: A,
     policy: AccumulatorPolicy,
-    table: LruTable<A::Key, Resident<A::Key, A::State>>,
-    spilled: HashMap<A::Key, Spilled>,
+    table: ClockTable<A::Key, Resident<A::Key, A::State>>,
+    spilled: Shards<A::Key, Spilled>,
+    /// Deadlines of spilled keys (empty when the policy has none).
+    spill_times: Shards<A::Key, SpillTimes>,
     store: Option<SpillStore>,
     timers: DelayQueue<A::Key>,
     budget: MemoryBudget,
@@ -203,17 +234,18 @@ impl<A: Accumulator> AccStage<A> {
             ops: Ops::new(&ctx.stage_id),
             acc,
             policy,
-            table: LruTable::new(),
-            spilled: HashMap::new(),
+            table: ClockTable::new(),
+            spilled: Shards::new(),
+            spill_times: Shards::new(),
             store: None,
             timers: DelayQueue::new(),
             reservation: budget.reserve(0),
             budget,
             resident_bytes: 0,
-            // The table's own bookkeeping per key: slot, index entry, key copy.
+            // The table's own bookkeeping per key: slot, index entry.
             overhead: (std::mem::size_of::<Resident<A::Key, A::State>>()
-                + std::mem::size_of::<A::Key>()
-                + 24) as u64,
+                + ClockTable::<A::Key, Resident<A::Key, A::State>>::overhead_per_key())
+                as u64,
             failures,
             ctx,
             figures,
@@ -295,8 +327,10 @@ impl<A: Accumulator> AccStage<A> {
     fn admit(&mut self, key: A::Key, now: Instant, tally: &mut Tally) -> u32 {
         let resident = match self.spilled.remove(&key) {
             Some(sp) => {
-                let (items, last_seq, timer) = (sp.items, sp.last_seq, sp.timer);
-                match self.reload(&key, sp) {
+                let times = self.spill_times.remove(&key);
+                let (items, last_seq) = (sp.items, sp.last_seq);
+                let timer = times.as_ref().and_then(|t| t.timer);
+                match self.reload(&key, sp, times, now) {
                     Ok(r) => Some(r),
                     Err(e) => {
                         self.lost(items, last_seq, timer, e, tally);
@@ -338,6 +372,8 @@ impl<A: Accumulator> AccStage<A> {
         &mut self,
         key: &A::Key,
         sp: Spilled,
+        times: Option<SpillTimes>,
+        now: Instant,
     ) -> Result<Resident<A::Key, A::State>, SpillError> {
         let Some(store) = self.store.as_mut() else {
             return Err(SpillError::Encode(
@@ -348,7 +384,7 @@ impl<A: Accumulator> AccStage<A> {
         let corrupt = |reason: String| SpillError::Corrupt {
             key: format!("{key:?}"),
             path: store.path().to_owned(),
-            offset: sp.at.offset(),
+            offset: store.offset_of(sp.at),
             reason,
         };
         let acc = self.acc.decode(&self.buf).map_err(&corrupt)?;
@@ -357,12 +393,17 @@ impl<A: Accumulator> AccStage<A> {
         }
         self.figures.reloads.fetch_add(1, Relaxed);
         self.ops.reloaded.increment(1);
+        let times = times.unwrap_or(SpillTimes {
+            born: now,
+            touched: now,
+            timer: None,
+        });
         Ok(Resident {
             mem: self.overhead + self.acc.state_size(&acc.state) as u64,
             acc,
-            born: sp.born,
-            touched: sp.touched,
-            timer: sp.timer,
+            born: times.born,
+            touched: times.touched,
+            timer: times.timer,
         })
     }
 
@@ -468,20 +509,21 @@ impl<A: Accumulator> AccStage<A> {
                 }
                 None => {}
             }
-        } else if let Some(sp) = self.spilled.get_mut(&key) {
-            sp.timer = None;
-            let (born, touched) = (sp.born, sp.touched);
+        } else if let Some(times) = self.spill_times.get_mut(&key) {
+            times.timer = None;
+            let (born, touched) = (times.born, times.touched);
             match self.due(born, touched) {
                 Some((at, _)) if at > now => {
                     let t = self.timers.insert_at(key.clone(), at);
-                    if let Some(sp) = self.spilled.get_mut(&key) {
-                        sp.timer = Some(t);
+                    if let Some(times) = self.spill_times.get_mut(&key) {
+                        times.timer = Some(t);
                     }
                 }
                 Some((_, action)) => {
+                    let times = self.spill_times.remove(&key);
                     if let Some(sp) = self.spilled.remove(&key) {
                         let (items, seq) = (sp.items, sp.last_seq);
-                        match self.reload(&key, sp) {
+                        match self.reload(&key, sp, times, now) {
                             Ok(r) => self.flush_entry(r, action, out, tally),
                             Err(e) => self.lost(items, seq, None, e, tally),
                         }
@@ -492,8 +534,9 @@ impl<A: Accumulator> AccStage<A> {
         }
     }
 
-    /// Updates the reservation and, over the budget, spills the coldest keys.
-    fn relieve(&mut self, tally: &mut Tally) {
+    /// Updates the reservation (once per batch) and, over the budget, spills cold keys (the
+    /// CLOCK hand's victims) in one round, written with one append.
+    async fn relieve(&mut self, tally: &mut Tally) {
         self.reservation.resize(self.resident_bytes);
         if !self.policy.spill_allowed || !self.budget.is_over() || self.table.len() == 0 {
             return;
@@ -514,8 +557,10 @@ impl<A: Accumulator> AccStage<A> {
             }
         }
         let mut spilled = 0u64;
+        let deadlines = self.policy.has_deadlines();
+        let mut slice = Slice::new();
         while self.resident_bytes > goal {
-            let Some(mut r) = self.table.pop_oldest(|r| &r.acc.key) else {
+            let Some(mut r) = self.table.evict(|r| &r.acc.key) else {
                 break;
             };
             self.resident_bytes -= r.mem;
@@ -531,15 +576,22 @@ impl<A: Accumulator> AccStage<A> {
             match written {
                 Ok(at) => {
                     spilled += 1;
+                    if deadlines {
+                        self.spill_times.insert(
+                            r.acc.key.clone(),
+                            SpillTimes {
+                                born: r.born,
+                                touched: r.touched,
+                                timer: r.timer,
+                            },
+                        );
+                    }
                     self.spilled.insert(
                         r.acc.key,
                         Spilled {
                             at,
                             items: r.acc.items,
                             last_seq: r.acc.last_seq,
-                            born: r.born,
-                            touched: r.touched,
-                            timer: r.timer,
                         },
                     );
                 }
@@ -548,6 +600,7 @@ impl<A: Accumulator> AccStage<A> {
                     break;
                 }
             }
+            slice.step().await;
         }
         if let Some(Err(e)) = self.store.as_mut().map(SpillStore::flush) {
             self.failures.stage_error(StageError::from_error(e), tally);
@@ -584,10 +637,12 @@ impl<A: Accumulator> AccStage<A> {
         }
         let now = Instant::now();
         let mut out = Vec::new();
+        let mut slice = Slice::new();
         for item in batch {
             self.ingest(item, now, &mut out, &mut tally);
+            slice.step().await;
         }
-        self.relieve(&mut tally);
+        self.relieve(&mut tally).await;
         self.publish();
         tally.emitted = out.len() as u64;
         self.failures.stats.add(&tally, Some(started.elapsed()));
@@ -610,7 +665,7 @@ impl<A: Accumulator> AccStage<A> {
                 .flatten()
                 .map(|e| e.into_inner());
         }
-        self.relieve(&mut tally);
+        self.relieve(&mut tally).await;
         self.publish();
         tally.emitted = out.len() as u64;
         self.failures.stats.add(&tally, None);
@@ -624,11 +679,22 @@ impl<A: Accumulator> AccStage<A> {
         let chunk = self.failures.run.batch_size.max(1);
         let mut tally = Tally::default();
         let mut out = Vec::new();
-        let residents = self.table.drain_oldest_first();
+        let mut slice = Slice::new();
+        let residents = self.table.drain();
         self.resident_bytes = 0;
-        let mut spilled: Vec<(A::Key, Spilled)> = self.spilled.drain().collect();
-        spilled.sort_by_key(|(_, s)| s.at.offset());
         self.timers.clear();
+        self.spill_times = Shards::new();
+        // Spilled keys in log order (a bucket per block, no sort), so each block is read and
+        // decompressed once.
+        let blocks = self.store.as_ref().map_or(0, |s| s.stats().blocks as usize) + 1;
+        let mut by_block: Vec<Vec<(A::Key, Spilled)>> = Vec::new();
+        by_block.resize_with(blocks, Vec::new);
+        let spilled = std::mem::replace(&mut self.spilled, Shards::new());
+        for (key, sp) in spilled.into_entries() {
+            let b = (sp.at.block() as usize).min(blocks - 1);
+            by_block[b].push((key, sp));
+            slice.step().await;
+        }
         for mut r in residents {
             r.timer = None;
             if self.failures.failed {
@@ -639,20 +705,26 @@ impl<A: Accumulator> AccStage<A> {
             if out.len() >= chunk {
                 self.ship(&mut out, &mut tally, next).await;
             }
+            slice.step().await;
         }
-        for (key, mut sp) in spilled {
-            sp.timer = None;
-            if self.failures.failed {
-                tally.count_drop(DropReason::StageFailed, sp.items);
-                continue;
-            }
-            let (items, seq) = (sp.items, sp.last_seq);
-            match self.reload(&key, sp) {
-                Ok(r) => self.flush_entry(r, Action::PartialFlush, &mut out, &mut tally),
-                Err(e) => self.lost(items, seq, None, e, &mut tally),
-            }
-            if out.len() >= chunk {
-                self.ship(&mut out, &mut tally, next).await;
+        let now = Instant::now();
+        for block in by_block {
+            let mut block = block;
+            block.sort_by_key(|(_, sp)| sp.at.order());
+            for (key, sp) in block {
+                if self.failures.failed {
+                    tally.count_drop(DropReason::StageFailed, sp.items);
+                    continue;
+                }
+                let (items, seq) = (sp.items, sp.last_seq);
+                match self.reload(&key, sp, None, now) {
+                    Ok(r) => self.flush_entry(r, Action::PartialFlush, &mut out, &mut tally),
+                    Err(e) => self.lost(items, seq, None, e, &mut tally),
+                }
+                if out.len() >= chunk {
+                    self.ship(&mut out, &mut tally, next).await;
+                }
+                slice.step().await;
             }
         }
         self.ship(&mut out, &mut tally, next).await;
@@ -741,7 +813,7 @@ async fn partition<A: Accumulator>(
     keys: A,
 ) {
     let n = lanes.len() as u64;
-    let hasher = BuildHasherDefault::<DefaultHasher>::default();
+    let hasher = foldhash::fast::FixedState::default();
     while let Some((_, batch)) = rx.recv().await {
         let mut split: Vec<Batch<A::In>> = (0..n).map(|_| Batch::default()).collect();
         for item in batch {
