@@ -297,10 +297,11 @@ impl TierManager {
     }
 
     /// Records a violation known only by wall-clock time: the thread may have been preempted
-    /// during the poll, so it counts, but it raises the task to [`Tier::Warn`] at most (and its
-    /// score stays below the Yield threshold). The supervisor measures the CPU time of tasks at
-    /// Warn and above, so a task that really hogs its worker goes further on its next long
-    /// poll, while one that was only preempted calms down again.
+    /// during the poll, so it raises the task to [`Tier::Warn`] at most (its score stays below
+    /// the Yield threshold), and a task already above Warn only has it counted, without
+    /// delaying its demotion. The supervisor measures the CPU time of the poll after a long
+    /// one, so a task that really hogs its worker goes further on its next long poll, while
+    /// one that was only preempted calms down again.
     ///
     /// ```
     /// use tokio_pulse::budget::TaskBudget;
@@ -331,6 +332,10 @@ impl TierManager {
         ceiling: Tier,
     ) -> Option<Transition> {
         if !self.is_violation(poll_ns) {
+            return None;
+        }
+        if task.tier > ceiling {
+            task.violations = task.violations.saturating_add(1);
             return None;
         }
         task.decay(now_ns, self.decay_ns);
@@ -526,10 +531,13 @@ mod tests {
         // One confirmed 2 ms poll is enough for Yield from there.
         let c = m.on_poll(&mut t, 2 * MS, 520 * MS);
         assert_eq!(c.map(|c| c.to), Some(Tier::Yield));
-        // At Yield, an unconfirmed poll neither escalates nor lowers the score.
+        // At Yield, an unconfirmed poll is counted and changes nothing else: it neither
+        // escalates nor delays the demotion.
         let score = t.score();
         assert_eq!(m.on_unconfirmed_poll(&mut t, 50 * MS, 521 * MS), None);
-        assert!(t.score() >= score);
+        assert_eq!(t.score(), score);
+        assert_eq!(t.last_violation_ns(), 520 * MS);
+        assert_eq!(t.violations(), 12);
         assert_eq!(t.tier(), Tier::Yield);
     }
 

@@ -16,12 +16,14 @@
 //! A poll is timed with the cheap clock, which also counts time the thread spent preempted.
 //! Such a wall-clock violation can raise a task to Warn and no further
 //! ([`TierManager::on_unconfirmed_poll`](crate::tier::TierManager::on_unconfirmed_poll)).
-//! From Warn up, the task's polls are also timed with its thread's CPU clock (two reads of
-//! a few hundred nanoseconds each, paid only by tasks that have already overrun), and Yield
-//! and Isolate follow CPU time. So a busy task on a machine crowded by other processes is not
-//! sent to the idle-priority isolation runtime for being preempted, while a task that burns
-//! its worker gets there on its second long poll (on its first when the sampler read the
-//! thread's clock during it, as it does for any poll much longer than the sample interval).
+//! The poll that follows a long one (over a quarter of the budget in wall-clock time) is also
+//! timed with the thread's CPU clock (two reads of a few hundred nanoseconds, next to a poll
+//! that is likely long again), and Yield and Isolate follow CPU time. So a busy task on a
+//! machine crowded by other processes is not sent to the idle-priority isolation runtime for
+//! being preempted, and a task with tiny polls that was preempted once pays for one CPU-timed
+//! poll, while a task that burns its worker gets there on its second long poll (on its first
+//! when the sampler read the thread's clock during it, as it does for any poll much longer
+//! than the sample interval).
 //!
 //! ```
 //! use tokio_pulse::{Supervisor, SupervisorConfig};
@@ -135,6 +137,8 @@ pub(crate) struct Core {
     pub(crate) clock: PollClock,
     origin: u64,
     pub(crate) budget_ticks: u64,
+    /// A poll longer than this (a quarter of the budget) gets the next one CPU-timed.
+    pub(crate) suspect_ticks: u64,
     pub(crate) tiers: TierManager,
     pub(crate) workers: WorkerRegistry,
     pub(crate) tasks: parking_lot::Mutex<std::collections::HashMap<u64, Arc<TaskShared>>>,
@@ -231,6 +235,7 @@ impl Supervisor {
             clock,
             origin,
             budget_ticks,
+            suspect_ticks: budget_ticks / 4,
             tiers,
             workers: WorkerRegistry::default(),
             tasks: parking_lot::Mutex::new(std::collections::HashMap::new()),

@@ -100,7 +100,7 @@ pub(crate) struct Watch {
     polls: u64,
     published_polls: u64,
     isolated: bool,
-    /// Whether polls are also timed with the thread's CPU clock (at Warn and above).
+    /// Whether the next poll is also timed with the thread's CPU clock (after a long one).
     cpu_timed: bool,
 }
 
@@ -158,7 +158,9 @@ impl Watch {
         let result = fut.poll(cx);
         let end = core.clock.raw();
         drop(guard);
-        let over = end.wrapping_sub(start) > core.budget_ticks || end >= self.review_at;
+        let elapsed = end.wrapping_sub(start);
+        let over = elapsed > core.budget_ticks || end >= self.review_at;
+        self.cpu_timed = elapsed > core.suspect_ticks;
         self.polls += 1;
         let action = if over {
             self.slow_path(start, end, cpu_start)
@@ -250,7 +252,6 @@ impl Watch {
             }
         }
         let tier = self.budget.tier();
-        self.cpu_timed = tier >= Tier::Warn;
         match (self.isolated, tier) {
             (false, Tier::Isolate) => Action::Isolate,
             (false, Tier::Yield) if core.tiers.is_violation(poll_ns) => Action::Yield,
@@ -261,8 +262,8 @@ impl Watch {
 
     /// The length of a poll that took `wall_ns` of wall-clock time, and whether it is known
     /// in CPU time (`true`) or only in wall-clock time, which counts time the thread spent
-    /// preempted (`false`). CPU time is known when the poll was CPU-timed (tasks at Warn and
-    /// above), when the CPU sampler read the thread's clock during the poll (the CPU share of
+    /// preempted (`false`). CPU time is known when the poll was CPU-timed (it followed a long
+    /// poll), when the CPU sampler read the thread's clock during the poll (the CPU share of
     /// the window from that sample to the end of the poll is applied), on a manual clock (no
     /// preemption in simulated time), and trivially where threads have no CPU clock at all.
     /// Reads the thread's CPU clock, so only on the slow path.
