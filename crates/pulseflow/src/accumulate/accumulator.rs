@@ -55,6 +55,14 @@ pub enum CompletenessResult<O> {
 ///
 /// The stage owns the state table; the accumulator only says how to build, update, check and
 /// flush one state, and how to encode it for spilling (by default with `postcard`).
+///
+/// A panic in any of these methods is caught and becomes an error of the item being processed,
+/// handled by the stage's [`ErrorPolicy`](crate::policy::ErrorPolicy) (not retried: under
+/// `Retry` it is dead-lettered at once). In `key` or `create` the item is still whole and is
+/// dead-lettered with its payload. In `update` or `check` the key's state may be half-updated:
+/// it is dropped, the item fails and the key's earlier items are absorbed into that failure.
+/// In `flush`, `encode` or `decode` the key's state fails as one item (its latest sequence
+/// number), the others absorbed. Under `Fail` the run ends with the stage's id.
 pub trait Accumulator: Send + 'static {
     /// Input payload.
     type In: Send + 'static;

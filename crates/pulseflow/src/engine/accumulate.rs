@@ -9,6 +9,7 @@
 //! end of input.
 
 use std::hash::BuildHasher;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -254,7 +255,28 @@ impl<A: Accumulator> AccStage<A> {
     /// Bytes reserved for a resident key.
     #[inline]
     fn mem_of(&self, r: &Resident<A::Key, A::State>) -> u64 {
-        self.overhead + self.acc.state_size(&r.acc.state) as u64
+        // A panicking `state_size` was already reported by the update that ran it; here the
+        // state's inline size stands in.
+        let size = catch_unwind(AssertUnwindSafe(|| self.acc.state_size(&r.acc.state)))
+            .unwrap_or(std::mem::size_of::<A::State>());
+        self.overhead + size as u64
+    }
+
+    /// Settles a failed item under the stage's error policy. Accumulator code is not retried
+    /// (a panic in it is not transient): under `Retry` the item is dead-lettered at once.
+    fn fail(&mut self, failure: ItemFailure<A::In>, tally: &mut Tally) {
+        let _ = self
+            .failures
+            .settle(failure, 1, &mut std::iter::empty(), tally);
+    }
+
+    /// User code panicked while folding item `seq` into `key`: the key's state may be
+    /// half-updated, so it is dropped; the item fails under the error policy and the key's
+    /// earlier items are absorbed into that failure.
+    fn poisoned(&mut self, key: &A::Key, seq: u64, error: StageError, tally: &mut Tally) {
+        let items = self.take(key).map_or(1, |r| r.acc.items);
+        self.fail(ItemFailure::consumed(seq, error), tally);
+        tally.absorbed += items.saturating_sub(1);
     }
 
     /// When a key's deadline is, and what flushing it then is called.
@@ -277,10 +299,23 @@ impl<A: Accumulator> AccStage<A> {
         out: &mut Vec<Envelope<A::Out>>,
         tally: &mut Tally,
     ) {
-        let key = self.acc.key(&item);
+        let key = match catch_unwind(AssertUnwindSafe(|| self.acc.key(&item))) {
+            Ok(key) => key,
+            Err(panic) => {
+                let error = StageError::from_panic(&*panic);
+                self.fail(ItemFailure::new(item, error), tally);
+                return;
+            }
+        };
         let slot = match self.table.touch(&key) {
             Some(slot) => slot,
-            None => self.admit(key.clone(), now, tally),
+            None => match self.admit(key.clone(), now, tally) {
+                Ok(slot) => slot,
+                Err(error) => {
+                    self.fail(ItemFailure::new(item, error), tally);
+                    return;
+                }
+            },
         };
         let Some(r) = self.table.get_mut(slot) else {
             return;
@@ -296,11 +331,27 @@ impl<A: Accumulator> AccStage<A> {
         if let Some(t) = &mut r.times {
             t.touched = now;
         }
-        let before = self.acc.state_size(&a.state) as u64;
-        self.acc.update(&mut a.state, item);
-        let after = self.acc.state_size(&a.state) as u64;
-        self.resident_bytes = (self.resident_bytes + after).saturating_sub(before);
-        let verdict = self.acc.check(a);
+        let seq = item.seq;
+        let user = &mut self.acc;
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            let before = user.state_size(&a.state) as u64;
+            user.update(&mut a.state, item);
+            let after = user.state_size(&a.state) as u64;
+            (after, before, user.check(a))
+        }));
+        let verdict = match run {
+            Ok((after, before, verdict)) => {
+                self.resident_bytes = (self.resident_bytes + after).saturating_sub(before);
+                verdict
+            }
+            Err(panic) => {
+                self.poisoned(&key, seq, StageError::from_panic(&*panic), tally);
+                return;
+            }
+        };
+        let Some(a) = self.table.get_mut(slot).map(|r| &r.acc) else {
+            return;
+        };
         let over = self.policy.max_items.is_some_and(|m| a.items >= m)
             || self.policy.max_bytes.is_some_and(|m| a.bytes >= m);
         match verdict {
@@ -329,8 +380,9 @@ impl<A: Accumulator> AccStage<A> {
         }
     }
 
-    /// Brings a key into the table: reloaded from disk, or new.
-    fn admit(&mut self, key: A::Key, now: Instant, tally: &mut Tally) -> u32 {
+    /// Brings a key into the table: reloaded from disk, or new. Fails only when the
+    /// accumulator's `create` panics.
+    fn admit(&mut self, key: A::Key, now: Instant, tally: &mut Tally) -> Result<u32, StageError> {
         let resident = match self.spilled.remove(&key) {
             Some(sp) => {
                 let times = self.spill_times.remove(&key);
@@ -346,35 +398,44 @@ impl<A: Accumulator> AccStage<A> {
             }
             None => None,
         };
-        let resident = resident.unwrap_or_else(|| {
-            let state = self.acc.create(&key);
-            let times = self.policy.has_deadlines().then(|| {
-                let timer = self
-                    .due(now, now)
-                    .map(|(at, _)| self.timers.insert_at(key.clone(), at));
-                Box::new(Times {
-                    born: now,
-                    touched: now,
-                    timer,
-                })
-            });
-            Resident {
-                acc: AccumulatorState {
-                    key: key.clone(),
-                    state,
-                    items: 0,
-                    bytes: 0,
-                    first_ts: 0,
-                    last_ts: 0,
-                    last_seq: 0,
-                    score: 0.0,
-                    spilled: false,
-                },
-                times,
+        let resident = match resident {
+            Some(r) => r,
+            None => {
+                let state = catch_unwind(AssertUnwindSafe(|| self.acc.create(&key)))
+                    .map_err(|panic| StageError::from_panic(&*panic))?;
+                self.fresh(key.clone(), state, now)
             }
-        });
+        };
         self.resident_bytes += self.mem_of(&resident);
-        self.table.insert(key, resident)
+        Ok(self.table.insert(key, resident))
+    }
+
+    /// A new key's entry, with its deadline armed.
+    fn fresh(&mut self, key: A::Key, state: A::State, now: Instant) -> Resident<A::Key, A::State> {
+        let times = self.policy.has_deadlines().then(|| {
+            let timer = self
+                .due(now, now)
+                .map(|(at, _)| self.timers.insert_at(key.clone(), at));
+            Box::new(Times {
+                born: now,
+                touched: now,
+                timer,
+            })
+        });
+        Resident {
+            acc: AccumulatorState {
+                key: key.clone(),
+                state,
+                items: 0,
+                bytes: 0,
+                first_ts: 0,
+                last_ts: 0,
+                last_seq: 0,
+                score: 0.0,
+                spilled: false,
+            },
+            times,
+        }
     }
 
     /// Reads a spilled key back.
@@ -397,7 +458,9 @@ impl<A: Accumulator> AccStage<A> {
             offset: store.offset_of(sp.at),
             reason,
         };
-        let acc = self.acc.decode(&self.buf).map_err(&corrupt)?;
+        let acc = catch_unwind(AssertUnwindSafe(|| self.acc.decode(&self.buf)))
+            .unwrap_or_else(|panic| Err(StageError::from_panic(&*panic).to_string()))
+            .map_err(&corrupt)?;
         if acc.key != *key {
             return Err(corrupt(format!("record holds key {:?}", acc.key)));
         }
@@ -429,10 +492,10 @@ impl<A: Accumulator> AccStage<A> {
             self.timers.remove(&t);
         }
         tracing::warn!(stage = %self.ctx.stage_id, %error, "spilled state lost");
-        let failure = ItemFailure::<A::In>::consumed(seq, StageError::from_error(error));
-        let _ = self
-            .failures
-            .settle(failure, 1, &mut std::iter::empty(), tally);
+        self.fail(
+            ItemFailure::consumed(seq, StageError::from_error(error)),
+            tally,
+        );
         tally.absorbed += items.saturating_sub(1);
     }
 
@@ -460,9 +523,14 @@ impl<A: Accumulator> AccStage<A> {
             tally.count_drop(DropReason::Discarded, meta.items);
             return;
         }
-        match self.acc.flush(r.acc) {
-            Some(o) => self.emit(o, meta, action, out, tally),
-            None => tally.count_drop(DropReason::Discarded, meta.items),
+        match catch_unwind(AssertUnwindSafe(|| self.acc.flush(r.acc))) {
+            Ok(Some(o)) => self.emit(o, meta, action, out, tally),
+            Ok(None) => tally.count_drop(DropReason::Discarded, meta.items),
+            Err(panic) => {
+                let error = StageError::from_panic(&*panic);
+                self.fail(ItemFailure::consumed(meta.last_seq, error), tally);
+                tally.absorbed += meta.items.saturating_sub(1);
+            }
         }
     }
 
@@ -577,10 +645,15 @@ impl<A: Accumulator> AccStage<A> {
             r.acc.spilled = true;
             self.buf.clear();
             let written = match self.store.as_mut() {
-                Some(store) => self
-                    .acc
-                    .encode(&r.acc, &mut self.buf)
-                    .and_then(|()| store.append(&self.buf)),
+                Some(store) => {
+                    catch_unwind(AssertUnwindSafe(|| self.acc.encode(&r.acc, &mut self.buf)))
+                        .unwrap_or_else(|panic| {
+                            Err(SpillError::Encode(
+                                StageError::from_panic(&*panic).to_string(),
+                            ))
+                        })
+                        .and_then(|()| store.append(&self.buf))
+                }
                 None => Err(SpillError::Encode("no spill store".into())),
             };
             match written {
@@ -764,7 +837,8 @@ async fn run_worker<A: Accumulator>(
     flow: FlowGuard,
     all: Arc<std::sync::OnceLock<Vec<Arc<AccFigures>>>>,
 ) {
-    let init = stage.acc.init(&stage.ctx);
+    let init = catch_unwind(AssertUnwindSafe(|| stage.acc.init(&stage.ctx)))
+        .unwrap_or_else(|panic| Err(StageError::from_panic(&*panic)));
     let span = stage.ctx.span.clone();
     let ok = stage
         .failures
@@ -809,19 +883,31 @@ async fn run_worker<A: Accumulator>(
     }
 }
 
-/// Splits each batch by key hash so a key always goes to the same worker.
+/// Splits each batch by key hash so a key always goes to the same worker. An item whose key
+/// extraction panics fails here, under the stage's error policy.
 async fn partition<A: Accumulator>(
     rx: EdgeReceiver<A::In>,
     lanes: Vec<EdgeSender<A::In>>,
     keys: A,
+    mut failures: Failures,
 ) {
     let n = lanes.len() as u64;
     let hasher = foldhash::fast::FixedState::default();
     while let Some((_, batch)) = rx.recv().await {
         let mut split: Vec<Batch<A::In>> = (0..n).map(|_| Batch::default()).collect();
+        let mut tally = Tally::default();
         for item in batch {
-            let lane = (hasher.hash_one(keys.key(&item)) % n) as usize;
-            split[lane].push(item);
+            match catch_unwind(AssertUnwindSafe(|| keys.key(&item))) {
+                Ok(key) => split[(hasher.hash_one(key) % n) as usize].push(item),
+                Err(panic) => {
+                    tally.received += 1;
+                    let failure = ItemFailure::new(item, StageError::from_panic(&*panic));
+                    let _ = failures.settle(failure, 1, &mut std::iter::empty(), &mut tally);
+                }
+            }
+        }
+        if tally.received > 0 {
+            failures.stats.add(&tally, None);
         }
         for (lane, part) in lanes.iter().zip(split) {
             if !part.is_empty() {
@@ -900,8 +986,10 @@ pub(crate) fn wire_accumulator<A: Accumulator>(
                         .instrument(span.clone()),
                 );
             }
-            w.run
-                .spawn(w.index, partition(rx, lanes, make()).instrument(span));
+            w.run.spawn(
+                w.index,
+                partition(rx, lanes, make(), w.failures()).instrument(span),
+            );
         }
     }
     let _ = shared.set(all.clone());
