@@ -643,16 +643,19 @@ impl<A: Accumulator> AccStage<A> {
             };
             self.resident_bytes = self.resident_bytes.saturating_sub(self.mem_of(&r));
             r.acc.spilled = true;
-            self.buf.clear();
             let written = match self.store.as_mut() {
                 Some(store) => {
-                    catch_unwind(AssertUnwindSafe(|| self.acc.encode(&r.acc, &mut self.buf)))
-                        .unwrap_or_else(|panic| {
-                            Err(SpillError::Encode(
-                                StageError::from_panic(&*panic).to_string(),
-                            ))
-                        })
-                        .and_then(|()| store.append(&self.buf))
+                    // Encoded straight into the store's open block.
+                    let (acc, entry) = (&self.acc, &r.acc);
+                    store.append_with(|buf| {
+                        catch_unwind(AssertUnwindSafe(|| acc.encode(entry, buf))).unwrap_or_else(
+                            |panic| {
+                                Err(SpillError::Encode(
+                                    StageError::from_panic(&*panic).to_string(),
+                                ))
+                            },
+                        )
+                    })
                 }
                 None => Err(SpillError::Encode("no spill store".into())),
             };
