@@ -133,6 +133,10 @@ pub struct RecordRef {
 }
 
 impl RecordRef {
+    pub(crate) fn new(block: u32, pos: u32) -> Self {
+        Self { block, pos }
+    }
+
     /// Number of the record's block in the log.
     pub fn block(&self) -> u32 {
         self.block
@@ -525,6 +529,29 @@ impl SpillStore {
         Ok(())
     }
 
+    /// Reads a sealed block (checked and decompressed) into `out`, replacing its contents:
+    /// records back to back, each a LEB128 length and its bytes (walk them with
+    /// [`block_records`]). For reading the whole log in order.
+    pub fn read_block(&mut self, block: u32, out: &mut Vec<u8>) -> Result<(), SpillError> {
+        if self.cached != Some(block) {
+            self.cached = None;
+            let offset = self.offset_of(RecordRef { block, pos: 0 });
+            self.load_block(block).map_err(|e| match e {
+                Err(reason) => SpillError::Corrupt {
+                    key: format!("(block {block})"),
+                    path: self.path.clone(),
+                    offset,
+                    reason,
+                },
+                Ok(io) => io,
+            })?;
+            self.cached = Some(block);
+        }
+        out.clear();
+        out.extend_from_slice(&self.cache);
+        Ok(())
+    }
+
     /// Reads, checks and decompresses a sealed block into the cache. `Err(Err(reason))` is a
     /// corrupt block, `Err(Ok(error))` an I/O error.
     fn load_block(&mut self, block: u32) -> Result<(), Result<SpillError, String>> {
@@ -590,6 +617,21 @@ impl SpillStore {
         self.scratch = record;
         result
     }
+}
+
+/// The records of a block read by [`SpillStore::read_block`]: each record's position in the
+/// block and its bytes. Stops at the first malformed length.
+pub fn block_records(block: &[u8]) -> impl Iterator<Item = (u32, &[u8])> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let (len, n) = get_varint(block, at)?;
+        let start = at + n;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        let bytes = block.get(start..end)?;
+        let pos = u32::try_from(at).ok()?;
+        at = end;
+        Some((pos, bytes))
+    })
 }
 
 impl Drop for SpillStore {
@@ -731,6 +773,28 @@ mod tests {
             assert_eq!(out.len(), len);
         }
         assert_eq!(store.stats().records, 8);
+    }
+
+    #[test]
+    fn blocks_read_in_order() {
+        let mut store = SpillStore::open(None).expect("open");
+        let refs: Vec<_> = (0..2000u32)
+            .map(|i| store.append(format!("r{i}").as_bytes()).expect("append"))
+            .collect();
+        store.flush().expect("flush");
+        let mut seen = Vec::new();
+        let mut block = Vec::new();
+        for b in 0..store.stats().blocks as u32 {
+            store.read_block(b, &mut block).expect("block");
+            for (pos, bytes) in block_records(&block) {
+                seen.push((RecordRef::new(b, pos), bytes.to_vec()));
+            }
+        }
+        assert_eq!(seen.len(), 2000);
+        for (i, (at, bytes)) in seen.iter().enumerate() {
+            assert_eq!(*at, refs[i]);
+            assert_eq!(bytes, format!("r{i}").as_bytes());
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! still held in state are in flight until their key is emitted, discarded or flushed at the
 //! end of input.
 
+use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use super::workers::{BUSY_SLICE, Pacer};
 use crate::accumulate::table::{ClockTable, Shards};
 use crate::accumulate::{
     Accumulator, AccumulatorPolicy, AccumulatorState, CompletenessResult, RecordRef, SpillError,
-    SpillStore,
+    SpillStore, block_records,
 };
 use crate::envelope::{Batch, Cost, Envelope, Timestamp};
 use crate::error::{ItemFailure, PipelineError, StageError};
@@ -133,7 +134,10 @@ struct Resident<K, S> {
 }
 
 /// A key on disk: 24 bytes besides the key (its deadlines are kept apart, and only when the
-/// policy has deadlines).
+/// policy has deadlines). Aligned to 4 so a `u32` key and its entry take 28 bytes in the
+/// index, not 32 (fields are only ever copied out, never borrowed).
+#[derive(Clone, Copy)]
+#[repr(C, packed(4))]
 struct Spilled {
     at: RecordRef,
     items: u64,
@@ -764,17 +768,6 @@ impl<A: Accumulator> AccStage<A> {
         self.resident_bytes = 0;
         self.timers.clear();
         self.spill_times = Shards::new();
-        // Spilled keys in log order (a bucket per block, no sort), so each block is read and
-        // decompressed once.
-        let blocks = self.store.as_ref().map_or(0, |s| s.stats().blocks as usize) + 1;
-        let mut by_block: Vec<Vec<(A::Key, Spilled)>> = Vec::new();
-        by_block.resize_with(blocks, Vec::new);
-        let spilled = std::mem::replace(&mut self.spilled, Shards::new());
-        for (key, sp) in spilled.into_entries() {
-            let b = (sp.at.block() as usize).min(blocks - 1);
-            by_block[b].push((key, sp));
-            slice.step().await;
-        }
         for r in residents {
             if self.failures.failed {
                 tally.count_drop(DropReason::StageFailed, r.acc.items);
@@ -786,25 +779,85 @@ impl<A: Accumulator> AccStage<A> {
             }
             slice.step().await;
         }
-        let now = Instant::now();
-        for block in by_block {
-            let mut block = block;
-            block.sort_by_key(|(_, sp)| sp.at.order());
-            for (key, sp) in block {
+        // Spilled keys: the log is read once, block by block in order, and a record is
+        // flushed when the index still points at it (older copies of keys reloaded and spilled
+        // again are skipped). Nothing is gathered or sorted: memory only shrinks, with the
+        // index, as keys go.
+        let mut unreadable: BTreeMap<u32, String> = BTreeMap::new();
+        let blocks = match self.store.as_mut().map(|s| (s.flush(), s.stats().blocks)) {
+            Some((Ok(()), blocks)) => u32::try_from(blocks).unwrap_or(u32::MAX),
+            Some((Err(e), _)) => {
+                self.failures
+                    .stage_error(StageError::from_error(e), &mut tally);
+                0
+            }
+            None => 0,
+        };
+        let mut block = std::mem::take(&mut self.buf);
+        for b in 0..blocks {
+            if self.spilled.is_empty() {
+                break;
+            }
+            let Some(store) = self.store.as_mut() else {
+                break;
+            };
+            if let Err(e) = store.read_block(b, &mut block) {
+                let reason = match e {
+                    SpillError::Corrupt { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                unreadable.insert(b, reason);
+                continue;
+            }
+            for (pos, bytes) in block_records(&block) {
+                let Ok(Ok(acc)) = catch_unwind(AssertUnwindSafe(|| self.acc.decode(bytes))) else {
+                    // Its key is unknown here: reported below if the index points at it.
+                    continue;
+                };
+                if self.spilled.get(&acc.key).map(|sp| sp.at) != Some(RecordRef::new(b, pos)) {
+                    continue;
+                }
+                let Some(sp) = self.spilled.remove(&acc.key) else {
+                    continue;
+                };
                 if self.failures.failed {
                     tally.count_drop(DropReason::StageFailed, sp.items);
                     continue;
                 }
-                let (items, seq) = (sp.items, sp.last_seq);
-                match self.reload(&key, sp, None, now) {
-                    Ok(r) => self.flush_entry(r, Action::PartialFlush, &mut out, &mut tally),
-                    Err(e) => self.lost(items, seq, None, e, &mut tally),
-                }
+                self.figures.reloads.fetch_add(1, Relaxed);
+                self.ops.reloaded.increment(1);
+                let r = Resident { acc, times: None };
+                self.flush_entry(r, Action::PartialFlush, &mut out, &mut tally);
                 if out.len() >= chunk {
                     self.ship(&mut out, &mut tally, next).await;
                 }
                 slice.step().await;
             }
+        }
+        self.buf = block;
+        // What is left could not be read back.
+        let left = std::mem::replace(&mut self.spilled, Shards::new());
+        for (key, sp) in left.into_entries() {
+            if self.failures.failed {
+                tally.count_drop(DropReason::StageFailed, sp.items);
+                continue;
+            }
+            let reason = unreadable
+                .get(&sp.at.block())
+                .cloned()
+                .unwrap_or_else(|| "no readable record where the index points".into());
+            let error = SpillError::Corrupt {
+                key: format!("{key:?}"),
+                path: self
+                    .store
+                    .as_ref()
+                    .map(|s| s.path().to_owned())
+                    .unwrap_or_default(),
+                offset: self.store.as_ref().map_or(0, |s| s.offset_of(sp.at)),
+                reason,
+            };
+            self.lost(sp.items, sp.last_seq, None, error, &mut tally);
+            slice.step().await;
         }
         self.ship(&mut out, &mut tally, next).await;
         self.reservation.resize(0);
