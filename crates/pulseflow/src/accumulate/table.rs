@@ -75,6 +75,11 @@ impl<K: Hash + Eq, V> Shards<K, V> {
         old
     }
 
+    /// The shards, emptied from the map (each can be dropped on its own).
+    fn into_shards(self) -> Vec<HashMap<K, V, foldhash::fast::RandomState>> {
+        self.shards.into_vec()
+    }
+
     /// Every entry, shard by shard.
     pub fn into_entries(self) -> impl Iterator<Item = (K, V)> {
         self.shards
@@ -225,19 +230,23 @@ impl<K: Hash + Eq + Clone, V> ClockTable<K, V> {
 
     /// Every value, starting at the eviction hand's chunk (roughly least recently used
     /// first), emptying the table. Lazy, so a caller can pause between values; each chunk is
-    /// freed once its values are taken.
+    /// freed once its values are taken, and one shard of the old index with it (freeing a
+    /// large table at once is a long stretch of kernel time in one poll).
     pub fn drain(&mut self) -> impl Iterator<Item = V> + use<K, V> {
         let chunks = std::mem::take(&mut self.chunks);
         let n = chunks.len();
         let start = (self.hand >> CHUNK_BITS).min(n);
-        self.index = Shards::new();
+        let mut old_index = std::mem::replace(&mut self.index, Shards::new()).into_shards();
         self.free = Vec::new();
         self.slots = 0;
         self.hand = 0;
         let mut chunks: Vec<Option<Vec<Slot<V>>>> = chunks.into_iter().map(Some).collect();
         (start..n)
             .chain(0..start)
-            .flat_map(move |i| chunks[i].take().unwrap_or_default())
+            .flat_map(move |i| {
+                drop(old_index.pop());
+                chunks[i].take().unwrap_or_default()
+            })
             .filter_map(|slot| slot.value)
     }
 
