@@ -437,3 +437,53 @@ async fn spilled_keys_expire_on_their_ttl() {
     assert_eq!(late[0].payload, (1000, 1, 7));
     assert_eq!(late[0].header("acc.spilled"), Some("false"));
 }
+
+#[tokio::test]
+async fn spill_file_corrupted_before_the_final_flush_loses_only_spilled_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spill_dir = dir.path().to_owned();
+    let corrupt_dir = spill_dir.clone();
+    let items: Vec<(u32, u64)> = (0..60u32).map(|k| (k, 1)).collect();
+    // After the last item (and its spill round), overwrite the spill files; then the input
+    // ends and the final flush reads the log.
+    let pause = futures::stream::once(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for entry in std::fs::read_dir(&corrupt_dir).expect("spill dir") {
+            let path = entry.expect("entry").path();
+            let len = std::fs::metadata(&path).expect("meta").len() as usize;
+            std::fs::write(&path, vec![0xAB; len]).expect("overwrite");
+        }
+    })
+    .filter_map(|()| async { None });
+    let stream = futures::stream::iter(items).chain(pause);
+    let mut p = PipelineBuilder::new("corrupt-at-close");
+    let (sink, got) = sinks::collect();
+    p.source("in", sources::stream(Box::pin(stream)))
+        .accumulate(
+            "sum",
+            CountSum { complete_at: 2 },
+            AccumulatorPolicy::default()
+                .with_partial_flush(true)
+                .with_spill(true)
+                .with_spill_dir(&spill_dir),
+        )
+        .error_policy(ErrorPolicy::DeadLetter)
+        .sink("out", sink);
+    let options = ExecutionOptions::default()
+        .with_batch_size(10)
+        .with_memory_budget(MemoryBudget::new(1024));
+    let result = ExecutionEngine::new()
+        .run(p.build().expect("valid"), options)
+        .await;
+    assert!(result.success, "{:?}", result.error);
+    checked(&result);
+    let spills = stage(&result, "sum").metrics["spill.spills"] as usize;
+    assert!(spills > 0);
+    // Every spilled key is lost (one dead letter each), every resident key is emitted.
+    assert_eq!(result.dead_letters.len(), spills);
+    assert_eq!(got.len() + spills, 60);
+    let text = &result.dead_letters[0].error;
+    assert!(text.starts_with("corrupt spill record for key"), "{text}");
+    assert!(text.contains("segment-"), "{text}");
+    assert_eq!(text.matches("corrupt").count(), 1, "{text}");
+}

@@ -55,6 +55,14 @@ pub enum CompletenessResult<O> {
 ///
 /// The stage owns the state table; the accumulator only says how to build, update, check and
 /// flush one state, and how to encode it for spilling (by default with `postcard`).
+///
+/// A panic in any of these methods is caught and becomes an error of the item being processed,
+/// handled by the stage's [`ErrorPolicy`](crate::policy::ErrorPolicy) (not retried: under
+/// `Retry` it is dead-lettered at once). In `key` or `create` the item is still whole and is
+/// dead-lettered with its payload. In `update` or `check` the key's state may be half-updated:
+/// it is dropped, the item fails and the key's earlier items are absorbed into that failure.
+/// In `flush`, `encode` or `decode` the key's state fails as one item (its latest sequence
+/// number), the others absorbed. Under `Fail` the run ends with the stage's id.
 pub trait Accumulator: Send + 'static {
     /// Input payload.
     type In: Send + 'static;
@@ -96,32 +104,160 @@ pub trait Accumulator: Send + 'static {
         std::mem::size_of::<Self::State>()
     }
 
-    /// Encodes an entry for spilling, appending to `out`.
+    /// Encodes an entry for spilling, appending to `out` (the spill store's block buffer:
+    /// write straight into it, no intermediate buffer). The default writes the entry's
+    /// `postcard` encoding, the stage's own fields by hand and key and state through serde
+    /// (several times faster than serialising the whole struct through serde).
     fn encode(
         &self,
         entry: &AccumulatorState<Self::Key, Self::State>,
         out: &mut Vec<u8>,
     ) -> Result<(), SpillError> {
-        // Small states (the common case) go through a stack buffer: postcard writes a slice
-        // much faster than it extends a vector byte by byte.
-        let mut small = [0u8; 256];
-        match postcard::to_slice(entry, &mut small) {
-            Ok(bytes) => {
-                out.extend_from_slice(bytes);
-                Ok(())
-            }
-            Err(postcard::Error::SerializeBufferFull) => {
-                let bytes = postcard::to_extend(entry, std::mem::take(out))
-                    .map_err(|e| SpillError::Encode(e.to_string()))?;
-                *out = bytes;
-                Ok(())
-            }
-            Err(e) => Err(SpillError::Encode(e.to_string())),
-        }
+        encode_entry(entry, out)
     }
 
     /// Decodes an entry written by [`Accumulator::encode`].
     fn decode(&self, bytes: &[u8]) -> Result<AccumulatorState<Self::Key, Self::State>, String> {
         postcard::from_bytes(bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// A `postcard` output appending to a vector.
+struct Extend<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Extend<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        // Mostly varints postcard just wrote byte by byte into a small buffer: copied byte
+        // by byte too (a `memcpy` call reading them wide stalls on store forwarding).
+        if data.len() <= 16 {
+            for &b in data {
+                self.0.push(b);
+            }
+        } else {
+            self.0.extend_from_slice(data);
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    #[inline]
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Bytes the stage's own fields take at most: five varints, an `f64` and a `bool`.
+const HEAD_MAX: usize = 5 * 10 + 8 + 1;
+
+/// Writes `n` as a LEB128 varint (postcard's integer encoding) at `at`; returns the new end.
+#[inline(always)]
+fn put_varint(buf: &mut [u8; HEAD_MAX], mut at: usize, mut n: u64) -> usize {
+    while n >= 0x80 {
+        buf[at] = (n as u8) | 0x80;
+        n >>= 7;
+        at += 1;
+    }
+    buf[at] = n as u8;
+    at + 1
+}
+
+/// The `postcard` encoding of an entry, appended to `out`: the same bytes as
+/// `postcard::to_extend(entry, ..)` (a struct is its fields in order), with only the key and
+/// the state going through serde. The stage's fields are written in place into room made at
+/// the end of `out` (no per-byte capacity checks, no copy), then `out` is cut to length.
+pub(crate) fn encode_entry<K: Serialize, S: Serialize>(
+    e: &AccumulatorState<K, S>,
+    out: &mut Vec<u8>,
+) -> Result<(), SpillError> {
+    postcard::serialize_with_flavor(&(&e.key, &e.state), Extend(out))
+        .map_err(|err| SpillError::Encode(err.to_string()))?;
+    let zigzag = |v: i64| ((v << 1) ^ (v >> 63)) as u64;
+    let start = out.len();
+    out.resize(start + HEAD_MAX, 0);
+    let Some(head) = out
+        .get_mut(start..)
+        .and_then(|b| <&mut [u8; HEAD_MAX]>::try_from(b).ok())
+    else {
+        return Err(SpillError::Encode("encode buffer".into()));
+    };
+    let mut n = put_varint(head, 0, e.items);
+    n = put_varint(head, n, e.bytes);
+    n = put_varint(head, n, zigzag(e.first_ts));
+    n = put_varint(head, n, zigzag(e.last_ts));
+    n = put_varint(head, n, e.last_seq);
+    head[n..n + 8].copy_from_slice(&e.score.to_bits().to_le_bytes());
+    head[n + 8] = u8::from(e.spilled);
+    out.truncate(start + n + 9);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_encoding_is_postcard() {
+        let entries = [
+            AccumulatorState {
+                key: 7u32,
+                state: (3u64, 1u64 << 40),
+                items: 3,
+                bytes: (1 << 55) + 300,
+                first_ts: -5,
+                last_ts: i64::MAX,
+                last_seq: u64::MAX,
+                score: 0.25,
+                spilled: true,
+            },
+            AccumulatorState {
+                key: 0,
+                state: (0, 0),
+                items: 0,
+                bytes: 0,
+                first_ts: i64::MIN,
+                last_ts: 0,
+                last_seq: (1 << 56) + 3,
+                score: -1.5,
+                spilled: false,
+            },
+        ];
+        for e in entries {
+            check(e);
+        }
+        // A state larger than the room made up front.
+        check(AccumulatorState {
+            key: "k".repeat(300),
+            state: vec![7u64 << 30; 100],
+            items: 1,
+            bytes: 2,
+            first_ts: 3,
+            last_ts: 4,
+            last_seq: 5,
+            score: 1.0,
+            spilled: false,
+        });
+    }
+
+    fn check<K, S>(e: AccumulatorState<K, S>)
+    where
+        K: Serialize + DeserializeOwned + PartialEq + Debug,
+        S: Serialize + DeserializeOwned + PartialEq + Debug,
+    {
+        {
+            let mut out = vec![42];
+            encode_entry(&e, &mut out).expect("encode");
+            let expected = postcard::to_allocvec(&e).expect("postcard");
+            assert_eq!(out[1..], expected[..]);
+            let back: AccumulatorState<K, S> = postcard::from_bytes(&out[1..]).expect("decode");
+            assert_eq!(back, e);
+        }
     }
 }

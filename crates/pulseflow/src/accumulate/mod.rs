@@ -85,5 +85,5 @@ pub use completeness::{
     VarSet,
 };
 pub use policy::{AccumulationDescriptor, AccumulatorPolicy};
-pub use spill::{Compression, RecordRef, SpillError, SpillStats, SpillStore};
+pub use spill::{Compression, RecordRef, SpillError, SpillStats, SpillStore, block_records};
 pub use template_vars::{TemplateResult, TemplateVar, TemplateVars, VarsState};

@@ -133,6 +133,10 @@ pub struct RecordRef {
 }
 
 impl RecordRef {
+    pub(crate) fn new(block: u32, pos: u32) -> Self {
+        Self { block, pos }
+    }
+
     /// Number of the record's block in the log.
     pub fn block(&self) -> u32 {
         self.block
@@ -320,6 +324,58 @@ impl SpillStore {
         }
     }
 
+    /// Appends a record written by `encode` straight into the open block (no intermediate
+    /// buffer): `encode` appends the record's bytes to the vector it is given. On an error the
+    /// partial record is removed.
+    pub fn append_with(
+        &mut self,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), SpillError>,
+    ) -> Result<RecordRef, SpillError> {
+        let block = u32::try_from(self.blocks.len())
+            .map_err(|_| SpillError::Encode("spill log has too many blocks".into()))?;
+        let mark = self.buffer.len();
+        if mark == self.open_start {
+            self.buffer.extend_from_slice(&[0; HEADER]);
+        }
+        let data = self.open_start + HEADER;
+        let start = self.buffer.len();
+        // One byte for the length: enough for records under 128 bytes (the common case),
+        // widened below otherwise.
+        self.buffer.push(0);
+        if let Err(e) = encode(&mut self.buffer) {
+            self.buffer.truncate(mark);
+            return Err(e);
+        }
+        let len = self.buffer.len() - start - 1;
+        if len > MAX_RECORD {
+            self.buffer.truncate(mark);
+            return Err(SpillError::Encode(format!(
+                "state of {len} bytes exceeds the {MAX_RECORD}-byte record limit"
+            )));
+        }
+        if len < 0x80 {
+            self.buffer[start] = len as u8;
+        } else {
+            let mut prefix = Vec::with_capacity(10);
+            put_varint(&mut prefix, len as u64);
+            let extra = prefix.len() - 1;
+            self.buffer.resize(self.buffer.len() + extra, 0);
+            self.buffer
+                .copy_within(start + 1..start + 1 + len, start + prefix.len());
+            self.buffer[start..start + prefix.len()].copy_from_slice(&prefix);
+        }
+        self.stats.records += 1;
+        self.stats.raw_bytes += len as u64;
+        let at = RecordRef {
+            block,
+            pos: (start - data) as u32,
+        };
+        if self.buffer.len() - data >= BLOCK {
+            self.seal()?;
+        }
+        Ok(at)
+    }
+
     /// Appends a record to the open block and says where it is.
     pub fn append(&mut self, raw: &[u8]) -> Result<RecordRef, SpillError> {
         if raw.len() > MAX_RECORD {
@@ -473,6 +529,29 @@ impl SpillStore {
         Ok(())
     }
 
+    /// Reads a sealed block (checked and decompressed) into `out`, replacing its contents:
+    /// records back to back, each a LEB128 length and its bytes (walk them with
+    /// [`block_records`]). For reading the whole log in order.
+    pub fn read_block(&mut self, block: u32, out: &mut Vec<u8>) -> Result<(), SpillError> {
+        if self.cached != Some(block) {
+            self.cached = None;
+            let offset = self.offset_of(RecordRef { block, pos: 0 });
+            self.load_block(block).map_err(|e| match e {
+                Err(reason) => SpillError::Corrupt {
+                    key: format!("(block {block})"),
+                    path: self.path.clone(),
+                    offset,
+                    reason,
+                },
+                Ok(io) => io,
+            })?;
+            self.cached = Some(block);
+        }
+        out.clear();
+        out.extend_from_slice(&self.cache);
+        Ok(())
+    }
+
     /// Reads, checks and decompresses a sealed block into the cache. `Err(Err(reason))` is a
     /// corrupt block, `Err(Ok(error))` an I/O error.
     fn load_block(&mut self, block: u32) -> Result<(), Result<SpillError, String>> {
@@ -538,6 +617,21 @@ impl SpillStore {
         self.scratch = record;
         result
     }
+}
+
+/// The records of a block read by [`SpillStore::read_block`]: each record's position in the
+/// block and its bytes. Stops at the first malformed length.
+pub fn block_records(block: &[u8]) -> impl Iterator<Item = (u32, &[u8])> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let (len, n) = get_varint(block, at)?;
+        let start = at + n;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        let bytes = block.get(start..end)?;
+        let pos = u32::try_from(at).ok()?;
+        at = end;
+        Some((pos, bytes))
+    })
 }
 
 impl Drop for SpillStore {
@@ -640,6 +734,67 @@ mod tests {
         store.flush().expect("flush");
         store.read(at, &"big", &mut out).expect("from the file");
         assert_eq!(out, big);
+    }
+
+    #[test]
+    fn records_encoded_in_place() {
+        let mut store = SpillStore::open(None).expect("open");
+        let mut refs = Vec::new();
+        for len in [0usize, 5, 127, 128, 300, 20_000, 3] {
+            let at = store
+                .append_with(|buf| {
+                    buf.extend((0..len).map(|i| (i % 251) as u8));
+                    Ok(())
+                })
+                .expect("append");
+            refs.push((at, len));
+        }
+        let failed = store.append_with(|buf| {
+            buf.extend_from_slice(&[1; 50]);
+            Err(SpillError::Encode("no".into()))
+        });
+        assert!(failed.is_err());
+        let last = store
+            .append_with(|buf| {
+                buf.extend_from_slice(b"after");
+                Ok(())
+            })
+            .expect("append");
+        let mut out = Vec::new();
+        for (i, &(at, len)) in refs.iter().enumerate() {
+            store.read(at, &i, &mut out).expect("read");
+            assert_eq!(out, (0..len).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+        }
+        store.flush().expect("flush");
+        store.read(last, &"last", &mut out).expect("read");
+        assert_eq!(out, b"after");
+        for (i, &(at, len)) in refs.iter().enumerate() {
+            store.read(at, &i, &mut out).expect("read");
+            assert_eq!(out.len(), len);
+        }
+        assert_eq!(store.stats().records, 8);
+    }
+
+    #[test]
+    fn blocks_read_in_order() {
+        let mut store = SpillStore::open(None).expect("open");
+        let refs: Vec<_> = (0..2000u32)
+            .map(|i| store.append(format!("r{i}").as_bytes()).expect("append"))
+            .collect();
+        store.flush().expect("flush");
+        let mut seen = Vec::new();
+        let mut block = Vec::new();
+        for b in 0..store.stats().blocks as u32 {
+            store.read_block(b, &mut block).expect("block");
+            for (pos, bytes) in block_records(&block) {
+                seen.push((RecordRef::new(b, pos), bytes.to_vec()));
+            }
+        }
+        assert_eq!(seen.len(), 2000);
+        for (i, (at, bytes)) in seen.iter().enumerate() {
+            assert_eq!(*at, refs[i]);
+            assert_eq!(bytes, format!("r{i}").as_bytes());
+        }
     }
 
     #[test]

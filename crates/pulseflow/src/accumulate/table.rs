@@ -75,6 +75,11 @@ impl<K: Hash + Eq, V> Shards<K, V> {
         old
     }
 
+    /// The shards, emptied from the map (each can be dropped on its own).
+    fn into_shards(self) -> Vec<HashMap<K, V, foldhash::fast::RandomState>> {
+        self.shards.into_vec()
+    }
+
     /// Every entry, shard by shard.
     pub fn into_entries(self) -> impl Iterator<Item = (K, V)> {
         self.shards
@@ -90,10 +95,21 @@ struct Slot<V> {
     referenced: bool,
 }
 
+/// Slots per chunk of the slab (a power of two).
+const CHUNK_BITS: usize = 12;
+const CHUNK: usize = 1 << CHUNK_BITS;
+
 /// Resident values by key, with CLOCK eviction.
+///
+/// The slab is a list of fixed chunks of [`CHUNK`] slots: growing it allocates one chunk and
+/// never moves the values already in (a single vector of a million ~100-byte slots copies
+/// tens of MiB and faults in fresh pages when it doubles, a poll of many milliseconds), and
+/// draining it frees one chunk at a time.
 pub(crate) struct ClockTable<K, V> {
     index: Shards<K, u32>,
-    slots: Vec<Slot<V>>,
+    chunks: Vec<Vec<Slot<V>>>,
+    /// Slots in the slab, occupied or free.
+    slots: usize,
     free: Vec<u32>,
     hand: usize,
 }
@@ -102,7 +118,8 @@ impl<K: Hash + Eq + Clone, V> ClockTable<K, V> {
     pub fn new() -> Self {
         Self {
             index: Shards::new(),
-            slots: Vec::new(),
+            chunks: Vec::new(),
+            slots: 0,
             free: Vec::new(),
             hand: 0,
         }
@@ -112,11 +129,19 @@ impl<K: Hash + Eq + Clone, V> ClockTable<K, V> {
         self.index.len()
     }
 
+    #[inline]
+    fn slot_mut(&mut self, slot: u32) -> Option<&mut Slot<V>> {
+        let i = slot as usize;
+        self.chunks
+            .get_mut(i >> CHUNK_BITS)?
+            .get_mut(i & (CHUNK - 1))
+    }
+
     /// The key's slot, marked used.
     #[inline]
     pub fn touch(&mut self, key: &K) -> Option<u32> {
         let slot = *self.index.get(key)?;
-        if let Some(s) = self.slots.get_mut(slot as usize) {
+        if let Some(s) = self.slot_mut(slot) {
             s.referenced = true;
         }
         Some(slot)
@@ -124,20 +149,28 @@ impl<K: Hash + Eq + Clone, V> ClockTable<K, V> {
 
     /// Inserts a key that is not in the table, marked used.
     pub fn insert(&mut self, key: K, value: V) -> u32 {
+        let fresh = Slot {
+            value: Some(value),
+            referenced: true,
+        };
         let slot = match self.free.pop() {
             Some(s) => {
-                self.slots[s as usize] = Slot {
-                    value: Some(value),
-                    referenced: true,
-                };
+                if let Some(old) = self.slot_mut(s) {
+                    *old = fresh;
+                }
                 s
             }
             None => {
-                self.slots.push(Slot {
-                    value: Some(value),
-                    referenced: true,
-                });
-                (self.slots.len() - 1) as u32
+                match self.chunks.last_mut() {
+                    Some(chunk) if chunk.len() < CHUNK => chunk.push(fresh),
+                    _ => {
+                        let mut chunk = Vec::with_capacity(CHUNK);
+                        chunk.push(fresh);
+                        self.chunks.push(chunk);
+                    }
+                }
+                self.slots += 1;
+                (self.slots - 1) as u32
             }
         };
         self.index.insert(key, slot);
@@ -152,13 +185,13 @@ impl<K: Hash + Eq + Clone, V> ClockTable<K, V> {
 
     #[inline]
     pub fn get_mut(&mut self, slot: u32) -> Option<&mut V> {
-        self.slots.get_mut(slot as usize)?.value.as_mut()
+        self.slot_mut(slot)?.value.as_mut()
     }
 
     /// Removes a key.
     pub fn remove(&mut self, key: &K) -> Option<V> {
         let slot = self.index.remove(key)?;
-        let value = self.slots.get_mut(slot as usize)?.value.take();
+        let value = self.slot_mut(slot)?.value.take();
         self.free.push(slot);
         value
     }
@@ -167,43 +200,54 @@ impl<K: Hash + Eq + Clone, V> ClockTable<K, V> {
     /// that was not used since the hand last passed (bits of used slots are cleared on the
     /// way). `key_of` finds a value's key.
     pub fn evict(&mut self, key_of: impl Fn(&V) -> &K) -> Option<V> {
-        if self.index.is_empty() || self.slots.is_empty() {
+        if self.index.is_empty() || self.slots == 0 {
             return None;
         }
         // Two full turns always find a victim: the first clears every bit.
-        for _ in 0..2 * self.slots.len() {
-            if self.hand >= self.slots.len() {
+        for _ in 0..2 * self.slots {
+            if self.hand >= self.slots {
                 self.hand = 0;
             }
             let at = self.hand;
             self.hand += 1;
-            let slot = &mut self.slots[at];
+            let Some(slot) = self.slot_mut(at as u32) else {
+                continue;
+            };
             match &slot.value {
                 None => {}
                 Some(_) if slot.referenced => slot.referenced = false,
                 Some(v) => {
                     let key = key_of(v).clone();
+                    let value = slot.value.take();
                     self.index.remove(&key);
                     self.free.push(at as u32);
-                    return slot.value.take();
+                    return value;
                 }
             }
         }
         None
     }
 
-    /// Every value, starting at the eviction hand (roughly least recently used first),
-    /// emptying the table. Lazy, so a caller can pause between values.
+    /// Every value, starting at the eviction hand's chunk (roughly least recently used
+    /// first), emptying the table. Lazy, so a caller can pause between values; each chunk is
+    /// freed once its values are taken, and one shard of the old index with it (freeing a
+    /// large table at once is a long stretch of kernel time in one poll).
     pub fn drain(&mut self) -> impl Iterator<Item = V> + use<K, V> {
-        let mut slots = std::mem::take(&mut self.slots);
-        let n = slots.len();
-        let start = self.hand.min(n);
-        self.index = Shards::new();
+        let chunks = std::mem::take(&mut self.chunks);
+        let n = chunks.len();
+        let start = (self.hand >> CHUNK_BITS).min(n);
+        let mut old_index = std::mem::replace(&mut self.index, Shards::new()).into_shards();
         self.free = Vec::new();
+        self.slots = 0;
         self.hand = 0;
+        let mut chunks: Vec<Option<Vec<Slot<V>>>> = chunks.into_iter().map(Some).collect();
         (start..n)
             .chain(0..start)
-            .filter_map(move |i| slots[i].value.take())
+            .flat_map(move |i| {
+                drop(old_index.pop());
+                chunks[i].take().unwrap_or_default()
+            })
+            .filter_map(|slot| slot.value)
     }
 
     /// Bytes of bookkeeping per resident key (index entry and slot header), approximately.
@@ -256,5 +300,26 @@ mod tests {
         all.sort();
         assert_eq!(all.len(), 999);
         assert_eq!(all[5], (6, 7));
+    }
+
+    #[test]
+    fn slab_spans_chunks() {
+        let mut t = ClockTable::new();
+        let n = 3 * CHUNK as u32 + 5;
+        for k in 0..n {
+            t.insert(k, k);
+        }
+        assert_eq!(t.get_mut(n - 1).copied(), Some(n - 1));
+        let mut evicted = Vec::new();
+        while t.len() > (n / 2) as usize {
+            evicted.push(t.evict(|v| v).expect("a victim"));
+        }
+        // Freed slots are reused before the slab grows.
+        t.insert(n, n);
+        assert_eq!(t.slots, n as usize);
+        let mut all: Vec<u32> = t.drain().chain(evicted).collect();
+        all.sort();
+        assert_eq!(all, (0..=n).collect::<Vec<_>>());
+        assert_eq!(t.len(), 0);
     }
 }

@@ -8,7 +8,9 @@
 //! still held in state are in flight until their key is emitted, discarded or flushed at the
 //! end of input.
 
+use std::collections::BTreeMap;
 use std::hash::BuildHasher;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -25,7 +27,7 @@ use super::workers::{BUSY_SLICE, Pacer};
 use crate::accumulate::table::{ClockTable, Shards};
 use crate::accumulate::{
     Accumulator, AccumulatorPolicy, AccumulatorState, CompletenessResult, RecordRef, SpillError,
-    SpillStore,
+    SpillStore, block_records,
 };
 use crate::envelope::{Batch, Cost, Envelope, Timestamp};
 use crate::error::{ItemFailure, PipelineError, StageError};
@@ -123,31 +125,32 @@ impl Ops {
     }
 }
 
-/// A key held in memory.
+/// A key held in memory: the state and, only when the policy has deadlines, a box of them
+/// (kept out of the slot so a resident key without deadlines costs a few cache lines less).
+/// Its reserved bytes are not stored: they are the table overhead plus `state_size`.
 struct Resident<K, S> {
     acc: AccumulatorState<K, S>,
-    /// Bytes reserved for it.
-    mem: u64,
-    /// When its first item arrived (deadline of `max_latency`).
-    born: Instant,
-    /// When its latest item arrived (deadline of the TTL).
-    touched: Instant,
-    /// Its entry in the deadline queue.
-    timer: Option<delay_queue::Key>,
+    times: Option<Box<Times>>,
 }
 
 /// A key on disk: 24 bytes besides the key (its deadlines are kept apart, and only when the
-/// policy has deadlines).
+/// policy has deadlines). Aligned to 4 so a `u32` key and its entry take 28 bytes in the
+/// index, not 32 (fields are only ever copied out, never borrowed).
+#[derive(Clone, Copy)]
+#[repr(C, packed(4))]
 struct Spilled {
     at: RecordRef,
     items: u64,
     last_seq: u64,
 }
 
-/// The deadlines of a key on disk.
-struct SpillTimes {
+/// The deadlines of a key (resident or on disk).
+struct Times {
+    /// When its first item arrived (deadline of `max_latency`).
     born: Instant,
+    /// When its latest item arrived (deadline of the TTL).
     touched: Instant,
+    /// Its entry in the deadline queue.
     timer: Option<delay_queue::Key>,
 }
 
@@ -206,7 +209,7 @@ pub(crate) struct AccStage<A: Accumulator> {
     table: ClockTable<A::Key, Resident<A::Key, A::State>>,
     spilled: Shards<A::Key, Spilled>,
     /// Deadlines of spilled keys (empty when the policy has none).
-    spill_times: Shards<A::Key, SpillTimes>,
+    spill_times: Shards<A::Key, Box<Times>>,
     store: Option<SpillStore>,
     timers: DelayQueue<A::Key>,
     budget: MemoryBudget,
@@ -253,6 +256,33 @@ impl<A: Accumulator> AccStage<A> {
         }
     }
 
+    /// Bytes reserved for a resident key.
+    #[inline]
+    fn mem_of(&self, r: &Resident<A::Key, A::State>) -> u64 {
+        // A panicking `state_size` was already reported by the update that ran it; here the
+        // state's inline size stands in.
+        let size = catch_unwind(AssertUnwindSafe(|| self.acc.state_size(&r.acc.state)))
+            .unwrap_or(std::mem::size_of::<A::State>());
+        self.overhead + size as u64
+    }
+
+    /// Settles a failed item under the stage's error policy. Accumulator code is not retried
+    /// (a panic in it is not transient): under `Retry` the item is dead-lettered at once.
+    fn fail(&mut self, failure: ItemFailure<A::In>, tally: &mut Tally) {
+        let _ = self
+            .failures
+            .settle(failure, 1, &mut std::iter::empty(), tally);
+    }
+
+    /// User code panicked while folding item `seq` into `key`: the key's state may be
+    /// half-updated, so it is dropped; the item fails under the error policy and the key's
+    /// earlier items are absorbed into that failure.
+    fn poisoned(&mut self, key: &A::Key, seq: u64, error: StageError, tally: &mut Tally) {
+        let items = self.take(key).map_or(1, |r| r.acc.items);
+        self.fail(ItemFailure::consumed(seq, error), tally);
+        tally.absorbed += items.saturating_sub(1);
+    }
+
     /// When a key's deadline is, and what flushing it then is called.
     fn due(&self, born: Instant, touched: Instant) -> Option<(Instant, Action)> {
         let ttl = self.policy.completeness_ttl.map(|t| touched + t);
@@ -273,10 +303,23 @@ impl<A: Accumulator> AccStage<A> {
         out: &mut Vec<Envelope<A::Out>>,
         tally: &mut Tally,
     ) {
-        let key = self.acc.key(&item);
+        let key = match catch_unwind(AssertUnwindSafe(|| self.acc.key(&item))) {
+            Ok(key) => key,
+            Err(panic) => {
+                let error = StageError::from_panic(&*panic);
+                self.fail(ItemFailure::new(item, error), tally);
+                return;
+            }
+        };
         let slot = match self.table.touch(&key) {
             Some(slot) => slot,
-            None => self.admit(key.clone(), now, tally),
+            None => match self.admit(key.clone(), now, tally) {
+                Ok(slot) => slot,
+                Err(error) => {
+                    self.fail(ItemFailure::new(item, error), tally);
+                    return;
+                }
+            },
         };
         let Some(r) = self.table.get_mut(slot) else {
             return;
@@ -289,12 +332,30 @@ impl<A: Accumulator> AccStage<A> {
         a.bytes += u64::from(item.cost.bytes);
         a.last_ts = item.timestamp;
         a.last_seq = item.seq;
-        r.touched = now;
-        self.acc.update(&mut a.state, item);
-        let mem = self.overhead + self.acc.state_size(&a.state) as u64;
-        self.resident_bytes = self.resident_bytes + mem - r.mem;
-        r.mem = mem;
-        let verdict = self.acc.check(a);
+        if let Some(t) = &mut r.times {
+            t.touched = now;
+        }
+        let seq = item.seq;
+        let user = &mut self.acc;
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            let before = user.state_size(&a.state) as u64;
+            user.update(&mut a.state, item);
+            let after = user.state_size(&a.state) as u64;
+            (after, before, user.check(a))
+        }));
+        let verdict = match run {
+            Ok((after, before, verdict)) => {
+                self.resident_bytes = (self.resident_bytes + after).saturating_sub(before);
+                verdict
+            }
+            Err(panic) => {
+                self.poisoned(&key, seq, StageError::from_panic(&*panic), tally);
+                return;
+            }
+        };
+        let Some(a) = self.table.get_mut(slot).map(|r| &r.acc) else {
+            return;
+        };
         let over = self.policy.max_items.is_some_and(|m| a.items >= m)
             || self.policy.max_bytes.is_some_and(|m| a.bytes >= m);
         match verdict {
@@ -323,8 +384,9 @@ impl<A: Accumulator> AccStage<A> {
         }
     }
 
-    /// Brings a key into the table: reloaded from disk, or new.
-    fn admit(&mut self, key: A::Key, now: Instant, tally: &mut Tally) -> u32 {
+    /// Brings a key into the table: reloaded from disk, or new. Fails only when the
+    /// accumulator's `create` panics.
+    fn admit(&mut self, key: A::Key, now: Instant, tally: &mut Tally) -> Result<u32, StageError> {
         let resident = match self.spilled.remove(&key) {
             Some(sp) => {
                 let times = self.spill_times.remove(&key);
@@ -340,31 +402,44 @@ impl<A: Accumulator> AccStage<A> {
             }
             None => None,
         };
-        let resident = resident.unwrap_or_else(|| {
-            let state = self.acc.create(&key);
+        let resident = match resident {
+            Some(r) => r,
+            None => {
+                let state = catch_unwind(AssertUnwindSafe(|| self.acc.create(&key)))
+                    .map_err(|panic| StageError::from_panic(&*panic))?;
+                self.fresh(key.clone(), state, now)
+            }
+        };
+        self.resident_bytes += self.mem_of(&resident);
+        Ok(self.table.insert(key, resident))
+    }
+
+    /// A new key's entry, with its deadline armed.
+    fn fresh(&mut self, key: A::Key, state: A::State, now: Instant) -> Resident<A::Key, A::State> {
+        let times = self.policy.has_deadlines().then(|| {
             let timer = self
                 .due(now, now)
                 .map(|(at, _)| self.timers.insert_at(key.clone(), at));
-            Resident {
-                acc: AccumulatorState {
-                    key: key.clone(),
-                    state,
-                    items: 0,
-                    bytes: 0,
-                    first_ts: 0,
-                    last_ts: 0,
-                    last_seq: 0,
-                    score: 0.0,
-                    spilled: false,
-                },
-                mem: 0,
+            Box::new(Times {
                 born: now,
                 touched: now,
                 timer,
-            }
+            })
         });
-        self.resident_bytes += resident.mem;
-        self.table.insert(key, resident)
+        Resident {
+            acc: AccumulatorState {
+                key: key.clone(),
+                state,
+                items: 0,
+                bytes: 0,
+                first_ts: 0,
+                last_ts: 0,
+                last_seq: 0,
+                score: 0.0,
+                spilled: false,
+            },
+            times,
+        }
     }
 
     /// Reads a spilled key back.
@@ -372,7 +447,7 @@ impl<A: Accumulator> AccStage<A> {
         &mut self,
         key: &A::Key,
         sp: Spilled,
-        times: Option<SpillTimes>,
+        times: Option<Box<Times>>,
         now: Instant,
     ) -> Result<Resident<A::Key, A::State>, SpillError> {
         let Some(store) = self.store.as_mut() else {
@@ -387,24 +462,24 @@ impl<A: Accumulator> AccStage<A> {
             offset: store.offset_of(sp.at),
             reason,
         };
-        let acc = self.acc.decode(&self.buf).map_err(&corrupt)?;
+        let acc = catch_unwind(AssertUnwindSafe(|| self.acc.decode(&self.buf)))
+            .unwrap_or_else(|panic| Err(StageError::from_panic(&*panic).to_string()))
+            .map_err(&corrupt)?;
         if acc.key != *key {
             return Err(corrupt(format!("record holds key {:?}", acc.key)));
         }
         self.figures.reloads.fetch_add(1, Relaxed);
         self.ops.reloaded.increment(1);
-        let times = times.unwrap_or(SpillTimes {
-            born: now,
-            touched: now,
-            timer: None,
+        let times = times.or_else(|| {
+            self.policy.has_deadlines().then(|| {
+                Box::new(Times {
+                    born: now,
+                    touched: now,
+                    timer: None,
+                })
+            })
         });
-        Ok(Resident {
-            mem: self.overhead + self.acc.state_size(&acc.state) as u64,
-            acc,
-            born: times.born,
-            touched: times.touched,
-            timer: times.timer,
-        })
+        Ok(Resident { acc, times })
     }
 
     /// A spilled state could not be read back: one failure for the stage's error policy,
@@ -421,19 +496,19 @@ impl<A: Accumulator> AccStage<A> {
             self.timers.remove(&t);
         }
         tracing::warn!(stage = %self.ctx.stage_id, %error, "spilled state lost");
-        let failure = ItemFailure::<A::In>::consumed(seq, StageError::from_error(error));
-        let _ = self
-            .failures
-            .settle(failure, 1, &mut std::iter::empty(), tally);
+        self.fail(
+            ItemFailure::consumed(seq, StageError::from_error(error)),
+            tally,
+        );
         tally.absorbed += items.saturating_sub(1);
     }
 
     /// Removes a resident key, with its reservation and deadline.
     fn take(&mut self, key: &A::Key) -> Option<Resident<A::Key, A::State>> {
-        let r = self.table.remove(key)?;
-        self.resident_bytes -= r.mem;
-        if let Some(t) = &r.timer {
-            self.timers.remove(t);
+        let mut r = self.table.remove(key)?;
+        self.resident_bytes = self.resident_bytes.saturating_sub(self.mem_of(&r));
+        if let Some(t) = r.times.as_mut().and_then(|t| t.timer.take()) {
+            self.timers.remove(&t);
         }
         Some(r)
     }
@@ -452,9 +527,14 @@ impl<A: Accumulator> AccStage<A> {
             tally.count_drop(DropReason::Discarded, meta.items);
             return;
         }
-        match self.acc.flush(r.acc) {
-            Some(o) => self.emit(o, meta, action, out, tally),
-            None => tally.count_drop(DropReason::Discarded, meta.items),
+        match catch_unwind(AssertUnwindSafe(|| self.acc.flush(r.acc))) {
+            Ok(Some(o)) => self.emit(o, meta, action, out, tally),
+            Ok(None) => tally.count_drop(DropReason::Discarded, meta.items),
+            Err(panic) => {
+                let error = StageError::from_panic(&*panic);
+                self.fail(ItemFailure::consumed(meta.last_seq, error), tally);
+                tally.absorbed += meta.items.saturating_sub(1);
+            }
         }
     }
 
@@ -493,13 +573,16 @@ impl<A: Accumulator> AccStage<A> {
         tally: &mut Tally,
     ) {
         if let Some(r) = self.table.peek_mut(&key) {
-            r.timer = None;
-            let (born, touched) = (r.born, r.touched);
+            let Some(times) = r.times.as_mut() else {
+                return;
+            };
+            times.timer = None;
+            let (born, touched) = (times.born, times.touched);
             match self.due(born, touched) {
                 Some((at, _)) if at > now => {
                     let t = self.timers.insert_at(key.clone(), at);
-                    if let Some(r) = self.table.peek_mut(&key) {
-                        r.timer = Some(t);
+                    if let Some(times) = self.table.peek_mut(&key).and_then(|r| r.times.as_mut()) {
+                        times.timer = Some(t);
                     }
                 }
                 Some((_, action)) => {
@@ -557,34 +640,34 @@ impl<A: Accumulator> AccStage<A> {
             }
         }
         let mut spilled = 0u64;
-        let deadlines = self.policy.has_deadlines();
         let mut slice = Slice::new();
         while self.resident_bytes > goal {
             let Some(mut r) = self.table.evict(|r| &r.acc.key) else {
                 break;
             };
-            self.resident_bytes -= r.mem;
+            self.resident_bytes = self.resident_bytes.saturating_sub(self.mem_of(&r));
             r.acc.spilled = true;
-            self.buf.clear();
             let written = match self.store.as_mut() {
-                Some(store) => self
-                    .acc
-                    .encode(&r.acc, &mut self.buf)
-                    .and_then(|()| store.append(&self.buf)),
+                Some(store) => {
+                    // Encoded straight into the store's open block.
+                    let (acc, entry) = (&self.acc, &r.acc);
+                    store.append_with(|buf| {
+                        catch_unwind(AssertUnwindSafe(|| acc.encode(entry, buf))).unwrap_or_else(
+                            |panic| {
+                                Err(SpillError::Encode(
+                                    StageError::from_panic(&*panic).to_string(),
+                                ))
+                            },
+                        )
+                    })
+                }
                 None => Err(SpillError::Encode("no spill store".into())),
             };
             match written {
                 Ok(at) => {
                     spilled += 1;
-                    if deadlines {
-                        self.spill_times.insert(
-                            r.acc.key.clone(),
-                            SpillTimes {
-                                born: r.born,
-                                touched: r.touched,
-                                timer: r.timer,
-                            },
-                        );
+                    if let Some(times) = r.times.take() {
+                        self.spill_times.insert(r.acc.key.clone(), times);
                     }
                     self.spilled.insert(
                         r.acc.key,
@@ -596,7 +679,8 @@ impl<A: Accumulator> AccStage<A> {
                     );
                 }
                 Err(e) => {
-                    self.lost(r.acc.items, r.acc.last_seq, r.timer, e, tally);
+                    let timer = r.times.and_then(|t| t.timer);
+                    self.lost(r.acc.items, r.acc.last_seq, timer, e, tally);
                     break;
                 }
             }
@@ -684,19 +768,7 @@ impl<A: Accumulator> AccStage<A> {
         self.resident_bytes = 0;
         self.timers.clear();
         self.spill_times = Shards::new();
-        // Spilled keys in log order (a bucket per block, no sort), so each block is read and
-        // decompressed once.
-        let blocks = self.store.as_ref().map_or(0, |s| s.stats().blocks as usize) + 1;
-        let mut by_block: Vec<Vec<(A::Key, Spilled)>> = Vec::new();
-        by_block.resize_with(blocks, Vec::new);
-        let spilled = std::mem::replace(&mut self.spilled, Shards::new());
-        for (key, sp) in spilled.into_entries() {
-            let b = (sp.at.block() as usize).min(blocks - 1);
-            by_block[b].push((key, sp));
-            slice.step().await;
-        }
-        for mut r in residents {
-            r.timer = None;
+        for r in residents {
             if self.failures.failed {
                 tally.count_drop(DropReason::StageFailed, r.acc.items);
             } else {
@@ -707,25 +779,85 @@ impl<A: Accumulator> AccStage<A> {
             }
             slice.step().await;
         }
-        let now = Instant::now();
-        for block in by_block {
-            let mut block = block;
-            block.sort_by_key(|(_, sp)| sp.at.order());
-            for (key, sp) in block {
+        // Spilled keys: the log is read once, block by block in order, and a record is
+        // flushed when the index still points at it (older copies of keys reloaded and spilled
+        // again are skipped). Nothing is gathered or sorted: memory only shrinks, with the
+        // index, as keys go.
+        let mut unreadable: BTreeMap<u32, String> = BTreeMap::new();
+        let blocks = match self.store.as_mut().map(|s| (s.flush(), s.stats().blocks)) {
+            Some((Ok(()), blocks)) => u32::try_from(blocks).unwrap_or(u32::MAX),
+            Some((Err(e), _)) => {
+                self.failures
+                    .stage_error(StageError::from_error(e), &mut tally);
+                0
+            }
+            None => 0,
+        };
+        let mut block = std::mem::take(&mut self.buf);
+        for b in 0..blocks {
+            if self.spilled.is_empty() {
+                break;
+            }
+            let Some(store) = self.store.as_mut() else {
+                break;
+            };
+            if let Err(e) = store.read_block(b, &mut block) {
+                let reason = match e {
+                    SpillError::Corrupt { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                unreadable.insert(b, reason);
+                continue;
+            }
+            for (pos, bytes) in block_records(&block) {
+                let Ok(Ok(acc)) = catch_unwind(AssertUnwindSafe(|| self.acc.decode(bytes))) else {
+                    // Its key is unknown here: reported below if the index points at it.
+                    continue;
+                };
+                if self.spilled.get(&acc.key).map(|sp| sp.at) != Some(RecordRef::new(b, pos)) {
+                    continue;
+                }
+                let Some(sp) = self.spilled.remove(&acc.key) else {
+                    continue;
+                };
                 if self.failures.failed {
                     tally.count_drop(DropReason::StageFailed, sp.items);
                     continue;
                 }
-                let (items, seq) = (sp.items, sp.last_seq);
-                match self.reload(&key, sp, None, now) {
-                    Ok(r) => self.flush_entry(r, Action::PartialFlush, &mut out, &mut tally),
-                    Err(e) => self.lost(items, seq, None, e, &mut tally),
-                }
+                self.figures.reloads.fetch_add(1, Relaxed);
+                self.ops.reloaded.increment(1);
+                let r = Resident { acc, times: None };
+                self.flush_entry(r, Action::PartialFlush, &mut out, &mut tally);
                 if out.len() >= chunk {
                     self.ship(&mut out, &mut tally, next).await;
                 }
                 slice.step().await;
             }
+        }
+        self.buf = block;
+        // What is left could not be read back.
+        let left = std::mem::replace(&mut self.spilled, Shards::new());
+        for (key, sp) in left.into_entries() {
+            if self.failures.failed {
+                tally.count_drop(DropReason::StageFailed, sp.items);
+                continue;
+            }
+            let reason = unreadable
+                .get(&sp.at.block())
+                .cloned()
+                .unwrap_or_else(|| "no readable record where the index points".into());
+            let error = SpillError::Corrupt {
+                key: format!("{key:?}"),
+                path: self
+                    .store
+                    .as_ref()
+                    .map(|s| s.path().to_owned())
+                    .unwrap_or_default(),
+                offset: self.store.as_ref().map_or(0, |s| s.offset_of(sp.at)),
+                reason,
+            };
+            self.lost(sp.items, sp.last_seq, None, error, &mut tally);
+            slice.step().await;
         }
         self.ship(&mut out, &mut tally, next).await;
         self.reservation.resize(0);
@@ -761,7 +893,8 @@ async fn run_worker<A: Accumulator>(
     flow: FlowGuard,
     all: Arc<std::sync::OnceLock<Vec<Arc<AccFigures>>>>,
 ) {
-    let init = stage.acc.init(&stage.ctx);
+    let init = catch_unwind(AssertUnwindSafe(|| stage.acc.init(&stage.ctx)))
+        .unwrap_or_else(|panic| Err(StageError::from_panic(&*panic)));
     let span = stage.ctx.span.clone();
     let ok = stage
         .failures
@@ -806,19 +939,31 @@ async fn run_worker<A: Accumulator>(
     }
 }
 
-/// Splits each batch by key hash so a key always goes to the same worker.
+/// Splits each batch by key hash so a key always goes to the same worker. An item whose key
+/// extraction panics fails here, under the stage's error policy.
 async fn partition<A: Accumulator>(
     rx: EdgeReceiver<A::In>,
     lanes: Vec<EdgeSender<A::In>>,
     keys: A,
+    mut failures: Failures,
 ) {
     let n = lanes.len() as u64;
     let hasher = foldhash::fast::FixedState::default();
     while let Some((_, batch)) = rx.recv().await {
         let mut split: Vec<Batch<A::In>> = (0..n).map(|_| Batch::default()).collect();
+        let mut tally = Tally::default();
         for item in batch {
-            let lane = (hasher.hash_one(keys.key(&item)) % n) as usize;
-            split[lane].push(item);
+            match catch_unwind(AssertUnwindSafe(|| keys.key(&item))) {
+                Ok(key) => split[(hasher.hash_one(key) % n) as usize].push(item),
+                Err(panic) => {
+                    tally.received += 1;
+                    let failure = ItemFailure::new(item, StageError::from_panic(&*panic));
+                    let _ = failures.settle(failure, 1, &mut std::iter::empty(), &mut tally);
+                }
+            }
+        }
+        if tally.received > 0 {
+            failures.stats.add(&tally, None);
         }
         for (lane, part) in lanes.iter().zip(split) {
             if !part.is_empty() {
@@ -897,8 +1042,10 @@ pub(crate) fn wire_accumulator<A: Accumulator>(
                         .instrument(span.clone()),
                 );
             }
-            w.run
-                .spawn(w.index, partition(rx, lanes, make()).instrument(span));
+            w.run.spawn(
+                w.index,
+                partition(rx, lanes, make(), w.failures()).instrument(span),
+            );
         }
     }
     let _ = shared.set(all.clone());
