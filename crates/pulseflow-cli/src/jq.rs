@@ -250,7 +250,8 @@ fn key_string(k: Val) -> String {
     }
 }
 
-fn num_to_json(n: &jaq_json::Num) -> Value {
+/// A jq number as the `serde_json` number it converts to (`null` when it has none).
+pub fn num_to_json(n: &jaq_json::Num) -> Value {
     match n {
         jaq_json::Num::Int(i) => Value::from(*i as i64),
         jaq_json::Num::Float(f) => {

@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
+use jaq_json::{Num, Val};
 use pulseflow::prelude::*;
-use serde_json::Value;
 
-use crate::jq::{JqProgram, from_val, to_val};
+use crate::jq::JqProgram;
 
 /// What a jq transform does with the outputs of its expression.
 #[derive(Clone, Copy)]
@@ -29,37 +29,26 @@ pub struct JqTransform {
 }
 
 impl Transform for JqTransform {
-    type In = Value;
-    type Out = Value;
+    type In = Val;
+    type Out = Val;
 
     fn process(
         &mut self,
-        item: Envelope<Value>,
-        out: &mut Vec<Envelope<Value>>,
-    ) -> Result<(), ItemFailure<Value>> {
-        let input = to_val(&item.payload);
+        item: Envelope<Val>,
+        out: &mut Vec<Envelope<Val>>,
+    ) -> Result<(), ItemFailure<Val>> {
+        // Cloning a jq value only counts a reference; the item is kept for its failure.
         let result = match self.mode {
-            Mode::Filter => self.program.test(input).map(|keep| {
+            Mode::Filter => self.program.test(item.payload.clone()).map(|keep| {
                 if keep {
-                    out.push(item.derive(Value::Null));
+                    out.push(item.derive(item.payload.clone()));
                 }
             }),
             Mode::Map => self
                 .program
-                .run(input, |v| out.push(item.derive(from_val(v)))),
+                .run(item.payload.clone(), |v| out.push(item.derive(v))),
         };
-        match result {
-            Ok(()) => {
-                if let (Mode::Filter, Some(last)) = (self.mode, out.last_mut()) {
-                    // Keep the original payload rather than a copy.
-                    if last.payload.is_null() && last.seq == item.seq {
-                        last.payload = item.payload;
-                    }
-                }
-                Ok(())
-            }
-            Err(e) => Err(ItemFailure::new(item, StageError::from_error(e))),
-        }
+        result.map_err(|e| ItemFailure::new(item, StageError::from_error(e)))
     }
 
     fn is_stateless(&self) -> bool {
@@ -76,19 +65,19 @@ pub struct Build {
 
 impl Transform for Build {
     type In = u64;
-    type Out = Value;
+    type Out = Val;
 
     fn process(
         &mut self,
         item: Envelope<u64>,
-        out: &mut Vec<Envelope<Value>>,
+        out: &mut Vec<Envelope<Val>>,
     ) -> Result<(), ItemFailure<u64>> {
+        let index = Val::Num(Num::from_integral(item.payload));
         let Some(program) = &self.program else {
-            out.push(item.derive(Value::from(item.payload)));
+            out.push(item.derive(index));
             return Ok(());
         };
-        let index = to_val(&Value::from(item.payload));
-        match program.run(index, |v| out.push(item.derive(from_val(v)))) {
+        match program.run(index, |v| out.push(item.derive(v))) {
             Ok(()) => Ok(()),
             Err(e) => Err(ItemFailure::new(item, StageError::from_error(e))),
         }
