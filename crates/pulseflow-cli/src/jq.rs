@@ -24,6 +24,8 @@ const RECURSIVE: &[&str] = &["def", "recurse", "repeat", "while", "until"];
 /// A compiled jq filter, shareable between workers.
 pub struct JqProgram {
     filter: jaq_core::Filter<JustLut<Val>>,
+    /// The same expression for the direct evaluator, when it handles it.
+    fast: Option<crate::jq_fast::Fast>,
 }
 
 /// A jq expression that does not compile: what is wrong and where, as byte offsets in the
@@ -123,11 +125,27 @@ impl JqProgram {
                     })
                     .collect::<Vec<_>>()
             })?;
-        Ok(Self { filter })
+        let fast = crate::jq_fast::Fast::compile(code);
+        Ok(Self { filter, fast })
+    }
+
+    /// Compiles `code` to run with jaq only (to compare the direct evaluator with).
+    #[cfg(test)]
+    pub fn compile_without_shortcut(code: &str) -> Result<Self, Vec<JqError>> {
+        Self::compile(code, true).map(|p| Self { fast: None, ..p })
+    }
+
+    /// The value of the direct evaluator, when it handles the expression and the input.
+    fn direct(&self, input: &Val) -> Option<Val> {
+        self.fast.as_ref().and_then(|f| f.eval(input))
     }
 
     /// Runs the filter on `input`, calling `emit` for each output; stops at the first error.
     pub fn run(&self, input: Val, mut emit: impl FnMut(Val)) -> Result<(), JqRunError> {
+        if let Some(v) = self.direct(&input) {
+            emit(v);
+            return Ok(());
+        }
         let ctx = Ctx::<JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
         for (n, out) in self
             .filter
@@ -151,6 +169,9 @@ impl JqProgram {
 
     /// Whether any output of the filter on `input` is truthy (neither `null` nor `false`).
     pub fn test(&self, input: Val) -> Result<bool, JqRunError> {
+        if let Some(v) = self.direct(&input) {
+            return Ok(!matches!(v, Val::Null | Val::Bool(false)));
+        }
         let mut hit = false;
         let ctx = Ctx::<JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
         for (n, out) in self

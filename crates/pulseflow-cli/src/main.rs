@@ -14,6 +14,7 @@ mod build;
 mod components;
 mod config;
 mod jq;
+mod jq_fast;
 mod json;
 mod latency;
 mod report;
