@@ -94,7 +94,9 @@ pub fn component_graph(config: &Config) -> PipelineGraph {
             node.error_policy = e.clone();
         }
         node.circuit_breaker = p.circuit_breaker.clone();
-        if let Some(h) = parallelism(config, c) {
+        // A source's parallelism is its helper stage's (`x.decode`, `x.build`): the reading
+        // or counting itself runs on one worker.
+        if let Some(h) = parallelism(config, c).filter(|_| c.role != Role::Source) {
             node.parallelism = h;
             node.replicable = !matches!(c.kind, Kind::Route { .. }) && c.role != Role::Sink;
             node.stateless = !matches!(c.kind, Kind::Accumulate(_));

@@ -11,12 +11,92 @@
 
 use std::borrow::Cow;
 
-use jaq_json::{Num, Val};
+use bytes::Bytes;
+use jaq_json::{Map, Num, Val};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
 /// Parses one JSON text into a jq value.
 pub fn parse(text: &str) -> Result<Val, serde_json::Error> {
-    serde_json::from_str(text)
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = ValSeed.deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// Builds jq values as `jaq_json`'s own `Deserialize` does, with objects allocated for a
+/// few keys up front (most have several; growing from empty rehashes at 3 and 7).
+#[derive(Clone, Copy)]
+struct ValSeed;
+
+impl<'de> DeserializeSeed<'de> for ValSeed {
+    type Value = Val;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Val, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ValSeed {
+    type Value = Val;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Val, E> {
+        Ok(Val::Bool(b))
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<Val, E> {
+        Ok(Val::Num(Num::from_integral(i)))
+    }
+
+    fn visit_u64<E>(self, u: u64) -> Result<Val, E> {
+        Ok(Val::Num(Num::from_integral(u)))
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<Val, E> {
+        Ok(Val::Num(Num::Float(f)))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Val, E> {
+        Ok(Val::utf8_str(Bytes::copy_from_slice(s.as_bytes())))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Val, E> {
+        Ok(Val::utf8_str(s.into_bytes()))
+    }
+
+    fn visit_unit<E>(self) -> Result<Val, E> {
+        Ok(Val::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Val, E> {
+        Ok(Val::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Val, D::Error> {
+        self.deserialize(d)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Val, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(4));
+        while let Some(v) = seq.next_element_seed(self)? {
+            items.push(v);
+        }
+        Ok(Val::Arr(items.into()))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Val, A::Error> {
+        let mut map =
+            Map::with_capacity_and_hasher(entries.size_hint().unwrap_or(8), Default::default());
+        while let Some(k) = entries.next_key_seed(self)? {
+            let v = entries.next_value_seed(self)?;
+            map.insert(k, v);
+        }
+        Ok(Val::obj(map))
+    }
 }
 
 /// Appends `value` as one line of compact JSON to `buf`.
@@ -121,6 +201,19 @@ mod tests {
             "null",
         ] {
             assert_eq!(direct(text), via_value(text), "{text}");
+        }
+    }
+
+    #[test]
+    fn reads_what_jaq_json_reads() {
+        for text in [
+            r#"{"b":1,"a":[1.0,2.5,{"x":[]}],"c":{"z":null,"y":true},"u":18446744073709551615}"#,
+            r#"{"s":"esc \" \u00e9 \n","n":-9223372036854775808,"f":-0.0,"e":1e-7}"#,
+            "[]",
+            "{}",
+        ] {
+            let theirs: Val = serde_json::from_str(text).expect("json");
+            assert_eq!(parse(text).expect("json"), theirs, "{text}");
         }
     }
 

@@ -181,6 +181,42 @@ fn stdin_source() {
 }
 
 #[test]
+fn file_source_decodes_on_two_workers_in_order() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Enough lines for many batches, one malformed line in the middle.
+    let mut input = String::new();
+    for i in 0..20_000u32 {
+        if i == 12_345 {
+            input.push_str("{broken\n");
+        } else {
+            input.push_str(&format!("{{\"i\":{i},\"ok\":{}}}\n", i % 3 != 0));
+        }
+    }
+    std::fs::write(tmp.path().join("in.ndjson"), input).expect("write");
+    std::fs::write(
+        tmp.path().join("p.toml"),
+        "[dead_letter]\ntype = \"file\"\npath = \"dead.ndjson\"\n\
+         [sources.in]\ntype = \"file\"\npath = \"in.ndjson\"\nparallelism = 2\n\
+         [transforms.keep]\ntype = \"filter\"\ninputs = [\"in\"]\ncondition = \".ok\"\n\
+         [sinks.out]\ntype = \"file\"\ninputs = [\"keep\"]\npath = \"out.ndjson\"\n",
+    )
+    .expect("write");
+    let out = run_in(tmp.path(), &["run", "p.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let expected: String = (0..20_000u32)
+        .filter(|i| *i != 12_345 && i % 3 != 0)
+        .map(|i| format!("{{\"i\":{i},\"ok\":true}}\n"))
+        .collect();
+    assert_eq!(read(&tmp.path().join("out.ndjson")), expected);
+    let dead: serde_json::Value =
+        serde_json::from_str(read(&tmp.path().join("dead.ndjson")).trim()).expect("one record");
+    assert_eq!(dead["kind"], "malformed_input");
+    assert_eq!(dead["stage"], "in.decode");
+    assert_eq!(dead["line"], 12_346);
+    assert_eq!(dead["raw"], "{broken");
+}
+
+#[test]
 fn failing_pipeline_exits_1() {
     let tmp = tempfile::tempdir().expect("tempdir");
     std::fs::write(tmp.path().join("in.ndjson"), "{}\nnot json\n").expect("write");
