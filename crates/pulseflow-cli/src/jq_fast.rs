@@ -111,7 +111,7 @@ impl Fast {
             Fast::Math(l, op, r) => op.run(l.eval(input)?, r.eval(input)?).ok(),
             Fast::Cmp(l, op, r) => Some(Val::from(op.run(&l.eval(input)?, &r.eval(input)?))),
             Fast::Obj(entries) => {
-                let mut map = Map::default();
+                let mut map = Map::with_capacity_and_hasher(entries.len(), Default::default());
                 for (k, f) in entries {
                     map.insert(k.clone(), f.eval(input)?);
                 }

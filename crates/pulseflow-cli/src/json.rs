@@ -106,6 +106,9 @@ pub fn write_line(buf: &mut Vec<u8>, value: &Val) {
     buf.push(b'\n');
 }
 
+/// Objects with at most this many keys are sorted without allocating.
+const SMALL: usize = 16;
+
 /// A jq value serialised as serde_json would serialise its `serde_json::Value` form.
 pub struct Json<'a>(pub &'a Val);
 
@@ -142,15 +145,26 @@ impl Serialize for Json<'_> {
                 // `serde_json::Map` is a `BTreeMap`: keys sorted by their bytes, the later of
                 // two equal keys wins. Objects whose text keys are already in order (and so
                 // distinct) are written without sorting.
-                let sorted = o.keys().all(|k| matches!(k, Val::TStr(_)))
-                    && o.keys().zip(o.keys().skip(1)).all(|(a, b)| match (a, b) {
-                        (Val::TStr(a), Val::TStr(b)) => a[..] < b[..],
-                        _ => false,
-                    });
-                if sorted {
+                let text_key =
+                    |k: &Val| matches!(k, Val::TStr(b) if std::str::from_utf8(b).is_ok());
+                if o.len() <= SMALL && o.keys().all(text_key) {
+                    // Distinct valid UTF-8 keys: their order as text is their bytes' order, so
+                    // a few positions sorted on the stack do.
+                    let mut order = [0usize; SMALL];
+                    let order = &mut order[..o.len()];
+                    for (i, slot) in order.iter_mut().enumerate() {
+                        *slot = i;
+                    }
+                    let bytes = |i: usize| match o.get_index(i) {
+                        Some((Val::TStr(b), _)) => &b[..],
+                        _ => &[][..],
+                    };
+                    order.sort_unstable_by(|a, b| bytes(*a).cmp(bytes(*b)));
                     let mut map = s.serialize_map(Some(o.len()))?;
-                    for (k, v) in o.iter() {
-                        map.serialize_entry(&key_text(k), &Json(v))?;
+                    for i in order.iter() {
+                        if let Some((k, v)) = o.get_index(*i) {
+                            map.serialize_entry(&key_text(k), &Json(v))?;
+                        }
                     }
                     return map.end();
                 }
@@ -197,11 +211,19 @@ mod tests {
             r#"[3.14159,1E-7,100000000000000000000000,-9223372036854775808,18446744073709551615]"#,
             r#"{"dup":1,"dup":2,"a":0}"#,
             r#""just a string""#,
+            r#"{"é":1,"z":2,"Z":3,"a":{"ß":[],"s":{}},"":4}"#,
             "17.0",
             "null",
         ] {
             assert_eq!(direct(text), via_value(text), "{text}");
         }
+        // More keys than are sorted on the stack, some repeated.
+        let many: Vec<String> = (0..40)
+            .rev()
+            .map(|i| format!("\"k{}\":{i}", i % 30))
+            .collect();
+        let text = format!("{{{}}}", many.join(","));
+        assert_eq!(direct(&text), via_value(&text));
     }
 
     #[test]
