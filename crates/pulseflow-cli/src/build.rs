@@ -332,7 +332,7 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                     // A jq error counts as "does not match": the item goes on to the other
                     // routes or to `_unmatched`.
                     r = r.route(name.clone(), move |v: &Val| {
-                        program.test(v.clone()).unwrap_or(false)
+                        program.test(v).unwrap_or(false)
                     });
                 }
                 let unmatched = readers.contains_key(&(c.name.clone(), "_unmatched".into()));

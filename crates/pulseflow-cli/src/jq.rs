@@ -141,11 +141,12 @@ impl JqProgram {
     }
 
     /// Runs the filter on `input`, calling `emit` for each output; stops at the first error.
-    pub fn run(&self, input: Val, mut emit: impl FnMut(Val)) -> Result<(), JqRunError> {
-        if let Some(v) = self.direct(&input) {
+    pub fn run(&self, input: &Val, mut emit: impl FnMut(Val)) -> Result<(), JqRunError> {
+        if let Some(v) = self.direct(input) {
             emit(v);
             return Ok(());
         }
+        let input = input.clone();
         let ctx = Ctx::<JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
         for (n, out) in self
             .filter
@@ -168,10 +169,11 @@ impl JqProgram {
     }
 
     /// Whether any output of the filter on `input` is truthy (neither `null` nor `false`).
-    pub fn test(&self, input: Val) -> Result<bool, JqRunError> {
-        if let Some(v) = self.direct(&input) {
+    pub fn test(&self, input: &Val) -> Result<bool, JqRunError> {
+        if let Some(v) = self.direct(input) {
             return Ok(!matches!(v, Val::Null | Val::Bool(false)));
         }
+        let input = input.clone();
         let mut hit = false;
         let ctx = Ctx::<JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
         for (n, out) in self
@@ -301,7 +303,7 @@ mod tests {
     fn run(code: &str, input: Value) -> Vec<Value> {
         let p = JqProgram::compile(code, false).expect("compiles");
         let mut out = Vec::new();
-        p.run(to_val(&input), |v| out.push(from_val(v)))
+        p.run(&to_val(&input), |v| out.push(from_val(v)))
             .expect("runs");
         out
     }
@@ -346,7 +348,7 @@ mod tests {
     #[test]
     fn test_is_truthiness() {
         let p = JqProgram::compile(".n > 1", false).expect("compiles");
-        assert!(p.test(to_val(&serde_json::json!({"n": 2}))).expect("ok"));
-        assert!(!p.test(to_val(&serde_json::json!({"n": 0}))).expect("ok"));
+        assert!(p.test(&to_val(&serde_json::json!({"n": 2}))).expect("ok"));
+        assert!(!p.test(&to_val(&serde_json::json!({"n": 0}))).expect("ok"));
     }
 }

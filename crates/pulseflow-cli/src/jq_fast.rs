@@ -170,7 +170,7 @@ mod tests {
     fn jaq(code: &str, input: &Val) -> Result<Vec<Val>, String> {
         let p = JqProgram::compile_without_shortcut(code).expect("compiles");
         let mut out = Vec::new();
-        p.run(input.clone(), |v| out.push(v))
+        p.run(input, |v| out.push(v))
             .map(|()| out)
             .map_err(|e| e.to_string())
     }

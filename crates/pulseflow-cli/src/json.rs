@@ -267,7 +267,7 @@ mod tests {
         .expect("compiles");
         let mut outs = Vec::new();
         program
-            .run(to_val(&serde_json::json!({"x": 4})), |v| outs.push(v))
+            .run(&to_val(&serde_json::json!({"x": 4})), |v| outs.push(v))
             .expect("runs");
         let [out] = outs.as_slice() else {
             panic!("one output expected: {outs:?}")

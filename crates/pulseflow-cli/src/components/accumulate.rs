@@ -62,7 +62,7 @@ impl Evaluate {
     fn reduce(&self, input: &Val) -> Result<Keyed, EvalError> {
         let spec = &self.spec;
         let mut key = None;
-        spec.key.program.run(input.clone(), |v| {
+        spec.key.program.run(input, |v| {
             if key.is_none() {
                 key = Some(from_val(v));
             }
@@ -74,7 +74,7 @@ impl Evaluate {
             match (&agg.expr, agg.kind) {
                 (_, AggKind::Count) => {}
                 (None, _) => vs.push(from_val(input.clone())),
-                (Some(jq), _) => jq.program.run(input.clone(), |v| vs.push(from_val(v)))?,
+                (Some(jq), _) => jq.program.run(input, |v| vs.push(from_val(v)))?,
             }
             vs.retain(|v| !v.is_null());
             let need = match agg.kind {
@@ -386,7 +386,7 @@ impl Accumulator for Aggregator {
             }
             CompleteWhen::Jq(jq) => {
                 let o = Value::Object(self.object(entry));
-                jq.program.test(to_val(&o)).unwrap_or(false)
+                jq.program.test(&to_val(&o)).unwrap_or(false)
             }
         };
         if complete {

@@ -37,18 +37,22 @@ impl Transform for JqTransform {
         item: Envelope<Val>,
         out: &mut Vec<Envelope<Val>>,
     ) -> Result<(), ItemFailure<Val>> {
-        // Cloning a jq value only counts a reference; the item is kept for its failure.
-        let result = match self.mode {
-            Mode::Filter => self.program.test(item.payload.clone()).map(|keep| {
-                if keep {
-                    out.push(item.derive(item.payload.clone()));
+        match self.mode {
+            Mode::Filter => match self.program.test(&item.payload) {
+                Ok(true) => out.push(item),
+                Ok(false) => {}
+                Err(e) => return Err(ItemFailure::new(item, StageError::from_error(e))),
+            },
+            Mode::Map => {
+                if let Err(e) = self
+                    .program
+                    .run(&item.payload, |v| out.push(item.derive(v)))
+                {
+                    return Err(ItemFailure::new(item, StageError::from_error(e)));
                 }
-            }),
-            Mode::Map => self
-                .program
-                .run(item.payload.clone(), |v| out.push(item.derive(v))),
-        };
-        result.map_err(|e| ItemFailure::new(item, StageError::from_error(e)))
+            }
+        }
+        Ok(())
     }
 
     fn is_stateless(&self) -> bool {
@@ -77,7 +81,7 @@ impl Transform for Build {
             out.push(item.derive(index));
             return Ok(());
         };
-        match program.run(index, |v| out.push(item.derive(v))) {
+        match program.run(&index, |v| out.push(item.derive(v))) {
             Ok(()) => Ok(()),
             Err(e) => Err(ItemFailure::new(item, StageError::from_error(e))),
         }
