@@ -42,6 +42,9 @@ pub struct CommonOpts {
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// `ndjson`: workers decoding the file source's lines (its `parallelism`; default 1).
+    #[arg(long)]
+    pub decode_workers: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]

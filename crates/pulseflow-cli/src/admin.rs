@@ -5,12 +5,15 @@
 //! The server answers one GET per connection and closes it; requests are capped at 8 KiB.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use pulseflow::ExecutionEngine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::latency::{Latencies, Recorder};
 
 /// Largest request read.
 const MAX_REQUEST: usize = 8 << 10;
@@ -28,25 +31,35 @@ pub async fn parse_addr(text: &str) -> std::io::Result<SocketAddr> {
         .ok_or_else(|| std::io::Error::other(format!("cannot resolve {t}")))
 }
 
-/// Installs the Prometheus recorder (batch-time buckets from 10 µs to 10 s) and runs its
-/// upkeep every few seconds.
-pub fn install_metrics() -> Result<PrometheusHandle, String> {
-    let recorder = PrometheusBuilder::new()
-        .set_buckets(&[
-            1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0, 10.0,
-        ])
-        .map_err(|e| e.to_string())?
-        .build_recorder();
-    let handle = recorder.handle();
-    metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
+/// Installs the process's `metrics` recorder: batch latencies per stage go to `latencies`,
+/// and with `prometheus`, every metric also goes to a Prometheus recorder (batch-time buckets
+/// from 10 µs to 10 s) whose upkeep runs every few seconds; its handle is returned.
+pub fn install_metrics(
+    latencies: Arc<Latencies>,
+    prometheus: bool,
+) -> Result<Option<PrometheusHandle>, String> {
+    let (recorder, handle) = if prometheus {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0, 10.0,
+            ])
+            .map_err(|e| e.to_string())?
+            .build_recorder();
+        let handle = recorder.handle();
+        (Some(recorder), Some(handle))
+    } else {
+        (None, None)
+    };
+    metrics::set_global_recorder(Recorder::new(latencies, recorder)).map_err(|e| e.to_string())?;
+    if let Some(upkeep) = handle.clone() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                upkeep.run_upkeep();
+            }
+        });
+    }
     Ok(handle)
 }
 
@@ -55,6 +68,7 @@ pub async fn serve(
     addr: SocketAddr,
     engine: ExecutionEngine,
     metrics: PrometheusHandle,
+    latencies: Arc<Latencies>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
@@ -62,8 +76,9 @@ pub async fn serve(
         while let Ok((stream, _)) = listener.accept().await {
             let engine = engine.clone();
             let metrics = metrics.clone();
+            let latencies = latencies.clone();
             tokio::spawn(async move {
-                let _ = answer(stream, &engine, &metrics).await;
+                let _ = answer(stream, &engine, &metrics, &latencies).await;
             });
         }
     });
@@ -74,6 +89,7 @@ async fn answer(
     mut stream: TcpStream,
     engine: &ExecutionEngine,
     metrics: &PrometheusHandle,
+    latencies: &Latencies,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -96,7 +112,7 @@ async fn answer(
             let stages: Vec<serde_json::Value> = engine
                 .inspect_all()
                 .iter()
-                .map(crate::report::stage_json)
+                .map(|s| crate::report::stage_json(s, latencies))
                 .collect();
             (
                 "200 OK",
@@ -144,8 +160,9 @@ pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     Ok(body.to_owned())
 }
 
-/// `pulseflow top`: polls `/stages` every second and redraws the table.
-pub async fn top(addr: &str) -> u8 {
+/// `pulseflow top`: polls `/stages` every second and redraws the table; with `once`, prints
+/// one frame and returns.
+pub async fn top(addr: &str, once: bool) -> u8 {
     let addr = match parse_addr(addr).await {
         Ok(a) => a,
         Err(e) => {
@@ -153,6 +170,9 @@ pub async fn top(addr: &str) -> u8 {
             return 2;
         }
     };
+    if once {
+        return top_once(addr).await;
+    }
     let mut seen = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -182,4 +202,27 @@ pub async fn top(addr: &str) -> u8 {
             }
         }
     }
+}
+
+/// One frame of `pulseflow top`, once the pipeline lists its stages (it starts just after
+/// its admin server does; after 5 s, whatever it lists).
+async fn top_once(addr: SocketAddr) -> u8 {
+    let mut stages: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..50 {
+        match get(addr, "/stages").await {
+            Ok(body) => {
+                stages = serde_json::from_str(&body).unwrap_or_default();
+                if !stages.is_empty() {
+                    break;
+                }
+            }
+            Err(e) => {
+                eprintln!("error: cannot reach {addr}: {e}");
+                return 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    print!("pulseflow top: {addr}\n\n{}", crate::report::table(&stages));
+    0
 }

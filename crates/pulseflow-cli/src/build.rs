@@ -18,11 +18,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use jaq_json::Val;
 use pulseflow::graph::{ChannelDescriptor, Edge, PipelineGraph, StageNode};
 use pulseflow::policy::{ChannelOrdering, ParallelismHint};
 use pulseflow::stage::StageKind;
 use pulseflow::{BuildError, Pipeline, PipelineBuilder, Routes, Stream, ValidationError};
-use serde_json::Value;
 
 use crate::components::accumulate::{Aggregator, Evaluate};
 use crate::components::decode::Decode;
@@ -94,7 +94,9 @@ pub fn component_graph(config: &Config) -> PipelineGraph {
             node.error_policy = e.clone();
         }
         node.circuit_breaker = p.circuit_breaker.clone();
-        if let Some(h) = parallelism(config, c) {
+        // A source's parallelism is its helper stage's (`x.decode`, `x.build`): the reading
+        // or counting itself runs on one worker.
+        if let Some(h) = parallelism(config, c).filter(|_| c.role != Role::Source) {
             node.parallelism = h;
             node.replicable = !matches!(c.kind, Kind::Route { .. }) && c.role != Role::Sink;
             node.stateless = !matches!(c.kind, Kind::Accumulate(_));
@@ -237,9 +239,9 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
     p.metadata("config", config.file.clone());
     let readers = readers(config);
     let order = topological(config);
-    let mut pending: HashMap<(String, String), Vec<Stream<Value>>> = HashMap::new();
+    let mut pending: HashMap<(String, String), Vec<Stream<Val>>> = HashMap::new();
     for c in order {
-        let mut inputs: Vec<Stream<Value>> = Vec::new();
+        let mut inputs: Vec<Stream<Val>> = Vec::new();
         for i in &c.inputs {
             let key = (
                 i.component.clone(),
@@ -256,7 +258,7 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
             inputs.pop()
         };
         let hint = parallelism(config, c);
-        let mut outputs: Vec<(String, Stream<Value>)> = Vec::new();
+        let mut outputs: Vec<(String, Stream<Val>)> = Vec::new();
         match (&c.kind, input) {
             (
                 Kind::FileSource {
@@ -329,8 +331,8 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                     let program = jq.program.clone();
                     // A jq error counts as "does not match": the item goes on to the other
                     // routes or to `_unmatched`.
-                    r = r.route(name.clone(), move |v: &Value| {
-                        program.test(crate::jq::to_val(v)).unwrap_or(false)
+                    r = r.route(name.clone(), move |v: &Val| {
+                        program.test(v).unwrap_or(false)
                     });
                 }
                 let unmatched = readers.contains_key(&(c.name.clone(), "_unmatched".into()));
@@ -390,10 +392,10 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                 let names: Vec<String> = (0..n).map(|i| format!("copy{i}")).collect();
                 let mut r = Routes::new();
                 for name in &names {
-                    r = r.route(name.clone(), |_: &Value| true);
+                    r = r.route(name.clone(), |_: &Val| true);
                 }
                 let mut copies = stream.branch(id, r);
-                let list: Vec<Stream<Value>> = names
+                let list: Vec<Stream<Val>> = names
                     .iter()
                     .filter_map(|name| copies.take(name))
                     .rev()

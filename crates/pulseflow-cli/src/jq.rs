@@ -24,6 +24,8 @@ const RECURSIVE: &[&str] = &["def", "recurse", "repeat", "while", "until"];
 /// A compiled jq filter, shareable between workers.
 pub struct JqProgram {
     filter: jaq_core::Filter<JustLut<Val>>,
+    /// The same expression for the direct evaluator, when it handles it.
+    fast: Option<crate::jq_fast::Fast>,
 }
 
 /// A jq expression that does not compile: what is wrong and where, as byte offsets in the
@@ -123,11 +125,28 @@ impl JqProgram {
                     })
                     .collect::<Vec<_>>()
             })?;
-        Ok(Self { filter })
+        let fast = crate::jq_fast::Fast::compile(code);
+        Ok(Self { filter, fast })
+    }
+
+    /// Compiles `code` to run with jaq only (to compare the direct evaluator with).
+    #[cfg(test)]
+    pub fn compile_without_shortcut(code: &str) -> Result<Self, Vec<JqError>> {
+        Self::compile(code, true).map(|p| Self { fast: None, ..p })
+    }
+
+    /// The value of the direct evaluator, when it handles the expression and the input.
+    fn direct(&self, input: &Val) -> Option<Val> {
+        self.fast.as_ref().and_then(|f| f.eval(input))
     }
 
     /// Runs the filter on `input`, calling `emit` for each output; stops at the first error.
-    pub fn run(&self, input: Val, mut emit: impl FnMut(Val)) -> Result<(), JqRunError> {
+    pub fn run(&self, input: &Val, mut emit: impl FnMut(Val)) -> Result<(), JqRunError> {
+        if let Some(v) = self.direct(input) {
+            emit(v);
+            return Ok(());
+        }
+        let input = input.clone();
         let ctx = Ctx::<JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
         for (n, out) in self
             .filter
@@ -150,7 +169,11 @@ impl JqProgram {
     }
 
     /// Whether any output of the filter on `input` is truthy (neither `null` nor `false`).
-    pub fn test(&self, input: Val) -> Result<bool, JqRunError> {
+    pub fn test(&self, input: &Val) -> Result<bool, JqRunError> {
+        if let Some(v) = self.direct(input) {
+            return Ok(!matches!(v, Val::Null | Val::Bool(false)));
+        }
+        let input = input.clone();
         let mut hit = false;
         let ctx = Ctx::<JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
         for (n, out) in self
@@ -250,7 +273,8 @@ fn key_string(k: Val) -> String {
     }
 }
 
-fn num_to_json(n: &jaq_json::Num) -> Value {
+/// A jq number as the `serde_json` number it converts to (`null` when it has none).
+pub fn num_to_json(n: &jaq_json::Num) -> Value {
     match n {
         jaq_json::Num::Int(i) => Value::from(*i as i64),
         jaq_json::Num::Float(f) => {
@@ -279,7 +303,7 @@ mod tests {
     fn run(code: &str, input: Value) -> Vec<Value> {
         let p = JqProgram::compile(code, false).expect("compiles");
         let mut out = Vec::new();
-        p.run(to_val(&input), |v| out.push(from_val(v)))
+        p.run(&to_val(&input), |v| out.push(from_val(v)))
             .expect("runs");
         out
     }
@@ -324,7 +348,7 @@ mod tests {
     #[test]
     fn test_is_truthiness() {
         let p = JqProgram::compile(".n > 1", false).expect("compiles");
-        assert!(p.test(to_val(&serde_json::json!({"n": 2}))).expect("ok"));
-        assert!(!p.test(to_val(&serde_json::json!({"n": 0}))).expect("ok"));
+        assert!(p.test(&to_val(&serde_json::json!({"n": 2}))).expect("ok"));
+        assert!(!p.test(&to_val(&serde_json::json!({"n": 0}))).expect("ok"));
     }
 }

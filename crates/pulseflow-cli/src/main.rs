@@ -4,7 +4,7 @@
 //! pulseflow run CONFIG [--quiet] [--admin ADDR] [--unsupervised]
 //! pulseflow validate CONFIG
 //! pulseflow graph CONFIG [--format dot|mermaid]
-//! pulseflow top [ADDR]
+//! pulseflow top [ADDR] [--once]
 //! ```
 //!
 //! Exit status: 0 on success, 1 when the pipeline failed, 2 for an invalid config.
@@ -14,11 +14,15 @@ mod build;
 mod components;
 mod config;
 mod jq;
+mod jq_fast;
+mod json;
+mod latency;
 mod report;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -70,6 +74,10 @@ enum Command {
         /// Where its admin server listens.
         #[arg(default_value = "127.0.0.1:9898")]
         addr: String,
+        /// Print one frame (once the pipeline shows its stages) and exit, without clearing
+        /// the screen.
+        #[arg(long)]
+        once: bool,
     },
 }
 
@@ -78,6 +86,11 @@ enum GraphFormat {
     Dot,
     Mermaid,
 }
+
+/// Items are many small values allocated on one worker thread and freed on another; glibc's
+/// allocator spends more time on that than the jq stages spend on the items (issue #6).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const EXIT_FAILED: u8 = 1;
 const EXIT_INVALID: u8 = 2;
@@ -105,7 +118,7 @@ fn main() -> ExitCode {
                 admin,
                 unsupervised,
             } => run(&config, quiet, admin, unsupervised).await,
-            Command::Top { addr } => ExitCode::from(admin::top(&addr).await),
+            Command::Top { addr, once } => ExitCode::from(admin::top(&addr, once).await),
         }
     })
 }
@@ -192,12 +205,15 @@ async fn run(path: &Path, quiet: bool, admin: Option<String>, unsupervised: bool
         }
     }
     let engine = ExecutionEngine::new();
+    let latencies = Arc::new(latency::Latencies::default());
     let mut server = None;
     if let Some(addr) = admin {
         let started = async {
             let addr = admin::parse_addr(&addr).await?;
-            let metrics = admin::install_metrics().map_err(std::io::Error::other)?;
-            admin::serve(addr, engine.clone(), metrics).await
+            let metrics = admin::install_metrics(latencies.clone(), true)
+                .map_err(std::io::Error::other)?
+                .ok_or_else(|| std::io::Error::other("no Prometheus recorder"))?;
+            admin::serve(addr, engine.clone(), metrics, latencies.clone()).await
         };
         match started.await {
             Ok((local, task)) => {
@@ -209,6 +225,9 @@ async fn run(path: &Path, quiet: bool, admin: Option<String>, unsupervised: bool
                 return ExitCode::from(EXIT_FAILED);
             }
         }
+    } else if terminal {
+        // Batch latencies for the table of stages; without them it shows averages only.
+        let _ = admin::install_metrics(latencies.clone(), false);
     }
     let signals = tokio::spawn(watch_signals(engine.clone()));
     let bar = (terminal && progress.total > 0).then(|| progress_bar(&progress));
@@ -233,7 +252,7 @@ async fn run(path: &Path, quiet: bool, admin: Option<String>, unsupervised: bool
         let stages: Vec<serde_json::Value> = engine
             .inspect_all()
             .iter()
-            .map(report::stage_json)
+            .map(|s| report::stage_json(s, &latencies))
             .collect();
         eprint!("{}", report::table(&stages));
         let a = &result.accounting;

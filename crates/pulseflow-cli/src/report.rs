@@ -4,8 +4,12 @@
 use pulseflow::metrics::StageRuntimeState;
 use serde_json::{Value, json};
 
-/// One stage as JSON (what `/stages` serves and `pulseflow top` reads).
-pub fn stage_json(s: &StageRuntimeState) -> Value {
+use crate::latency::Latencies;
+
+/// One stage as JSON (what `/stages` serves and `pulseflow top` reads), with its batch
+/// latency quantiles from `latencies`.
+pub fn stage_json(s: &StageRuntimeState, latencies: &Latencies) -> Value {
+    let quantiles = latencies.quantiles(&s.stage_id);
     let c = &s.counts;
     let input_dropped = s
         .input
@@ -34,6 +38,8 @@ pub fn stage_json(s: &StageRuntimeState) -> Value {
         "output_queue_depth": s.output_queue_depth,
         "batches": s.metrics.get("batches").copied().unwrap_or(0.0),
         "avg_batch_micros": s.metrics.get("avg_batch_micros").copied().unwrap_or(0.0),
+        "p50_batch_micros": quantiles.map(|q| q.p50),
+        "p99_batch_micros": quantiles.map(|q| q.p99),
         "workers": s.metrics.get("workers").copied().unwrap_or(0.0),
         "tier": s.tier.map(|t| t.to_string()),
         "cpu_seconds": s.cpu_time.as_secs_f64(),
@@ -74,21 +80,24 @@ pub fn table(stages: &[Value]) -> String {
         "dead",
         "errors",
         "avg batch",
+        "p50 batch",
+        "p99 batch",
         "tier",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| (*s).to_owned()).collect()];
     for s in stages {
-        let avg = s
-            .get("avg_batch_micros")
-            .and_then(Value::as_f64)
-            .filter(|a| *a > 0.0)
-            .map_or("-".to_owned(), |a| {
-                if a >= 1000.0 {
-                    format!("{:.1} ms", a / 1000.0)
-                } else {
-                    format!("{a:.0} µs")
-                }
-            });
+        let micros = |key: &str| {
+            s.get(key)
+                .and_then(Value::as_f64)
+                .filter(|a| *a > 0.0)
+                .map_or("-".to_owned(), |a| {
+                    if a >= 1000.0 {
+                        format!("{:.1} ms", a / 1000.0)
+                    } else {
+                        format!("{a:.0} µs")
+                    }
+                })
+        };
         rows.push(vec![
             cell(s, "stage"),
             cell(s, "kind"),
@@ -99,7 +108,9 @@ pub fn table(stages: &[Value]) -> String {
             dropped_cell(s),
             cell(s, "dead_lettered"),
             cell(s, "errors"),
-            avg,
+            micros("avg_batch_micros"),
+            micros("p50_batch_micros"),
+            micros("p99_batch_micros"),
             cell(s, "tier"),
         ]);
     }

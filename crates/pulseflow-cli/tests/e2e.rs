@@ -181,6 +181,42 @@ fn stdin_source() {
 }
 
 #[test]
+fn file_source_decodes_on_two_workers_in_order() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Enough lines for many batches, one malformed line in the middle.
+    let mut input = String::new();
+    for i in 0..20_000u32 {
+        if i == 12_345 {
+            input.push_str("{broken\n");
+        } else {
+            input.push_str(&format!("{{\"i\":{i},\"ok\":{}}}\n", i % 3 != 0));
+        }
+    }
+    std::fs::write(tmp.path().join("in.ndjson"), input).expect("write");
+    std::fs::write(
+        tmp.path().join("p.toml"),
+        "[dead_letter]\ntype = \"file\"\npath = \"dead.ndjson\"\n\
+         [sources.in]\ntype = \"file\"\npath = \"in.ndjson\"\nparallelism = 2\n\
+         [transforms.keep]\ntype = \"filter\"\ninputs = [\"in\"]\ncondition = \".ok\"\n\
+         [sinks.out]\ntype = \"file\"\ninputs = [\"keep\"]\npath = \"out.ndjson\"\n",
+    )
+    .expect("write");
+    let out = run_in(tmp.path(), &["run", "p.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let expected: String = (0..20_000u32)
+        .filter(|i| *i != 12_345 && i % 3 != 0)
+        .map(|i| format!("{{\"i\":{i},\"ok\":true}}\n"))
+        .collect();
+    assert_eq!(read(&tmp.path().join("out.ndjson")), expected);
+    let dead: serde_json::Value =
+        serde_json::from_str(read(&tmp.path().join("dead.ndjson")).trim()).expect("one record");
+    assert_eq!(dead["kind"], "malformed_input");
+    assert_eq!(dead["stage"], "in.decode");
+    assert_eq!(dead["line"], 12_346);
+    assert_eq!(dead["raw"], "{broken");
+}
+
+#[test]
 fn failing_pipeline_exits_1() {
     let tmp = tempfile::tempdir().expect("tempdir");
     std::fs::write(tmp.path().join("in.ndjson"), "{}\nnot json\n").expect("write");
@@ -364,6 +400,87 @@ fn admin_serves_health_stages_and_metrics() {
     assert!(http_get(&addr, "/nope").starts_with("HTTP/1.1 404"));
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
+}
+
+/// Starts `pulseflow run --admin 0` on `config` (in `dir`) and returns the child and the
+/// address its admin server reports on its first line of stderr.
+fn run_with_admin(dir: &Path, config: &str) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = bin()
+        .args(["run", "--quiet", "--admin", "0", config])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let first = lines.next().expect("a line").expect("utf-8");
+    let addr = first
+        .strip_prefix("admin: http://")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected: {first}"))
+        .to_owned();
+    (child, addr)
+}
+
+#[test]
+fn top_once_prints_a_frame_naming_the_stages() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // 20 items a second for 3 s: running while `top` looks, and doing batches.
+    std::fs::write(
+        tmp.path().join("p.toml"),
+        "[sources.ticks]\ntype = \"generate\"\ncount = 60\nrate = 20.0\n\
+         [transforms.evens]\ntype = \"filter\"\ninputs = [\"ticks\"]\ncondition = \". % 2 == 0\"\n\
+         [sinks.drain]\ntype = \"blackhole\"\ninputs = [\"evens\"]\n",
+    )
+    .expect("write");
+    let (mut child, addr) = run_with_admin(tmp.path(), "p.toml");
+    let top = bin()
+        .args(["top", "--once", &addr])
+        .stdin(Stdio::null())
+        .output()
+        .expect("top runs");
+    assert_eq!(top.status.code(), Some(0), "{}", stderr(&top));
+    let frame = String::from_utf8_lossy(&top.stdout).into_owned();
+    assert!(
+        frame.starts_with(&format!("pulseflow top: {addr}\n")),
+        "{frame}"
+    );
+    assert!(
+        !frame.contains('\x1b'),
+        "no screen control in one frame: {frame:?}"
+    );
+    let lines: Vec<&str> = frame.lines().collect();
+    let header = lines
+        .iter()
+        .find(|l| l.starts_with("stage"))
+        .unwrap_or_else(|| panic!("no header: {frame}"));
+    for column in [
+        "in",
+        "out",
+        "filtered",
+        "avg batch",
+        "p50 batch",
+        "p99 batch",
+    ] {
+        assert!(header.contains(column), "{column}: {header}");
+    }
+    let rows: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for stage in ["ticks", "ticks.build", "evens", "drain"] {
+        assert!(rows.contains(&stage), "{stage} missing: {frame}");
+    }
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    // Nothing listens once the run is over.
+    let gone = bin()
+        .args(["top", "--once", &addr])
+        .stdin(Stdio::null())
+        .output()
+        .expect("top runs");
+    assert_eq!(gone.status.code(), Some(1), "{}", stderr(&gone));
 }
 
 #[test]

@@ -65,13 +65,19 @@ fn run_pulseflow(
     input: &Path,
     output: &Path,
     unsupervised: bool,
+    decode_workers: usize,
 ) -> Result<Duration, BoxError> {
     let config = dir.join("bench.toml");
+    let parallelism = if decode_workers > 1 {
+        format!("parallelism = {decode_workers}\n")
+    } else {
+        String::new()
+    };
     std::fs::write(
         &config,
         format!(
             "name = \"ndjson-bench\"\n\n\
-             [sources.lines]\ntype = \"file\"\npath = {input:?}\n\n\
+             [sources.lines]\ntype = \"file\"\npath = {input:?}\n{parallelism}\n\
              [transforms.keep]\ntype = \"filter\"\ninputs = [\"lines\"]\ncondition = {FILTER:?}\n\n\
              [transforms.shape]\ntype = \"map\"\ninputs = [\"keep\"]\njq = {MAP:?}\n\n\
              [sinks.out]\ntype = \"file\"\ninputs = [\"shape\"]\npath = {output:?}\n"
@@ -140,12 +146,13 @@ pub fn run(opts: &CommonOpts) -> Result<Report, BoxError> {
     let megabytes: u64 = if opts.quick { 40 } else { 200 };
     let dir = std::env::temp_dir().join(format!("pulseflow-ndjson-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = measure(&dir, megabytes, opts.unsupervised);
+    let result = measure(&dir, megabytes, opts);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn measure(dir: &Path, megabytes: u64, unsupervised: bool) -> Result<Report, BoxError> {
+fn measure(dir: &Path, megabytes: u64, opts: &CommonOpts) -> Result<Report, BoxError> {
+    let decode_workers = opts.decode_workers.unwrap_or(1).max(1);
     let input = dir.join("input.ndjson");
     let lines = generate(&input, megabytes << 20)?;
     let bytes = std::fs::metadata(&input)?.len() as f64;
@@ -154,7 +161,7 @@ fn measure(dir: &Path, megabytes: u64, unsupervised: bool) -> Result<Report, Box
     let pf_out = dir.join("pulseflow.ndjson");
     let loop_out = dir.join("loop.ndjson");
     let jq_out = dir.join("jq.ndjson");
-    let pulseflow = run_pulseflow(dir, &input, &pf_out, unsupervised)?;
+    let pulseflow = run_pulseflow(dir, &input, &pf_out, opts.unsupervised, decode_workers)?;
     let parse_loop = run_parse_loop(&input, &loop_out)?;
     let jq = run_jq(&input, &jq_out).transpose()?;
 
@@ -162,6 +169,10 @@ fn measure(dir: &Path, megabytes: u64, unsupervised: bool) -> Result<Report, Box
     let got = line_count(&pf_out)?;
     if got != expected {
         return Err(format!("pulseflow wrote {got} lines, the parse loop {expected}").into());
+    }
+    // Both print keys sorted, as serde_json does: the outputs are the same bytes.
+    if std::fs::read(&pf_out)? != std::fs::read(&loop_out)? {
+        return Err("pulseflow's output differs from the parse loop's".into());
     }
     if jq.is_some() && line_count(&jq_out)? != expected {
         return Err("jq wrote a different number of lines".into());
@@ -195,6 +206,8 @@ fn measure(dir: &Path, megabytes: u64, unsupervised: bool) -> Result<Report, Box
         "vs_parse_loop": vs(parse_loop),
         "vs_jq": jq.map(vs),
         "cores": pulseflow::policy::cores(),
+        "unsupervised": opts.unsupervised,
+        "decode_workers": decode_workers,
     }));
     Ok(report)
 }

@@ -12,6 +12,7 @@
 
 use std::cmp::Ordering;
 
+use jaq_json::Val;
 use pulseflow::accumulate::{
     Accumulator, AccumulatorState, CompletenessResult, SpillError, VarSet,
 };
@@ -58,11 +59,10 @@ enum EvalError {
 }
 
 impl Evaluate {
-    fn reduce(&self, payload: &Value) -> Result<Keyed, EvalError> {
+    fn reduce(&self, input: &Val) -> Result<Keyed, EvalError> {
         let spec = &self.spec;
-        let input = to_val(payload);
         let mut key = None;
-        spec.key.program.run(input.clone(), |v| {
+        spec.key.program.run(input, |v| {
             if key.is_none() {
                 key = Some(from_val(v));
             }
@@ -73,8 +73,8 @@ impl Evaluate {
             let mut vs = Vec::new();
             match (&agg.expr, agg.kind) {
                 (_, AggKind::Count) => {}
-                (None, _) => vs.push(payload.clone()),
-                (Some(jq), _) => jq.program.run(input.clone(), |v| vs.push(from_val(v)))?,
+                (None, _) => vs.push(from_val(input.clone())),
+                (Some(jq), _) => jq.program.run(input, |v| vs.push(from_val(v)))?,
             }
             vs.retain(|v| !v.is_null());
             let need = match agg.kind {
@@ -96,11 +96,16 @@ impl Evaluate {
             }
             values.push(vs);
         }
-        let fields = match (&spec.complete_when, payload) {
-            (CompleteWhen::Required(req), Value::Object(o)) => req
+        let fields = match (&spec.complete_when, input) {
+            (CompleteWhen::Required(req), Val::Obj(o)) => req
                 .names()
                 .iter()
-                .filter(|n| o.get(n.as_str()).is_some_and(|v| !v.is_null()))
+                .filter(|n| {
+                    o.iter().any(|(k, v)| {
+                        matches!(k, Val::TStr(k) | Val::BStr(k) if k[..] == *n.as_bytes())
+                            && !matches!(v, Val::Null)
+                    })
+                })
                 .cloned()
                 .collect(),
             _ => Vec::new(),
@@ -129,14 +134,14 @@ fn kind_name(kind: AggKind) -> &'static str {
 }
 
 impl Transform for Evaluate {
-    type In = Value;
+    type In = Val;
     type Out = Keyed;
 
     fn process(
         &mut self,
-        item: Envelope<Value>,
+        item: Envelope<Val>,
         out: &mut Vec<Envelope<Keyed>>,
-    ) -> Result<(), ItemFailure<Value>> {
+    ) -> Result<(), ItemFailure<Val>> {
         match self.reduce(&item.payload) {
             Ok(keyed) => {
                 out.push(item.derive(keyed));
@@ -335,7 +340,7 @@ impl Aggregator {
 
 impl Accumulator for Aggregator {
     type In = Keyed;
-    type Out = Value;
+    type Out = Val;
     type Key = String;
     type State = AccState;
 
@@ -367,10 +372,7 @@ impl Accumulator for Aggregator {
         }
     }
 
-    fn check(
-        &mut self,
-        entry: &mut AccumulatorState<String, AccState>,
-    ) -> CompletenessResult<Value> {
+    fn check(&mut self, entry: &mut AccumulatorState<String, AccState>) -> CompletenessResult<Val> {
         let complete = match &self.spec.complete_when {
             CompleteWhen::Never => false,
             CompleteWhen::Count(n) => {
@@ -384,18 +386,18 @@ impl Accumulator for Aggregator {
             }
             CompleteWhen::Jq(jq) => {
                 let o = Value::Object(self.object(entry));
-                jq.program.test(to_val(&o)).unwrap_or(false)
+                jq.program.test(&to_val(&o)).unwrap_or(false)
             }
         };
         if complete {
-            CompletenessResult::Complete(self.output(entry, true))
+            CompletenessResult::Complete(to_val(&self.output(entry, true)))
         } else {
             CompletenessResult::Incomplete
         }
     }
 
-    fn flush(&mut self, entry: AccumulatorState<String, AccState>) -> Option<Value> {
-        Some(self.output(&entry, false))
+    fn flush(&mut self, entry: AccumulatorState<String, AccState>) -> Option<Val> {
+        Some(to_val(&self.output(&entry, false)))
     }
 
     fn state_size(&self, state: &AccState) -> usize {

@@ -46,8 +46,8 @@ pub fn record(letter: &DeadLetter) -> Value {
         })
     } else {
         let item = letter
-            .payload::<Value>()
-            .cloned()
+            .payload::<jaq_json::Val>()
+            .map(|v| crate::jq::from_val(v.clone()))
             .or_else(|| letter.payload::<u64>().map(|i| Value::from(*i)))
             .unwrap_or(Value::Null);
         json!({

@@ -1,8 +1,9 @@
-//! The decoding stage after a line source: a line becomes a JSON value, or a failure that
-//! names the file and line (dead-lettered with the raw text under the default policy).
+//! The decoding stage after a line source: a line becomes a jq value (parsed straight from
+//! its JSON text), or a failure that names the file and line (dead-lettered with the raw text
+//! under the default policy).
 
+use jaq_json::Val;
 use pulseflow::prelude::*;
-use serde_json::{Map, Value};
 
 use super::lines::RawLine;
 use crate::config::Format;
@@ -14,15 +15,13 @@ pub struct Decode {
     pub format: Format,
 }
 
-fn decode(format: Format, line: &RawLine) -> Result<Value, String> {
+fn decode(format: Format, line: &RawLine) -> Result<Val, String> {
     if let Some(p) = &line.problem {
         return Err(p.clone());
     }
     match format {
-        Format::Lines => Ok(Value::String(line.text.clone())),
-        Format::Ndjson => {
-            serde_json::from_str(&line.text).map_err(|e| format!("invalid JSON: {e}"))
-        }
+        Format::Lines => Ok(Val::utf8_str(line.text.clone().into_bytes())),
+        Format::Ndjson => crate::json::parse(&line.text).map_err(|e| format!("invalid JSON: {e}")),
         Format::Csv => {
             let fields = super::csv::split(&line.text).map_err(|e| format!("invalid CSV: {e}"))?;
             let headers = line
@@ -36,12 +35,12 @@ fn decode(format: Format, line: &RawLine) -> Result<Value, String> {
                     fields.len()
                 ));
             }
-            Ok(Value::Object(
+            Ok(Val::obj(
                 headers
                     .iter()
-                    .cloned()
-                    .zip(fields.into_iter().map(Value::String))
-                    .collect::<Map<_, _>>(),
+                    .map(|h| Val::utf8_str(h.clone().into_bytes()))
+                    .zip(fields.into_iter().map(|f| Val::utf8_str(f.into_bytes())))
+                    .collect(),
             ))
         }
     }
@@ -49,12 +48,12 @@ fn decode(format: Format, line: &RawLine) -> Result<Value, String> {
 
 impl Transform for Decode {
     type In = RawLine;
-    type Out = Value;
+    type Out = Val;
 
     fn process(
         &mut self,
         item: Envelope<RawLine>,
-        out: &mut Vec<Envelope<Value>>,
+        out: &mut Vec<Envelope<Val>>,
     ) -> Result<(), ItemFailure<RawLine>> {
         match decode(self.format, &item.payload) {
             Ok(v) => {

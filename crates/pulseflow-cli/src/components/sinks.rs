@@ -1,11 +1,11 @@
 //! Sinks: `stdout` and `file` write one JSON value per line (a batch is serialised into one
-//! buffer and written at once), `blackhole` only counts.
+//! buffer, straight from the jq values, and written at once), `blackhole` only counts.
 
 use std::path::PathBuf;
 
+use jaq_json::Val;
 use pulseflow::prelude::*;
 use pulseflow::stage::WriteProgress;
-use serde_json::Value;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Writes items as JSON lines to a file or stdout.
@@ -39,15 +39,13 @@ impl NdjsonSink {
         }
     }
 
-    fn encode(&mut self, value: &Value) {
-        // Writing a `Value` into a `Vec` cannot fail.
-        let _ = serde_json::to_writer(&mut self.buf, value);
-        self.buf.push(b'\n');
+    fn encode(&mut self, value: &Val) {
+        crate::json::write_line(&mut self.buf, value);
     }
 }
 
 impl Sink for NdjsonSink {
-    type Item = Value;
+    type Item = Val;
 
     async fn init(&mut self, _ctx: &StageContext) -> Result<(), StageError> {
         self.out = Some(match &self.target {
@@ -72,15 +70,15 @@ impl Sink for NdjsonSink {
         Ok(())
     }
 
-    async fn write(&mut self, item: Envelope<Value>) -> Result<(), ItemFailure<Value>> {
+    async fn write(&mut self, item: Envelope<Val>) -> Result<(), ItemFailure<Val>> {
         self.encode(&item.payload);
         Ok(())
     }
 
     async fn write_batch(
         &mut self,
-        items: &mut std::vec::IntoIter<Envelope<Value>>,
-        _failed: &mut Vec<ItemFailure<Value>>,
+        items: &mut std::vec::IntoIter<Envelope<Val>>,
+        _failed: &mut Vec<ItemFailure<Val>>,
         progress: &mut WriteProgress,
     ) {
         for item in items {
@@ -122,16 +120,16 @@ impl Sink for NdjsonSink {
 pub struct Blackhole;
 
 impl Sink for Blackhole {
-    type Item = Value;
+    type Item = Val;
 
-    async fn write(&mut self, _item: Envelope<Value>) -> Result<(), ItemFailure<Value>> {
+    async fn write(&mut self, _item: Envelope<Val>) -> Result<(), ItemFailure<Val>> {
         Ok(())
     }
 
     async fn write_batch(
         &mut self,
-        items: &mut std::vec::IntoIter<Envelope<Value>>,
-        _failed: &mut Vec<ItemFailure<Value>>,
+        items: &mut std::vec::IntoIter<Envelope<Val>>,
+        _failed: &mut Vec<ItemFailure<Val>>,
         progress: &mut WriteProgress,
     ) {
         for item in items {

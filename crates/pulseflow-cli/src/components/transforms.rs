@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
+use jaq_json::{Num, Val};
 use pulseflow::prelude::*;
-use serde_json::Value;
 
-use crate::jq::{JqProgram, from_val, to_val};
+use crate::jq::JqProgram;
 
 /// What a jq transform does with the outputs of its expression.
 #[derive(Clone, Copy)]
@@ -29,37 +29,30 @@ pub struct JqTransform {
 }
 
 impl Transform for JqTransform {
-    type In = Value;
-    type Out = Value;
+    type In = Val;
+    type Out = Val;
 
     fn process(
         &mut self,
-        item: Envelope<Value>,
-        out: &mut Vec<Envelope<Value>>,
-    ) -> Result<(), ItemFailure<Value>> {
-        let input = to_val(&item.payload);
-        let result = match self.mode {
-            Mode::Filter => self.program.test(input).map(|keep| {
-                if keep {
-                    out.push(item.derive(Value::Null));
+        item: Envelope<Val>,
+        out: &mut Vec<Envelope<Val>>,
+    ) -> Result<(), ItemFailure<Val>> {
+        match self.mode {
+            Mode::Filter => match self.program.test(&item.payload) {
+                Ok(true) => out.push(item),
+                Ok(false) => {}
+                Err(e) => return Err(ItemFailure::new(item, StageError::from_error(e))),
+            },
+            Mode::Map => {
+                if let Err(e) = self
+                    .program
+                    .run(&item.payload, |v| out.push(item.derive(v)))
+                {
+                    return Err(ItemFailure::new(item, StageError::from_error(e)));
                 }
-            }),
-            Mode::Map => self
-                .program
-                .run(input, |v| out.push(item.derive(from_val(v)))),
-        };
-        match result {
-            Ok(()) => {
-                if let (Mode::Filter, Some(last)) = (self.mode, out.last_mut()) {
-                    // Keep the original payload rather than a copy.
-                    if last.payload.is_null() && last.seq == item.seq {
-                        last.payload = item.payload;
-                    }
-                }
-                Ok(())
             }
-            Err(e) => Err(ItemFailure::new(item, StageError::from_error(e))),
         }
+        Ok(())
     }
 
     fn is_stateless(&self) -> bool {
@@ -76,19 +69,19 @@ pub struct Build {
 
 impl Transform for Build {
     type In = u64;
-    type Out = Value;
+    type Out = Val;
 
     fn process(
         &mut self,
         item: Envelope<u64>,
-        out: &mut Vec<Envelope<Value>>,
+        out: &mut Vec<Envelope<Val>>,
     ) -> Result<(), ItemFailure<u64>> {
+        let index = Val::Num(Num::from_integral(item.payload));
         let Some(program) = &self.program else {
-            out.push(item.derive(Value::from(item.payload)));
+            out.push(item.derive(index));
             return Ok(());
         };
-        let index = to_val(&Value::from(item.payload));
-        match program.run(index, |v| out.push(item.derive(from_val(v)))) {
+        match program.run(&index, |v| out.push(item.derive(v))) {
             Ok(()) => Ok(()),
             Err(e) => Err(ItemFailure::new(item, StageError::from_error(e))),
         }

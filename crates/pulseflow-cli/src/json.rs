@@ -1,0 +1,280 @@
+//! Items travel as jq values (`jaq_json::Val`) from the decoding stage to the sinks, so jq
+//! stages run on them without conversion. This module reads them from JSON text and writes
+//! them back as JSON.
+//!
+//! Reading goes through serde_json's parser (straight into jq values, no intermediate
+//! `serde_json::Value`): the same text is accepted or refused, with the same error messages,
+//! and numbers are read as serde_json reads them. Writing prints what serde_json would print
+//! for the value converted to a `serde_json::Value` ([`crate::jq::from_val`]): object keys
+//! sorted, numbers in serde_json's form (`17.0`, `1e20`), non-finite numbers as `null`,
+//! invalid UTF-8 replaced. Only the conversion is skipped.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use jaq_json::{Map, Num, Val};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+
+/// Parses one JSON text into a jq value.
+pub fn parse(text: &str) -> Result<Val, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = ValSeed.deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// Builds jq values as `jaq_json`'s own `Deserialize` does, with objects allocated for a
+/// few keys up front (most have several; growing from empty rehashes at 3 and 7).
+#[derive(Clone, Copy)]
+struct ValSeed;
+
+impl<'de> DeserializeSeed<'de> for ValSeed {
+    type Value = Val;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Val, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ValSeed {
+    type Value = Val;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Val, E> {
+        Ok(Val::Bool(b))
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<Val, E> {
+        Ok(Val::Num(Num::from_integral(i)))
+    }
+
+    fn visit_u64<E>(self, u: u64) -> Result<Val, E> {
+        Ok(Val::Num(Num::from_integral(u)))
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<Val, E> {
+        Ok(Val::Num(Num::Float(f)))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Val, E> {
+        Ok(Val::utf8_str(Bytes::copy_from_slice(s.as_bytes())))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Val, E> {
+        Ok(Val::utf8_str(s.into_bytes()))
+    }
+
+    fn visit_unit<E>(self) -> Result<Val, E> {
+        Ok(Val::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Val, E> {
+        Ok(Val::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Val, D::Error> {
+        self.deserialize(d)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Val, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(4));
+        while let Some(v) = seq.next_element_seed(self)? {
+            items.push(v);
+        }
+        Ok(Val::Arr(items.into()))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Val, A::Error> {
+        let mut map =
+            Map::with_capacity_and_hasher(entries.size_hint().unwrap_or(8), Default::default());
+        while let Some(k) = entries.next_key_seed(self)? {
+            let v = entries.next_value_seed(self)?;
+            map.insert(k, v);
+        }
+        Ok(Val::obj(map))
+    }
+}
+
+/// Appends `value` as one line of compact JSON to `buf`.
+pub fn write_line(buf: &mut Vec<u8>, value: &Val) {
+    // Writing into a `Vec` cannot fail, and `Json` raises no errors of its own.
+    let _ = serde_json::to_writer(&mut *buf, &Json(value));
+    buf.push(b'\n');
+}
+
+/// Objects with at most this many keys are sorted without allocating.
+const SMALL: usize = 16;
+
+/// A jq value serialised as serde_json would serialise its `serde_json::Value` form.
+pub struct Json<'a>(pub &'a Val);
+
+fn text(bytes: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(bytes)
+}
+
+/// An object key as `from_val` turns it into a string.
+fn key_text(key: &Val) -> Cow<'_, str> {
+    match key {
+        Val::TStr(b) | Val::BStr(b) => text(b),
+        other => Cow::Owned(other.to_string()),
+    }
+}
+
+impl Serialize for Json<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Val::Null => s.serialize_unit(),
+            Val::Bool(b) => s.serialize_bool(*b),
+            Val::Num(Num::Int(i)) => s.serialize_i64(*i as i64),
+            // serde_json writes non-finite floats as `null`, like `Number::from_f64` did.
+            Val::Num(Num::Float(f)) => s.serialize_f64(*f),
+            Val::Num(n) => crate::jq::num_to_json(n).serialize(s),
+            Val::TStr(b) | Val::BStr(b) => s.serialize_str(&text(b)),
+            Val::Arr(a) => {
+                let mut seq = s.serialize_seq(Some(a.len()))?;
+                for v in a.iter() {
+                    seq.serialize_element(&Json(v))?;
+                }
+                seq.end()
+            }
+            Val::Obj(o) => {
+                // `serde_json::Map` is a `BTreeMap`: keys sorted by their bytes, the later of
+                // two equal keys wins. Objects whose text keys are already in order (and so
+                // distinct) are written without sorting.
+                let text_key =
+                    |k: &Val| matches!(k, Val::TStr(b) if std::str::from_utf8(b).is_ok());
+                if o.len() <= SMALL && o.keys().all(text_key) {
+                    // Distinct valid UTF-8 keys: their order as text is their bytes' order, so
+                    // a few positions sorted on the stack do.
+                    let mut order = [0usize; SMALL];
+                    let order = &mut order[..o.len()];
+                    for (i, slot) in order.iter_mut().enumerate() {
+                        *slot = i;
+                    }
+                    let bytes = |i: usize| match o.get_index(i) {
+                        Some((Val::TStr(b), _)) => &b[..],
+                        _ => &[][..],
+                    };
+                    order.sort_unstable_by(|a, b| bytes(*a).cmp(bytes(*b)));
+                    let mut map = s.serialize_map(Some(o.len()))?;
+                    for i in order.iter() {
+                        if let Some((k, v)) = o.get_index(*i) {
+                            map.serialize_entry(&key_text(k), &Json(v))?;
+                        }
+                    }
+                    return map.end();
+                }
+                let mut entries: Vec<(Cow<'_, str>, &Val)> =
+                    o.iter().map(|(k, v)| (key_text(k), v)).collect();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                let kept = entries.len() - entries.windows(2).filter(|w| w[0].0 == w[1].0).count();
+                let mut map = s.serialize_map(Some(kept))?;
+                for (i, (k, v)) in entries.iter().enumerate() {
+                    if entries.get(i + 1).is_some_and(|next| next.0 == *k) {
+                        continue;
+                    }
+                    map.serialize_entry(k, &Json(v))?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jq::{from_val, to_val};
+
+    /// What the sinks wrote before items were jq values: parse to `serde_json::Value`, print.
+    fn via_value(text: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(text).expect("json");
+        serde_json::to_string(&v).expect("print")
+    }
+
+    fn direct(text: &str) -> String {
+        let mut buf = Vec::new();
+        write_line(&mut buf, &parse(text).expect("json"));
+        buf.pop();
+        String::from_utf8(buf).expect("utf-8")
+    }
+
+    #[test]
+    fn prints_what_serde_json_printed() {
+        for text in [
+            r#"{"b":1,"a":[1.0,2.5,-0.0,1e20,12345678901234567890],"c":{"z":null,"y":true}}"#,
+            r#"{"s":"tab\t quote\" back\\ nl\n \u0001 del\u007f é ☃","e":"","n":-7}"#,
+            r#"[3.14159,1E-7,100000000000000000000000,-9223372036854775808,18446744073709551615]"#,
+            r#"{"dup":1,"dup":2,"a":0}"#,
+            r#""just a string""#,
+            r#"{"é":1,"z":2,"Z":3,"a":{"ß":[],"s":{}},"":4}"#,
+            "17.0",
+            "null",
+        ] {
+            assert_eq!(direct(text), via_value(text), "{text}");
+        }
+        // More keys than are sorted on the stack, some repeated.
+        let many: Vec<String> = (0..40)
+            .rev()
+            .map(|i| format!("\"k{}\":{i}", i % 30))
+            .collect();
+        let text = format!("{{{}}}", many.join(","));
+        assert_eq!(direct(&text), via_value(&text));
+    }
+
+    #[test]
+    fn reads_what_jaq_json_reads() {
+        for text in [
+            r#"{"b":1,"a":[1.0,2.5,{"x":[]}],"c":{"z":null,"y":true},"u":18446744073709551615}"#,
+            r#"{"s":"esc \" \u00e9 \n","n":-9223372036854775808,"f":-0.0,"e":1e-7}"#,
+            "[]",
+            "{}",
+        ] {
+            let theirs: Val = serde_json::from_str(text).expect("json");
+            assert_eq!(parse(text).expect("json"), theirs, "{text}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_serde_json_refuses() {
+        for text in [
+            "NaN",
+            "{1:2}",
+            "[1,]",
+            "b\"x\"",
+            "1 # comment",
+            "{\"a\":1} x",
+        ] {
+            let ours = parse(text).err().map(|e| e.to_string());
+            let theirs = serde_json::from_str::<serde_json::Value>(text)
+                .err()
+                .map(|e| e.to_string());
+            assert!(ours.is_some(), "{text} accepted");
+            assert_eq!(ours, theirs, "{text}");
+        }
+    }
+
+    #[test]
+    fn values_built_by_jq_print_as_their_json_form() {
+        let program = crate::jq::JqProgram::compile(
+            r#"{z: 1.5, a: (.x * 2), m: (.x / 3), big: 100000000000000000000, inf: infinite, k: {"b": 1, "a": [nan]}}"#,
+            false,
+        )
+        .expect("compiles");
+        let mut outs = Vec::new();
+        program
+            .run(&to_val(&serde_json::json!({"x": 4})), |v| outs.push(v))
+            .expect("runs");
+        let [out] = outs.as_slice() else {
+            panic!("one output expected: {outs:?}")
+        };
+        let mut buf = Vec::new();
+        write_line(&mut buf, out);
+        let expected = serde_json::to_string(&from_val(out.clone())).expect("print") + "\n";
+        assert_eq!(String::from_utf8(buf).expect("utf-8"), expected);
+    }
+}
