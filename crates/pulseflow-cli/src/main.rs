@@ -1,7 +1,7 @@
 //! `pulseflow`: run pipelines described in configuration files.
 //!
 //! ```text
-//! pulseflow run CONFIG [--quiet] [--admin ADDR] [--unsupervised]
+//! pulseflow run CONFIG [--quiet] [--admin ADDR] [--supervision yield|isolate|off]
 //! pulseflow validate CONFIG
 //! pulseflow graph CONFIG [--format dot|mermaid]
 //! pulseflow top [ADDR] [--once]
@@ -50,10 +50,14 @@ enum Command {
         /// Serve /metrics, /stages and /health on ADDR (a port alone means loopback).
         #[arg(long, value_name = "ADDR")]
         admin: Option<String>,
-        /// Run stages without Tokio-Pulse supervision (it is on by default and isolates
-        /// CPU-bound stages on restrained threads; a batch job alone on a machine may not want
-        /// that).
-        #[arg(long)]
+        /// How Tokio-Pulse supervises the stages: `yield` (the default) times every poll and
+        /// makes CPU-bound stages work in small chunks and give way; `isolate` also moves them
+        /// to threads that run at idle priority (other processes then come first); `off`
+        /// turns supervision off.
+        #[arg(long, value_enum, default_value_t = SupervisionMode::Yield)]
+        supervision: SupervisionMode,
+        /// Same as `--supervision off`.
+        #[arg(long, conflicts_with = "supervision")]
         unsupervised: bool,
     },
     /// Check a config file without running it.
@@ -79,6 +83,28 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+}
+
+/// `run --supervision`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SupervisionMode {
+    /// Monitor, Warn and Yield; never isolated.
+    Yield,
+    /// Every tier, Isolate included.
+    Isolate,
+    /// No supervision.
+    Off,
+}
+
+impl SupervisionMode {
+    fn engine(self) -> pulseflow::engine::Supervision {
+        use pulseflow::engine::Supervision;
+        match self {
+            SupervisionMode::Yield => Supervision::NoIsolation,
+            SupervisionMode::Isolate => Supervision::Default,
+            SupervisionMode::Off => Supervision::Off,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -116,8 +142,16 @@ fn main() -> ExitCode {
                 config,
                 quiet,
                 admin,
+                supervision,
                 unsupervised,
-            } => run(&config, quiet, admin, unsupervised).await,
+            } => {
+                let supervision = if unsupervised {
+                    SupervisionMode::Off
+                } else {
+                    supervision
+                };
+                run(&config, quiet, admin, supervision).await
+            }
             Command::Top { addr, once } => ExitCode::from(admin::top(&addr, once).await),
         }
     })
@@ -178,16 +212,18 @@ fn graph(path: &Path, format: GraphFormat) -> ExitCode {
     }
 }
 
-async fn run(path: &Path, quiet: bool, admin: Option<String>, unsupervised: bool) -> ExitCode {
+async fn run(
+    path: &Path,
+    quiet: bool,
+    admin: Option<String>,
+    supervision: SupervisionMode,
+) -> ExitCode {
     let (config, pipeline, progress) = match load(path) {
         Ok(x) => x,
         Err(code) => return code,
     };
     let terminal = std::io::stderr().is_terminal() && !quiet;
-    let mut options = ExecutionOptions::default();
-    if unsupervised {
-        options = options.with_supervision(pulseflow::engine::Supervision::Off);
-    }
+    let mut options = ExecutionOptions::default().with_supervision(supervision.engine());
     if let Some(n) = config.batch_size {
         options = options.with_batch_size(n);
     }

@@ -110,6 +110,30 @@ fn example_routing_errors() {
 }
 
 #[test]
+fn every_supervision_mode_gives_the_same_output() {
+    for mode in ["yield", "isolate", "off"] {
+        let tmp = examples_copy();
+        let out = run_in(
+            tmp.path(),
+            &["run", "routing_errors.toml", "--supervision", mode],
+        );
+        assert_eq!(out.status.code(), Some(0), "{mode}: {}", stderr(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            expected("routing-stdout.ndjson"),
+            "{mode}"
+        );
+    }
+    let tmp = examples_copy();
+    let out = run_in(
+        tmp.path(),
+        &["run", "routing_errors.toml", "--supervision", "sometimes"],
+    );
+    assert_eq!(out.status.code(), Some(2), "a bad value is a usage error");
+    assert!(stderr(&out).contains("yield"), "{}", stderr(&out));
+}
+
+#[test]
 fn example_per_user_totals() {
     let tmp = examples_copy();
     let out = run_in(tmp.path(), &["run", "per_user_totals.toml"]);

@@ -90,3 +90,39 @@ async fn supervision_can_be_turned_off() {
     assert!(r.success);
     assert_eq!(r.stage("out").map(|s| s.tier), Some(None));
 }
+
+/// Burns `ms` milliseconds of this thread's CPU time.
+fn burn_cpu(ms: u64) {
+    let Some(clock) = tokio_pulse::clock::ThreadCpuClock::current() else {
+        std::thread::sleep(Duration::from_millis(ms));
+        return;
+    };
+    let start = clock.read_ns().unwrap_or(0);
+    while clock.read_ns().unwrap_or(u64::MAX) < start + ms * 1_000_000 {
+        std::hint::spin_loop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_isolation_a_cpu_hog_stops_at_yield_on_the_real_clocks() {
+    let mut p = PipelineBuilder::new("no-isolation");
+    let (sink, got) = sinks::collect();
+    p.source("src", sources::iter(0u64..48))
+        .map("hog", |x| {
+            burn_cpu(3);
+            x
+        })
+        .sink("out", sink);
+    let options = ExecutionOptions::default()
+        .with_batch_size(16)
+        .with_supervision(Supervision::NoIsolation);
+    let r = ExecutionEngine::new()
+        .run(p.build().expect("valid"), options)
+        .await;
+    assert!(r.success, "{:?}", r.error);
+    assert!(r.accounting.reconciles());
+    assert_eq!(got.len(), 48);
+    // Polls of 3 ms of CPU (and more): confirmed violations, so the hog climbs to Yield, the
+    // highest tier without isolation.
+    assert_eq!(r.stage("hog").and_then(|s| s.tier), Some(Tier::Yield));
+}

@@ -134,6 +134,11 @@ pub enum Supervision {
     /// One supervisor shared by the process, with the default configuration.
     #[default]
     Default,
+    /// One supervisor shared by the process whose tiers stop at Yield: stages are timed,
+    /// reported and made to yield, but never moved to the isolation runtime, whose threads
+    /// run at idle priority. For batch jobs that should get their fair share of a machine
+    /// shared with other processes (the `pulseflow` command's default).
+    NoIsolation,
     /// This supervisor.
     With(Supervisor),
     /// No supervision.
@@ -143,18 +148,32 @@ pub enum Supervision {
 impl Supervision {
     pub(crate) fn supervisor(&self) -> Option<Supervisor> {
         static SHARED: OnceLock<Option<Supervisor>> = OnceLock::new();
+        static SHARED_NO_ISOLATION: OnceLock<Option<Supervisor>> = OnceLock::new();
         match self {
             Supervision::Default => SHARED
-                .get_or_init(|| match Supervisor::new(SupervisorConfig::default()) {
-                    Ok(s) => Some(s),
-                    Err(error) => {
-                        tracing::warn!(%error, "Tokio-Pulse supervision unavailable; stages run unsupervised");
-                        None
-                    }
+                .get_or_init(|| shared_supervisor(SupervisorConfig::default()))
+                .clone(),
+            Supervision::NoIsolation => SHARED_NO_ISOLATION
+                .get_or_init(|| {
+                    let defaults = SupervisorConfig::default();
+                    shared_supervisor(SupervisorConfig {
+                        tiers: defaults.tiers.clone().with_priority_only_mode(),
+                        ..defaults
+                    })
                 })
                 .clone(),
             Supervision::With(s) => Some(s.clone()),
             Supervision::Off => None,
+        }
+    }
+}
+
+fn shared_supervisor(config: SupervisorConfig) -> Option<Supervisor> {
+    match Supervisor::new(config) {
+        Ok(s) => Some(s),
+        Err(error) => {
+            tracing::warn!(%error, "Tokio-Pulse supervision unavailable; stages run unsupervised");
+            None
         }
     }
 }
