@@ -92,6 +92,8 @@ const PUBLISH_MASK: u64 = 63;
 pub(crate) struct Watch {
     core: Arc<Core>,
     task: Arc<TaskShared>,
+    /// `task.id`, kept here so the hot path does not reach into the shared part.
+    id: u64,
     budget: TaskBudget,
     /// Raw clock reading at which to review the tier (u64::MAX at Monitor).
     review_at: u64,
@@ -108,6 +110,7 @@ impl Watch {
     pub(crate) fn new(core: Arc<Core>, task: Arc<TaskShared>) -> Self {
         let budget = TaskBudget::new(core.now_ns());
         Self {
+            id: task.id,
             core,
             task,
             budget,
@@ -134,7 +137,7 @@ impl Watch {
     }
 
     /// Polls `fut` once, timed, and decides what the task must do next.
-    #[inline]
+    #[inline(always)]
     fn poll<F: Future + ?Sized>(
         &mut self,
         fut: Pin<&mut F>,
@@ -148,9 +151,10 @@ impl Watch {
             return (fut.poll(cx), Action::Continue);
         };
         let core = &*self.core;
-        let guard = slot.enter(self.task.id);
+        let guard = slot.enter(self.id);
         let cpu_start = if self.cpu_timed {
-            slot.clock.and_then(|c| c.read_ns())
+            self.cpu_timed = false;
+            thread_cpu_ns(slot)
         } else {
             None
         };
@@ -158,12 +162,11 @@ impl Watch {
         let result = fut.poll(cx);
         let end = core.clock.raw();
         drop(guard);
-        let elapsed = end.wrapping_sub(start);
-        let over = elapsed > core.budget_ticks || end >= self.review_at;
-        self.cpu_timed = elapsed > core.suspect_ticks;
         self.polls += 1;
-        let action = if over {
-            self.slow_path(start, end, cpu_start)
+        // One comparison for the common case: a poll shorter than a quarter of the budget, and
+        // no review due.
+        let action = if end.wrapping_sub(start) > core.suspect_ticks || end >= self.review_at {
+            self.long_poll(start, end, cpu_start)
         } else {
             Action::Continue
         };
@@ -171,6 +174,20 @@ impl Watch {
             self.publish(start, end);
         }
         (result, action)
+    }
+
+    /// A poll over a quarter of the budget, or a review due: the next poll is CPU-timed, and
+    /// one over the budget (or the review) goes through the tier manager.
+    #[cold]
+    #[inline(never)]
+    fn long_poll(&mut self, start: u64, end: u64, cpu_start: Option<u64>) -> Action {
+        let elapsed = end.wrapping_sub(start);
+        self.cpu_timed = elapsed > self.core.suspect_ticks;
+        if elapsed > self.core.budget_ticks || end >= self.review_at {
+            self.slow_path(start, end, cpu_start)
+        } else {
+            Action::Continue
+        }
     }
 
     #[cold]
@@ -305,6 +322,13 @@ impl Drop for Watch {
         // Whether finished, cancelled or panicked: the task leaves its tier.
         self.core.task_gone(&self.task, self.budget.tier());
     }
+}
+
+/// The calling thread's CPU time, through its slot's clock (a syscall: off the common path).
+#[cold]
+#[inline(never)]
+fn thread_cpu_ns(slot: &WorkerSlot) -> Option<u64> {
+    slot.clock.and_then(|c| c.read_ns())
 }
 
 fn duration_ns(d: Duration) -> u64 {
