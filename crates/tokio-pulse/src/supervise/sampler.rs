@@ -48,7 +48,9 @@ fn sample(shared: &Shared) {
             continue;
         };
         let before = slot.last_cpu_ns.swap(now, Ordering::Relaxed);
-        slot.last_sample_raw.store(raw, Ordering::Relaxed);
+        // Published after the CPU reading: whoever sees this `raw` sees that reading or a later
+        // one, so a CPU share computed from the pair can only be underestimated.
+        slot.last_sample_raw.store(raw, Ordering::Release);
         let task = slot.current.load(Ordering::Relaxed);
         if task == 0 || now <= before {
             continue;

@@ -296,7 +296,9 @@ impl Watch {
         let Some(slot) = &self.slot else {
             return (wall_ns, false);
         };
-        let sample_raw = slot.last_sample_raw.load(Ordering::Relaxed);
+        // Acquire pairs with the sampler's Release: `cpu_then` is this sample's reading or a
+        // later one, never an earlier one (which would overstate the share).
+        let sample_raw = slot.last_sample_raw.load(Ordering::Acquire);
         let cpu_then = slot.last_cpu_ns.load(Ordering::Relaxed);
         let Some(cpu_now) = cpu_now else {
             return (wall_ns, false);
