@@ -122,7 +122,8 @@ async fn without_isolation_a_cpu_hog_stops_at_yield_on_the_real_clocks() {
     assert!(r.success, "{:?}", r.error);
     assert!(r.accounting.reconciles());
     assert_eq!(got.len(), 48);
-    // Polls of 3 ms of CPU (and more): confirmed violations, so the hog climbs to Yield, the
-    // highest tier without isolation.
-    assert_eq!(r.stage("hog").and_then(|s| s.tier), Some(Tier::Yield));
+    // Polls of 3 ms of CPU (and more): confirmed violations, so the hog climbs (to Yield on a
+    // quiet machine; a busy one spaces the polls out and scores decay), never to Isolate.
+    let tier = r.stage("hog").and_then(|s| s.tier);
+    assert!(matches!(tier, Some(Tier::Warn | Tier::Yield)), "{tier:?}");
 }
