@@ -10,9 +10,13 @@
 //! invalid UTF-8 replaced. Only the conversion is skipped.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use jaq_json::{Map, Num, Val};
+use parking_lot::Mutex;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
@@ -22,6 +26,94 @@ pub fn parse(text: &str) -> Result<Val, serde_json::Error> {
     let value = ValSeed.deserialize(&mut de)?;
     de.end()?;
     Ok(value)
+}
+
+/// Object keys up to this many bytes are interned.
+const INTERN_MAX_KEY: usize = 64;
+
+/// Bytes of interned keys at most, for the whole process: keys are leaked once and shared by
+/// every object that has them, so a file of ever-new keys costs at most this much.
+const INTERN_BUDGET: usize = 1 << 20;
+
+type KeySet = HashSet<&'static [u8], foldhash::fast::RandomState>;
+
+/// Every interned key, and their total size.
+static INTERNED: OnceLock<Mutex<(KeySet, usize)>> = OnceLock::new();
+
+thread_local! {
+    /// This thread's view of [`INTERNED`] (only keys found there), and whether the budget
+    /// was found spent (then keys missing here are copied without asking).
+    static LOCAL_KEYS: RefCell<(KeySet, bool)> = RefCell::new(Default::default());
+}
+
+/// The key `s` of a parsed object as shared, never freed bytes when it is short and the
+/// budget allows: most files repeat a few keys on every line, and a key that is interned
+/// costs no allocation (and no free) per object, and compares by address first.
+pub fn intern(s: &str) -> Bytes {
+    let s = s.as_bytes();
+    if s.len() > INTERN_MAX_KEY {
+        return Bytes::copy_from_slice(s);
+    }
+    let found = LOCAL_KEYS.with(|local| {
+        let Ok(mut local) = local.try_borrow_mut() else {
+            return None;
+        };
+        if let Some(k) = local.0.get(s) {
+            return Some(*k);
+        }
+        if local.1 {
+            return None;
+        }
+        let mut global = INTERNED.get_or_init(Default::default).lock();
+        let k = match global.0.get(s) {
+            Some(k) => *k,
+            None => {
+                if global.1 + s.len() > INTERN_BUDGET {
+                    local.1 = true;
+                    return None;
+                }
+                let k: &'static [u8] = Box::leak(s.to_vec().into_boxed_slice());
+                global.0.insert(k);
+                global.1 += k.len();
+                k
+            }
+        };
+        drop(global);
+        local.0.insert(k);
+        Some(k)
+    });
+    match found {
+        Some(k) => Bytes::from_static(k),
+        None => Bytes::copy_from_slice(s),
+    }
+}
+
+/// Reads an object key (always a string in JSON), interned.
+#[derive(Clone, Copy)]
+struct KeySeed;
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Val;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Val, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = Val;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Val, E> {
+        Ok(Val::utf8_str(intern(s)))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Val, E> {
+        Ok(Val::utf8_str(intern(&s)))
+    }
 }
 
 /// Builds jq values as `jaq_json`'s own `Deserialize` does, with objects allocated for a
@@ -91,7 +183,7 @@ impl<'de> Visitor<'de> for ValSeed {
     fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Val, A::Error> {
         let mut map =
             Map::with_capacity_and_hasher(entries.size_hint().unwrap_or(8), Default::default());
-        while let Some(k) = entries.next_key_seed(self)? {
+        while let Some(k) = entries.next_key_seed(KeySeed)? {
             let v = entries.next_value_seed(self)?;
             map.insert(k, v);
         }
