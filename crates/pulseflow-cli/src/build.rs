@@ -280,6 +280,7 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                 let s = p
                     .source(c.name.clone(), src)
                     .transform_with(format!("{}.decode", c.name), move || Decode { format });
+                let hint = hint.or_else(default_decode_parallelism);
                 outputs.push(("out".into(), with_policies(s, c, hint)));
             }
             (
@@ -439,6 +440,14 @@ fn with_policies<T: Send + 'static>(
         }
     }
     s
+}
+
+/// Decoding a file's lines (and the stages fused into it) is CPU-bound and stateless: without
+/// a `parallelism` policy, a file source decodes on one worker per core, in order, when the
+/// machine has more than one.
+fn default_decode_parallelism() -> Option<ParallelismHint> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores > 1).then_some(ParallelismHint::Fixed(cores))
 }
 
 fn sink_policies(s: pulseflow::builder::SinkHandle, c: &Component) {

@@ -26,6 +26,8 @@ pub struct JqProgram {
     filter: jaq_core::Filter<JustLut<Val>>,
     /// The same expression for the direct evaluator, when it handles it.
     fast: Option<crate::jq_fast::Fast>,
+    /// The entries of `fast` that may move their value out of a consumed input.
+    moves: Vec<bool>,
 }
 
 /// A jq expression that does not compile: what is wrong and where, as byte offsets in the
@@ -126,13 +128,22 @@ impl JqProgram {
                     .collect::<Vec<_>>()
             })?;
         let fast = crate::jq_fast::Fast::compile(code);
-        Ok(Self { filter, fast })
+        let moves = fast.as_ref().map(|f| f.movable()).unwrap_or_default();
+        Ok(Self {
+            filter,
+            fast,
+            moves,
+        })
     }
 
     /// Compiles `code` to run with jaq only (to compare the direct evaluator with).
     #[cfg(test)]
     pub fn compile_without_shortcut(code: &str) -> Result<Self, Vec<JqError>> {
-        Self::compile(code, true).map(|p| Self { fast: None, ..p })
+        Self::compile(code, true).map(|p| Self {
+            fast: None,
+            moves: Vec::new(),
+            ..p
+        })
     }
 
     /// The value of the direct evaluator, when it handles the expression and the input.
@@ -140,12 +151,27 @@ impl JqProgram {
         self.fast.as_ref().and_then(|f| f.eval(input))
     }
 
+    /// The value of the direct evaluator for an input that is dropped afterwards: values
+    /// only copied into the output are moved out of `input` instead. `None` (input untouched)
+    /// when the evaluator does not handle it: run [`JqProgram::run_jaq`] then.
+    pub fn direct_consuming(&self, input: &mut Val) -> Option<Val> {
+        self.fast
+            .as_ref()
+            .and_then(|f| f.eval_consuming(&self.moves, input))
+    }
+
     /// Runs the filter on `input`, calling `emit` for each output; stops at the first error.
-    pub fn run(&self, input: &Val, mut emit: impl FnMut(Val)) -> Result<(), JqRunError> {
+    pub fn run(&self, input: &Val, emit: impl FnMut(Val)) -> Result<(), JqRunError> {
         if let Some(v) = self.direct(input) {
+            let mut emit = emit;
             emit(v);
             return Ok(());
         }
+        self.run_jaq(input, emit)
+    }
+
+    /// Runs the filter with jaq itself (no direct evaluation).
+    pub fn run_jaq(&self, input: &Val, mut emit: impl FnMut(Val)) -> Result<(), JqRunError> {
         let input = input.clone();
         let ctx = Ctx::<JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
         for (n, out) in self

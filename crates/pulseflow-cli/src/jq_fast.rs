@@ -14,7 +14,7 @@ use jaq_core::load::parse::{BinaryOp, Term};
 use jaq_core::load::{Lexer, Parser};
 use jaq_core::ops::{Cmp, Math};
 use jaq_core::path::{Opt, Part};
-use jaq_json::{Map, Val};
+use jaq_json::{Map, Rc, Val};
 
 /// An expression the evaluator handles.
 #[derive(Debug, Clone)]
@@ -55,7 +55,38 @@ fn literal_str<'s>(term: &Term<&'s str>) -> Option<&'s str> {
 }
 
 fn key(s: &str) -> Val {
-    Val::utf8_str(s.to_owned().into_bytes())
+    // Interned like the keys of parsed objects, so looking a key up compares addresses first.
+    Val::utf8_str(crate::json::intern(s))
+}
+
+static NULL: Val = Val::Null;
+
+/// Whether two object keys are equal (`Val`'s equality: the bytes of two strings).
+fn same_key(a: &Val, b: &Val) -> bool {
+    match (a, b) {
+        (Val::TStr(x) | Val::BStr(x), Val::TStr(y) | Val::BStr(y)) => {
+            (x.as_ptr() == y.as_ptr() && x.len() == y.len()) || x[..] == y[..]
+        }
+        _ => a == b,
+    }
+}
+
+/// Objects with at most this many keys are searched in order instead of hashing the key.
+const SCAN: usize = 12;
+
+/// `.k` of `v` without cloning: its value, `null` when missing or when `v` is `null` (as
+/// `ValT::index`), `None` for the values jaq refuses to index with a string.
+fn field<'a>(v: &'a Val, k: &Val) -> Option<&'a Val> {
+    match v {
+        Val::Obj(o) if o.len() <= SCAN => Some(
+            o.iter()
+                .find(|(key, _)| same_key(key, k))
+                .map_or(&NULL, |(_, v)| v),
+        ),
+        Val::Obj(o) => Some(o.get(k).unwrap_or(&NULL)),
+        Val::Null => Some(&NULL),
+        _ => None,
+    }
 }
 
 fn from_term(term: &Term<&str>) -> Option<Fast> {
@@ -119,16 +150,138 @@ impl Fast {
         from_term(&term)
     }
 
+    /// Counts, for each key, the paths of the expression that start with it; `true` when the
+    /// expression reads the whole input (`.`).
+    fn reads(&self, counts: &mut Vec<(Val, usize)>) -> bool {
+        match self {
+            Fast::Path(keys) => match keys.first() {
+                None => true,
+                Some(k) => {
+                    match counts.iter_mut().find(|(c, _)| c == k) {
+                        Some((_, n)) => *n += 1,
+                        None => counts.push((k.clone(), 1)),
+                    }
+                    false
+                }
+            },
+            Fast::Lit(_) => false,
+            Fast::Math(l, _, r) | Fast::Cmp(l, _, r) => {
+                // Both sides, always.
+                let l = l.reads(counts);
+                r.reads(counts) || l
+            }
+            Fast::Obj(entries) => entries
+                .iter()
+                .fold(false, |whole, (_, f)| f.reads(counts) || whole),
+            Fast::Interpolate(pieces) => pieces.iter().fold(false, |whole, p| match p {
+                Piece::Text(_) => whole,
+                Piece::Value(f) => f.reads(counts) || whole,
+            }),
+        }
+    }
+
+    /// For an object construction, which of its entries may take their value out of the input
+    /// instead of copying it ([`Fast::eval_consuming`]): entries `k: .f` where nothing else in
+    /// the expression reads `.f` and the object has no repeated key. Empty otherwise.
+    pub fn movable(&self) -> Vec<bool> {
+        let Fast::Obj(entries) = self else {
+            return Vec::new();
+        };
+        let mut counts = Vec::new();
+        if self.reads(&mut counts) {
+            return Vec::new();
+        }
+        let distinct = entries
+            .iter()
+            .enumerate()
+            .all(|(i, (k, _))| entries[..i].iter().all(|(o, _)| o != k));
+        if !distinct {
+            return Vec::new();
+        }
+        let moves: Vec<bool> = entries
+            .iter()
+            .map(|(_, f)| match f {
+                Fast::Path(keys) => match keys.as_slice() {
+                    [k] => counts.iter().any(|(c, n)| c == k && *n == 1),
+                    _ => false,
+                },
+                _ => false,
+            })
+            .collect();
+        if moves.contains(&true) {
+            moves
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// As [`Fast::eval`], but the entries `moves` marks (from [`Fast::movable`]) take their
+    /// value out of `input` when nothing else holds it (leaving `null` there): for an input
+    /// that is dropped right after. `input` is left as it was when `None` is returned.
+    pub fn eval_consuming(&self, moves: &[bool], input: &mut Val) -> Option<Val> {
+        let Fast::Obj(entries) = self else {
+            return self.eval(input);
+        };
+        if moves.len() != entries.len() {
+            return self.eval(input);
+        }
+        let mut map = Map::with_capacity_and_hasher(entries.len(), Default::default());
+        for ((k, f), moved) in entries.iter().zip(moves) {
+            let v = if *moved { Val::Null } else { f.eval(input)? };
+            map.insert(k.clone(), v);
+        }
+        // The keys are distinct, so entry `i` is at index `i` of `map`.
+        let moved_keys =
+            entries
+                .iter()
+                .zip(moves)
+                .enumerate()
+                .filter_map(|(i, ((_, f), m))| match (m, f) {
+                    (true, Fast::Path(keys)) => keys.first().map(|k| (i, k)),
+                    _ => None,
+                });
+        match input {
+            // Every field of `null` is `null`, already in place.
+            Val::Null => {}
+            Val::Obj(o) => {
+                if Rc::get_mut(o).is_none() {
+                    // Shared: copy, as `eval` does.
+                    for (i, k) in moved_keys {
+                        if let (Some(v), Some((_, slot))) = (o.get(k), map.get_index_mut(i)) {
+                            *slot = v.clone();
+                        }
+                    }
+                } else if let Some(fields) = Rc::get_mut(o) {
+                    for (i, k) in moved_keys {
+                        let found = if fields.len() <= SCAN {
+                            fields
+                                .iter_mut()
+                                .find(|(key, _)| same_key(key, k))
+                                .map(|(_, v)| v)
+                        } else {
+                            fields.get_mut(k)
+                        };
+                        if let (Some(v), Some((_, slot))) = (found, map.get_index_mut(i)) {
+                            *slot = std::mem::take(v);
+                        }
+                    }
+                }
+            }
+            _ => return None,
+        }
+        Some(Val::obj(map))
+    }
+
     /// The one value the expression yields for `input`, or `None` when a primitive fails (run
     /// the expression with jaq then, for its error).
     pub fn eval(&self, input: &Val) -> Option<Val> {
         match self {
             Fast::Path(keys) => {
-                let mut v = input.clone();
+                let mut v = input;
                 for k in keys {
-                    v = v.index(k).ok()?;
+                    v = field(v, k)?;
                 }
-                Some(v)
+                Some(v.clone())
             }
             Fast::Lit(v) => Some(v.clone()),
             Fast::Math(l, op, r) => op.run(l.eval(input)?, r.eval(input)?).ok(),
@@ -232,6 +385,66 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn consuming_agrees_with_jaq_and_leaves_refused_inputs_alone() {
+        let programs = [
+            "{id, user, amount: (.amount * 2)}",
+            "{id, user: .user, again: .id}",
+            "{a: .n, b: .n.x}",
+            "{id, id: 3}",
+            "{whole: ., id}",
+            "{user, k: \"\\(.user)!\"}",
+            "{x: .amount, y: (.amount > 1)}",
+            "{n}",
+            ".user",
+        ];
+        for code in programs {
+            let fast = Fast::compile(code).unwrap_or_else(|| panic!("{code} not handled"));
+            let moves = fast.movable();
+            for input in inputs() {
+                let expected = jaq(code, &input);
+                // Owned by this test alone, so values move; and shared, so they are copied.
+                let mut owned = crate::json::parse(&input.to_string()).expect("json");
+                let mut shared = input.clone();
+                for (what, target) in [("owned", &mut owned), ("shared", &mut shared)] {
+                    match fast.eval_consuming(&moves, target) {
+                        Some(v) => assert_eq!(expected, Ok(vec![v]), "{code} on {input} ({what})"),
+                        None => {
+                            assert_eq!(*target, input, "{code} on {input} ({what}) changed");
+                            assert!(
+                                expected.is_err() || code.contains("\\("),
+                                "{code} on {input}: deferred but jaq gives {expected:?}"
+                            );
+                        }
+                    }
+                }
+                assert_eq!(shared, input, "{code}: a shared input changed");
+            }
+        }
+        let moves = |code: &str| Fast::compile(code).map(|f| f.movable());
+        assert_eq!(
+            moves("{id, user, amount: (.amount * 2)}"),
+            Some(vec![true, true, false])
+        );
+        assert_eq!(moves("{id, again: .id}"), Some(vec![]));
+        assert_eq!(moves("{whole: ., id}"), Some(vec![]));
+        assert_eq!(moves("{id, id: 3}"), Some(vec![]));
+        assert_eq!(moves("{a: .n, b: .n.x}"), Some(vec![]));
+    }
+
+    #[test]
+    fn interned_keys_are_found_by_address_or_bytes() {
+        let parsed = crate::json::parse(r#"{"id":1,"user":"u"}"#).expect("json");
+        let copied = Val::utf8_str(b"user".to_vec());
+        assert_eq!(field(&parsed, &key("user")), Some(&key("u")));
+        assert_eq!(field(&parsed, &copied), Some(&key("u")));
+        assert_eq!(field(&parsed, &key("none")), Some(&Val::Null));
+        assert_eq!(field(&Val::Null, &key("id")), Some(&Val::Null));
+        assert_eq!(field(&Val::Bool(true), &key("id")), None);
+        let long = "k".repeat(200);
+        assert_eq!(crate::json::intern(&long), bytes::Bytes::from(long.clone()));
     }
 
     #[test]

@@ -10,24 +10,159 @@
 //! invalid UTF-8 replaced. Only the conversion is skipped.
 
 use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use jaq_json::{Map, Num, Val};
+use parking_lot::Mutex;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
 /// Parses one JSON text into a jq value.
 pub fn parse(text: &str) -> Result<Val, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let value = ValSeed.deserialize(&mut de)?;
+    let value = ValSeed { depth: 0 }.deserialize(&mut de)?;
     de.end()?;
     Ok(value)
+}
+
+/// Object keys up to this many bytes are interned.
+const INTERN_MAX_KEY: usize = 64;
+
+/// Bytes of interned keys at most, for the whole process: keys are leaked once and shared by
+/// every object that has them, so a file of ever-new keys costs at most this much.
+const INTERN_BUDGET: usize = 1 << 20;
+
+type KeySet = HashSet<&'static [u8], foldhash::fast::RandomState>;
+
+/// Every interned key, and their total size.
+static INTERNED: OnceLock<Mutex<(KeySet, usize)>> = OnceLock::new();
+
+thread_local! {
+    /// This thread's view of [`INTERNED`] (only keys found there), and whether the budget
+    /// was found spent (then keys missing here are copied without asking).
+    static LOCAL_KEYS: RefCell<(KeySet, bool)> = RefCell::new(Default::default());
+}
+
+/// The key `s` of a parsed object as shared, never freed bytes when it is short and the
+/// budget allows: most files repeat a few keys on every line, and a key that is interned
+/// costs no allocation (and no free) per object, and compares by address first.
+pub fn intern(s: &str) -> Bytes {
+    match interned(s.as_bytes()) {
+        Some(k) => Bytes::from_static(k),
+        None => Bytes::copy_from_slice(s.as_bytes()),
+    }
+}
+
+/// The interned copy of `s`, `None` when it is too long or the budget is spent.
+fn interned(s: &[u8]) -> Option<&'static [u8]> {
+    if s.len() > INTERN_MAX_KEY {
+        return None;
+    }
+    LOCAL_KEYS.with(|local| {
+        let Ok(mut local) = local.try_borrow_mut() else {
+            return None;
+        };
+        if let Some(k) = local.0.get(s) {
+            return Some(*k);
+        }
+        if local.1 {
+            return None;
+        }
+        let mut global = INTERNED.get_or_init(Default::default).lock();
+        let k = match global.0.get(s) {
+            Some(k) => *k,
+            None => {
+                if global.1 + s.len() > INTERN_BUDGET {
+                    local.1 = true;
+                    return None;
+                }
+                let k: &'static [u8] = Box::leak(s.to_vec().into_boxed_slice());
+                global.0.insert(k);
+                global.1 += k.len();
+                k
+            }
+        };
+        drop(global);
+        local.0.insert(k);
+        Some(k)
+    })
+}
+
+/// Objects nested this deep, and keys this far into an object, have a slot in [`RECENT`].
+const RECENT_DEPTH: usize = 4;
+const RECENT_POSITIONS: usize = 16;
+
+thread_local! {
+    /// The interned key last read at each (depth, position) of an object: lines of a file
+    /// mostly repeat their keys in the same order, and comparing with the key read there last
+    /// time is cheaper than hashing it.
+    static RECENT: [Cell<&'static [u8]>; RECENT_DEPTH * RECENT_POSITIONS] =
+        const { [const { Cell::new(&[]) }; RECENT_DEPTH * RECENT_POSITIONS] };
+}
+
+/// [`intern`], first trying the key last read at the same place in an object (`slot`).
+fn intern_at(slot: Option<usize>, s: &str) -> Bytes {
+    let Some(slot) = slot else {
+        return intern(s);
+    };
+    let recent = RECENT.with(|r| r.get(slot).map(Cell::get));
+    if let Some(k) = recent.filter(|k| *k == s.as_bytes() && !k.is_empty()) {
+        return Bytes::from_static(k);
+    }
+    match interned(s.as_bytes()) {
+        Some(k) => {
+            RECENT.with(|r| {
+                if let Some(c) = r.get(slot) {
+                    c.set(k);
+                }
+            });
+            Bytes::from_static(k)
+        }
+        None => Bytes::copy_from_slice(s.as_bytes()),
+    }
+}
+
+/// Reads an object key (always a string in JSON), interned; `slot` is its place for
+/// [`RECENT`].
+#[derive(Clone, Copy)]
+struct KeySeed {
+    slot: Option<usize>,
+}
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Val;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Val, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = Val;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Val, E> {
+        Ok(Val::utf8_str(intern_at(self.slot, s)))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Val, E> {
+        Ok(Val::utf8_str(intern_at(self.slot, &s)))
+    }
 }
 
 /// Builds jq values as `jaq_json`'s own `Deserialize` does, with objects allocated for a
 /// few keys up front (most have several; growing from empty rehashes at 3 and 7).
 #[derive(Clone, Copy)]
-struct ValSeed;
+struct ValSeed {
+    /// How many objects and arrays enclose the value.
+    depth: usize,
+}
 
 impl<'de> DeserializeSeed<'de> for ValSeed {
     type Value = Val;
@@ -82,7 +217,10 @@ impl<'de> Visitor<'de> for ValSeed {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Val, A::Error> {
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(4));
-        while let Some(v) = seq.next_element_seed(self)? {
+        let inner = ValSeed {
+            depth: self.depth + 1,
+        };
+        while let Some(v) = seq.next_element_seed(inner)? {
             items.push(v);
         }
         Ok(Val::Arr(items.into()))
@@ -91,8 +229,18 @@ impl<'de> Visitor<'de> for ValSeed {
     fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Val, A::Error> {
         let mut map =
             Map::with_capacity_and_hasher(entries.size_hint().unwrap_or(8), Default::default());
-        while let Some(k) = entries.next_key_seed(self)? {
-            let v = entries.next_value_seed(self)?;
+        let inner = ValSeed {
+            depth: self.depth + 1,
+        };
+        let mut position = 0;
+        loop {
+            let slot = (self.depth < RECENT_DEPTH && position < RECENT_POSITIONS)
+                .then_some(self.depth * RECENT_POSITIONS + position);
+            position += 1;
+            let Some(k) = entries.next_key_seed(KeySeed { slot })? else {
+                break;
+            };
+            let v = entries.next_value_seed(inner)?;
             map.insert(k, v);
         }
         Ok(Val::obj(map))
@@ -236,6 +384,24 @@ mod tests {
         ] {
             let theirs: Val = serde_json::from_str(text).expect("json");
             assert_eq!(parse(text).expect("json"), theirs, "{text}");
+        }
+    }
+
+    #[test]
+    fn keys_read_at_remembered_places_are_the_keys_of_the_text() {
+        let long = "k".repeat(100);
+        let lines = [
+            r#"{"a":1,"b":{"a":2,"c":[{"a":3}]},"":0}"#.to_owned(),
+            r#"{"b":1,"a":{"c":2,"a":[{"b":3}]},"x":0}"#.to_owned(),
+            r#"{"a\u00e9":1,"b":2,"a":3}"#.to_owned(),
+            format!(r#"{{"{long}":1,"a":2}}"#),
+            r#"{"a":1,"b":{"a":2,"c":[{"a":3}]},"":0}"#.to_owned(),
+        ];
+        for _ in 0..2 {
+            for text in &lines {
+                let theirs: Val = serde_json::from_str(text).expect("json");
+                assert_eq!(parse(text).expect("json"), theirs, "{text}");
+            }
         }
     }
 

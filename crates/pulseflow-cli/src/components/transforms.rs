@@ -44,9 +44,15 @@ impl Transform for JqTransform {
                 Err(e) => return Err(ItemFailure::new(item, StageError::from_error(e))),
             },
             Mode::Map => {
+                let mut item = item;
+                // The item is dropped after this stage: its values may move into the output.
+                if let Some(v) = self.program.direct_consuming(&mut item.payload) {
+                    out.push(item.derive(v));
+                    return Ok(());
+                }
                 if let Err(e) = self
                     .program
-                    .run(&item.payload, |v| out.push(item.derive(v)))
+                    .run_jaq(&item.payload, |v| out.push(item.derive(v)))
                 {
                     return Err(ItemFailure::new(item, StageError::from_error(e)));
                 }
