@@ -339,27 +339,49 @@ fn tiny_budget_really_spills_and_reports_it() {
     assert!(s.metrics["spill.compression_ratio"] > 0.0);
 }
 
-#[tokio::test]
-async fn corrupt_spill_file_is_an_error_not_a_panic() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let spill_dir = dir.path().to_owned();
-    let first: Vec<(u32, u64)> = (0..50u32).map(|k| (k, 1)).collect();
-    let then: Vec<(u32, u64)> = (0..50u32).map(|k| (k, 2)).collect();
-    let corrupt_dir = spill_dir.clone();
-    // Between the two halves, overwrite every spill file with garbage.
-    let pause = futures::stream::once(async move {
+/// A stream element that yields nothing: it gives the stage time to work through what came
+/// before (200 ms), waits if need be until the spill files in `dir` hold data (at most a few
+/// seconds more), then overwrites every one of them with garbage.
+fn corrupt_spill_files(dir: std::path::PathBuf) -> impl futures::Stream<Item = (u32, u64)> {
+    futures::stream::once(async move {
+        let files = |dir: &std::path::Path| -> Vec<(std::path::PathBuf, u64)> {
+            std::fs::read_dir(dir)
+                .expect("spill dir")
+                .map(|e| {
+                    let path = e.expect("entry").path();
+                    let len = std::fs::metadata(&path).expect("meta").len();
+                    (path, len)
+                })
+                .collect()
+        };
         tokio::time::sleep(Duration::from_millis(200)).await;
-        for entry in std::fs::read_dir(&corrupt_dir).expect("spill dir") {
-            let path = entry.expect("entry").path();
-            let len = std::fs::metadata(&path).expect("meta").len() as usize;
-            std::fs::write(&path, vec![0xAB; len]).expect("overwrite");
+        for _ in 0..500 {
+            if files(&dir).iter().any(|(_, len)| *len > 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let on_disk = files(&dir);
+        assert!(
+            on_disk.iter().any(|(_, len)| *len > 0),
+            "nothing was spilled"
+        );
+        for (path, len) in on_disk {
+            std::fs::write(&path, vec![0xAB; len as usize]).expect("overwrite");
         }
     })
-    .filter_map(|()| async { None });
-    let items = futures::stream::iter(first)
-        .chain(pause)
-        .chain(futures::stream::iter(then));
-    let mut p = PipelineBuilder::new("corrupt");
+    .filter_map(|()| async { None })
+}
+
+/// Runs `items` into a count-and-sum accumulator that spills to `spill_dir` under `budget`
+/// bytes, dead-lettering errors; returns the result and the collected outputs.
+async fn run_spilling(
+    name: &str,
+    items: impl futures::Stream<Item = (u32, u64)> + Send + 'static,
+    spill_dir: &std::path::Path,
+    budget: u64,
+) -> (PipelineResult, Vec<(u32, u64, u64)>) {
+    let mut p = PipelineBuilder::new(name);
     let (sink, got) = sinks::collect();
     p.source("in", sources::stream(Box::pin(items)))
         .accumulate(
@@ -368,18 +390,31 @@ async fn corrupt_spill_file_is_an_error_not_a_panic() {
             AccumulatorPolicy::default()
                 .with_partial_flush(true)
                 .with_spill(true)
-                .with_spill_dir(&spill_dir),
+                .with_spill_dir(spill_dir),
         )
         .error_policy(ErrorPolicy::DeadLetter)
         .sink("out", sink);
     let options = ExecutionOptions::default()
         .with_batch_size(10)
-        .with_memory_budget(MemoryBudget::new(512));
+        .with_memory_budget(MemoryBudget::new(budget));
     let result = ExecutionEngine::new()
         .run(p.build().expect("valid"), options)
         .await;
     assert!(result.success, "{:?}", result.error);
     checked(&result);
+    (result, got.items())
+}
+
+#[tokio::test]
+async fn corrupt_spill_file_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first: Vec<(u32, u64)> = (0..50u32).map(|k| (k, 1)).collect();
+    let then: Vec<(u32, u64)> = (0..50u32).map(|k| (k, 2)).collect();
+    // Between the two halves, once spill files hold data, overwrite them with garbage.
+    let items = futures::stream::iter(first)
+        .chain(corrupt_spill_files(dir.path().to_owned()))
+        .chain(futures::stream::iter(then));
+    let (result, got) = run_spilling("corrupt", items, dir.path(), 512).await;
     assert!(!result.dead_letters.is_empty());
     let text = &result.dead_letters[0].error;
     assert!(text.contains("corrupt spill record for key"), "{text}");
@@ -441,42 +476,11 @@ async fn spilled_keys_expire_on_their_ttl() {
 #[tokio::test]
 async fn spill_file_corrupted_before_the_final_flush_loses_only_spilled_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let spill_dir = dir.path().to_owned();
-    let corrupt_dir = spill_dir.clone();
     let items: Vec<(u32, u64)> = (0..60u32).map(|k| (k, 1)).collect();
     // After the last item (and its spill round), overwrite the spill files; then the input
     // ends and the final flush reads the log.
-    let pause = futures::stream::once(async move {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        for entry in std::fs::read_dir(&corrupt_dir).expect("spill dir") {
-            let path = entry.expect("entry").path();
-            let len = std::fs::metadata(&path).expect("meta").len() as usize;
-            std::fs::write(&path, vec![0xAB; len]).expect("overwrite");
-        }
-    })
-    .filter_map(|()| async { None });
-    let stream = futures::stream::iter(items).chain(pause);
-    let mut p = PipelineBuilder::new("corrupt-at-close");
-    let (sink, got) = sinks::collect();
-    p.source("in", sources::stream(Box::pin(stream)))
-        .accumulate(
-            "sum",
-            CountSum { complete_at: 2 },
-            AccumulatorPolicy::default()
-                .with_partial_flush(true)
-                .with_spill(true)
-                .with_spill_dir(&spill_dir),
-        )
-        .error_policy(ErrorPolicy::DeadLetter)
-        .sink("out", sink);
-    let options = ExecutionOptions::default()
-        .with_batch_size(10)
-        .with_memory_budget(MemoryBudget::new(1024));
-    let result = ExecutionEngine::new()
-        .run(p.build().expect("valid"), options)
-        .await;
-    assert!(result.success, "{:?}", result.error);
-    checked(&result);
+    let stream = futures::stream::iter(items).chain(corrupt_spill_files(dir.path().to_owned()));
+    let (result, got) = run_spilling("corrupt-at-close", stream, dir.path(), 1024).await;
     let spills = stage(&result, "sum").metrics["spill.spills"] as usize;
     assert!(spills > 0);
     // Every spilled key is lost (one dead letter each), every resident key is emitted.
