@@ -89,6 +89,22 @@ fn mismatch(store: &str, i: usize) -> BoxError {
     format!("{store}: record {i} read back differs from what was written").into()
 }
 
+/// Times reading back the records `indices` with `matches`, which reads record `i` and says
+/// whether it is what was written; the first mismatch is an error.
+fn timed_reads(
+    store: &str,
+    indices: impl IntoIterator<Item = usize>,
+    mut matches: impl FnMut(usize) -> Result<bool, BoxError>,
+) -> Result<Duration, BoxError> {
+    let started = Instant::now();
+    for i in indices {
+        if !matches(i)? {
+            return Err(mismatch(store, i));
+        }
+    }
+    Ok(started.elapsed())
+}
+
 fn segment_log(r: &Records, mode: Compression) -> Result<Measured, BoxError> {
     let dir = fresh_dir("log")?;
     let mut store = SpillStore::open(Some(&dir))?;
@@ -105,22 +121,12 @@ fn segment_log(r: &Records, mode: Compression) -> Result<Measured, BoxError> {
     let write = started.elapsed();
     let disk_bytes = dir_bytes(&dir);
     let mut out = Vec::new();
-    let started = Instant::now();
-    for (i, at) in index.iter().enumerate() {
-        store.read(*at, &i, &mut out)?;
-        if out != r.get(i) {
-            return Err(mismatch("segment log", i));
-        }
-    }
-    let read_in_order = started.elapsed();
-    let started = Instant::now();
-    for &i in &r.sample {
+    let mut read = |i: usize| -> Result<bool, BoxError> {
         store.read(index[i], &i, &mut out)?;
-        if out != r.get(i) {
-            return Err(mismatch("segment log", i));
-        }
-    }
-    let read_random = started.elapsed();
+        Ok(out == r.get(i))
+    };
+    let read_in_order = timed_reads("segment log", 0..r.len(), &mut read)?;
+    let read_random = timed_reads("segment log", r.sample.iter().copied(), &mut read)?;
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Measured {
@@ -147,26 +153,12 @@ fn fjall_store(r: &Records) -> Result<Measured, BoxError> {
     }
     let write = started.elapsed();
     let disk_bytes = dir_bytes(&dir);
-    let started = Instant::now();
-    for i in 0..r.len() {
-        let got = part
-            .get((i as u32).to_be_bytes())?
-            .ok_or_else(|| mismatch("fjall", i))?;
-        if &*got != r.get(i) {
-            return Err(mismatch("fjall", i));
-        }
-    }
-    let read_in_order = started.elapsed();
-    let started = Instant::now();
-    for &i in &r.sample {
-        let got = part
-            .get((i as u32).to_be_bytes())?
-            .ok_or_else(|| mismatch("fjall", i))?;
-        if &*got != r.get(i) {
-            return Err(mismatch("fjall", i));
-        }
-    }
-    let read_random = started.elapsed();
+    let read = |i: usize| -> Result<bool, BoxError> {
+        let got = part.get((i as u32).to_be_bytes())?;
+        Ok(got.is_some_and(|got| &*got == r.get(i)))
+    };
+    let read_in_order = timed_reads("fjall", 0..r.len(), read)?;
+    let read_random = timed_reads("fjall", r.sample.iter().copied(), read)?;
     drop(part);
     drop(keyspace);
     let _ = std::fs::remove_dir_all(&dir);
@@ -201,22 +193,12 @@ fn redb_store(r: &Records) -> Result<Measured, BoxError> {
     let disk_bytes = dir_bytes(&dir);
     let txn = db.begin_read()?;
     let table = txn.open_table(SPILL)?;
-    let started = Instant::now();
-    for i in 0..r.len() {
-        let got = table.get(i as u32)?.ok_or_else(|| mismatch("redb", i))?;
-        if got.value() != r.get(i) {
-            return Err(mismatch("redb", i));
-        }
-    }
-    let read_in_order = started.elapsed();
-    let started = Instant::now();
-    for &i in &r.sample {
-        let got = table.get(i as u32)?.ok_or_else(|| mismatch("redb", i))?;
-        if got.value() != r.get(i) {
-            return Err(mismatch("redb", i));
-        }
-    }
-    let read_random = started.elapsed();
+    let read = |i: usize| -> Result<bool, BoxError> {
+        let got = table.get(i as u32)?;
+        Ok(got.is_some_and(|got| got.value() == r.get(i)))
+    };
+    let read_in_order = timed_reads("redb", 0..r.len(), read)?;
+    let read_random = timed_reads("redb", r.sample.iter().copied(), read)?;
     drop(table);
     drop(txn);
     drop(db);
