@@ -376,28 +376,13 @@ fn http_get(addr: &str, path: &str) -> String {
 
 #[test]
 fn admin_serves_health_stages_and_metrics() {
-    use std::io::BufRead;
     let tmp = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         tmp.path().join("p.toml"),
         "[sources.g]\ntype = \"generate\"\ncount = 60\nrate = 20.0\n[sinks.out]\ntype = \"blackhole\"\ninputs = [\"g\"]\n",
     )
     .expect("write");
-    let mut child = bin()
-        .args(["run", "--quiet", "--admin", "0", "p.toml"])
-        .current_dir(tmp.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let first = lines.next().expect("a line").expect("utf-8");
-    let addr = first
-        .strip_prefix("admin: http://")
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected: {first}"))
-        .to_owned();
+    let (mut child, addr) = run_with_admin(tmp.path(), "p.toml");
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
     assert!(http_get(&addr, "/health").ends_with("ok\n"));
     // The server starts just before the run does: poll until the stages show.
@@ -445,6 +430,8 @@ fn run_with_admin(dir: &Path, config: &str) -> (std::process::Child, String) {
         .and_then(|r| r.split_whitespace().next())
         .unwrap_or_else(|| panic!("unexpected: {first}"))
         .to_owned();
+    // Keep reading stderr, so the child never writes to a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     (child, addr)
 }
 
