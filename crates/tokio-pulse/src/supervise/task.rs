@@ -285,29 +285,22 @@ impl Watch {
     /// preemption in simulated time), and trivially where threads have no CPU clock at all.
     /// Reads the thread's CPU clock, so only on the slow path.
     fn measure(&self, start: u64, end: u64, wall_ns: u64, cpu_start: Option<u64>) -> (u64, bool) {
-        let clock = self.slot.as_ref().and_then(|s| s.clock);
-        if self.core.clock.is_manual() || clock.is_none() {
-            return (wall_ns, true);
-        }
-        let cpu_now = clock.and_then(|c| c.read_ns());
-        if let (Some(before), Some(now)) = (cpu_start, cpu_now) {
-            return (now.saturating_sub(before).min(wall_ns), true);
-        }
-        let Some(slot) = &self.slot else {
+        let slot = match self.slot.as_deref() {
+            Some(slot) if slot.clock.is_some() && !self.core.clock.is_manual() => slot,
+            _ => return (wall_ns, true),
+        };
+        let Some(cpu_now) = thread_cpu_ns(slot) else {
             return (wall_ns, false);
         };
+        if let Some(before) = cpu_start {
+            return (cpu_now.saturating_sub(before).min(wall_ns), true);
+        }
         // Acquire pairs with the sampler's Release: `cpu_then` is this sample's reading or a
         // later one, never an earlier one (which would overstate the share).
         let sample_raw = slot.last_sample_raw.load(Ordering::Acquire);
         let cpu_then = slot.last_cpu_ns.load(Ordering::Relaxed);
-        let Some(cpu_now) = cpu_now else {
-            return (wall_ns, false);
-        };
-        if sample_raw <= start || sample_raw >= end || cpu_now < cpu_then {
-            return (wall_ns, false);
-        }
         let window = self.core.clock.nanos_between(sample_raw, end);
-        if window == 0 {
+        if sample_raw <= start || sample_raw >= end || cpu_now < cpu_then || window == 0 {
             return (wall_ns, false);
         }
         let share = ((cpu_now - cpu_then) as f64 / window as f64).min(1.0);
