@@ -13,11 +13,20 @@
 //! - a component with several inputs merges them in `x.merge`;
 //! - an `accumulate` transform `x` evaluates its jq expressions in `x.eval` (where its
 //!   policies apply and failing items are dead-lettered) and accumulates in `x`.
+//!
+//! **Projection.** When the items of a JSON-lines source only ever meet `filter`, `route` and
+//! `map` components whose jq expressions read some top-level fields (and never the item as a
+//! whole), up to the `map`s that build new values from them, the source decodes each object
+//! to those fields alone ([`projection`]): the others are checked as JSON but not built.
+//! Results are the same, since those expressions cannot see the rest; an item dead-lettered
+//! by one of those components holds the fields read, and its record says `"projected":
+//! true`. `project = false` on the source turns this off.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use bytes::Bytes;
 use jaq_json::Val;
 use pulseflow::graph::{ChannelDescriptor, Edge, PipelineGraph, StageNode};
 use pulseflow::policy::{ChannelOrdering, ParallelismHint};
@@ -30,7 +39,7 @@ use crate::components::generate::Generate;
 use crate::components::lines::{Input, LineSource};
 use crate::components::sinks::{Blackhole, NdjsonSink};
 use crate::components::transforms::{Build, JqTransform, Mode};
-use crate::config::{Component, Config, Kind, ParallelismSetting, Problem, Problems, Role};
+use crate::config::{Component, Config, Format, Kind, ParallelismSetting, Problem, Problems, Role};
 
 /// Shared figures the running pipeline updates (bytes read by file sources).
 #[derive(Clone, Default)]
@@ -73,6 +82,85 @@ fn readers(config: &Config) -> BTreeMap<(String, String), Vec<String>> {
         }
     }
     map
+}
+
+/// What a source may decode its items to (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Projection {
+    /// The top-level fields read downstream, in order of first use.
+    pub fields: Vec<Bytes>,
+    /// The components that see the reduced items (filters, routes and maps).
+    pub stages: Vec<String>,
+}
+
+/// The projection of `source`'s items, when it is a JSON-lines source that allows it and
+/// every component its items reach reads only some of their top-level fields.
+pub fn projection(config: &Config, source: &Component) -> Option<Projection> {
+    match &source.kind {
+        Kind::FileSource {
+            format: Format::Ndjson,
+            project: true,
+            ..
+        }
+        | Kind::Stdin {
+            format: Format::Ndjson,
+            project: true,
+            ..
+        } => {}
+        _ => return None,
+    }
+    let readers = readers(config);
+    let mut fields: Vec<Bytes> = Vec::new();
+    let mut stages: Vec<String> = Vec::new();
+    let mut add = |read: Vec<Val>| {
+        for k in read {
+            let Val::TStr(b) = k else { return false };
+            if !fields.iter().any(|f| f[..] == b[..]) {
+                fields.push(Bytes::copy_from_slice(&b));
+            }
+        }
+        true
+    };
+    // Outputs whose items are the source's items, unchanged.
+    let mut todo = vec![(source.name.clone(), "out".to_owned())];
+    while let Some(output) = todo.pop() {
+        for name in readers.get(&output).into_iter().flatten() {
+            let c = config.component(name)?;
+            let read_only = match &c.kind {
+                Kind::Filter { condition } => {
+                    todo.push((name.clone(), "out".into()));
+                    condition.program.fields().is_some_and(&mut add)
+                }
+                // A map's outputs are new values, built from the fields it reads.
+                Kind::Map { jq } => jq.program.fields().is_some_and(&mut add),
+                Kind::Route { routes } => {
+                    todo.extend(routes.iter().map(|(r, _)| (name.clone(), r.clone())));
+                    todo.push((name.clone(), "_unmatched".into()));
+                    routes
+                        .iter()
+                        .all(|(_, jq)| jq.program.fields().is_some_and(&mut add))
+                }
+                _ => false,
+            };
+            if !read_only {
+                return None;
+            }
+            if !stages.contains(name) {
+                stages.push(name.clone());
+            }
+        }
+    }
+    Some(Projection { fields, stages })
+}
+
+/// Every component that sees reduced items, for the dead-letter records.
+pub fn projected_stages(config: &Config) -> Vec<String> {
+    config
+        .components
+        .iter()
+        .filter_map(|c| projection(config, c))
+        .flat_map(|p| p.stages)
+        .collect()
 }
 
 /// The components as an untyped graph, for the engine's validation.
@@ -266,6 +354,7 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                     paths,
                     format,
                     max_line_bytes,
+                    ..
                 },
                 _,
             ) => {
@@ -276,10 +365,9 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                     *max_line_bytes,
                     progress.bytes.clone(),
                 );
-                let format = *format;
                 let s = p
                     .source(c.name.clone(), src)
-                    .transform_with(format!("{}.decode", c.name), move || Decode { format });
+                    .transform_with(format!("{}.decode", c.name), decoder(config, c, *format));
                 let hint = hint.or_else(default_decode_parallelism);
                 outputs.push(("out".into(), with_policies(s, c, hint)));
             }
@@ -287,6 +375,7 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                 Kind::Stdin {
                     format,
                     max_line_bytes,
+                    ..
                 },
                 _,
             ) => {
@@ -297,10 +386,9 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                     *max_line_bytes,
                     Arc::new(AtomicU64::new(0)),
                 );
-                let format = *format;
                 let s = p
                     .source(c.name.clone(), src)
-                    .transform_with(format!("{}.decode", c.name), move || Decode { format });
+                    .transform_with(format!("{}.decode", c.name), decoder(config, c, *format));
                 outputs.push(("out".into(), with_policies(s, c, hint)));
             }
             (Kind::Generate { count, rate, jq }, _) => {
@@ -414,6 +502,15 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
     }
 }
 
+/// Makes the decoding stage of a line source (`Decode` for each worker).
+fn decoder(config: &Config, source: &Component, format: Format) -> impl Fn() -> Decode + use<> {
+    let fields: Option<Arc<[Bytes]>> = projection(config, source).map(|p| p.fields.into());
+    move || Decode {
+        format,
+        fields: fields.clone(),
+    }
+}
+
 fn with_policies<T: Send + 'static>(
     s: Stream<T>,
     c: &Component,
@@ -492,4 +589,111 @@ fn topological(config: &Config) -> Vec<&Component> {
         }
     }
     order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        let parsed = crate::config::parse("test.toml", Arc::new(text.to_owned()), ".".as_ref());
+        match parsed {
+            Ok(c) => c,
+            Err(problems) => panic!("config refused: {}", problems.len()),
+        }
+    }
+
+    /// The projection of source `lines`, as field names.
+    fn fields(text: &str) -> Option<(Vec<String>, Vec<String>)> {
+        let config = config(text);
+        let source = config.component("lines").expect("source");
+        projection(&config, source).map(|p| {
+            let names = p
+                .fields
+                .iter()
+                .map(|f| String::from_utf8_lossy(f).into_owned())
+                .collect();
+            (names, p.stages)
+        })
+    }
+
+    const SOURCE: &str = "[sources.lines]\ntype = \"stdin\"\n";
+
+    #[test]
+    fn filters_and_maps_reading_fields_project_their_source() {
+        let text = format!(
+            "{SOURCE}\
+             [transforms.keep]\ntype = \"filter\"\ninputs = [\"lines\"]\ncondition = \".ok and true\"\n\
+             [transforms.keep2]\ntype = \"filter\"\ninputs = [\"keep\"]\ncondition = \".n.m > 1\"\n\
+             [transforms.shape]\ntype = \"map\"\ninputs = [\"keep2\"]\njq = \"{{id, v: (.n.x * 2)}}\"\n\
+             [sinks.out]\ntype = \"stdout\"\ninputs = [\"shape\"]\n"
+        );
+        // `.ok and true` is not one the direct evaluator handles: nothing is projected.
+        assert_eq!(fields(&text), None);
+        let text = text.replace(".ok and true", ".ok");
+        assert_eq!(
+            fields(&text),
+            Some((
+                vec!["ok".into(), "n".into(), "id".into()],
+                vec!["keep".into(), "keep2".into(), "shape".into()]
+            ))
+        );
+        let off = text.replace("type = \"stdin\"\n", "type = \"stdin\"\nproject = false\n");
+        assert_eq!(fields(&off), None);
+    }
+
+    #[test]
+    fn items_reaching_a_sink_or_read_whole_are_not_projected() {
+        let filter_to_sink = format!(
+            "{SOURCE}\
+             [transforms.keep]\ntype = \"filter\"\ninputs = [\"lines\"]\ncondition = \".ok\"\n\
+             [sinks.out]\ntype = \"stdout\"\ninputs = [\"keep\"]\n"
+        );
+        assert_eq!(fields(&filter_to_sink), None);
+        let whole = format!(
+            "{SOURCE}\
+             [transforms.shape]\ntype = \"map\"\ninputs = [\"lines\"]\njq = \"{{all: .}}\"\n\
+             [sinks.out]\ntype = \"stdout\"\ninputs = [\"shape\"]\n"
+        );
+        assert_eq!(fields(&whole), None);
+        // One reader of a fanned-out output takes the items whole.
+        let fanout = format!(
+            "{SOURCE}\
+             [transforms.shape]\ntype = \"map\"\ninputs = [\"lines\"]\njq = \".a\"\n\
+             [sinks.out]\ntype = \"stdout\"\ninputs = [\"shape\"]\n\
+             [sinks.raw]\ntype = \"blackhole\"\ninputs = [\"lines\"]\n"
+        );
+        assert_eq!(fields(&fanout), None);
+        let csv = format!(
+            "{SOURCE}format = \"csv\"\n\
+             [transforms.shape]\ntype = \"map\"\ninputs = [\"lines\"]\njq = \".a\"\n\
+             [sinks.out]\ntype = \"stdout\"\ninputs = [\"shape\"]\n"
+        );
+        assert_eq!(fields(&csv), None);
+    }
+
+    #[test]
+    fn routes_project_through_every_output() {
+        let text = format!(
+            "{SOURCE}\
+             [transforms.split]\ntype = \"route\"\ninputs = [\"lines\"]\n\
+             routes.big = \".size > 10\"\nroutes.small = \".size < 3\"\n\
+             [transforms.big]\ntype = \"map\"\ninputs = [\"split.big\"]\njq = \"{{id}}\"\n\
+             [transforms.small]\ntype = \"map\"\ninputs = [\"split.small\"]\njq = \".name\"\n\
+             [transforms.rest]\ntype = \"map\"\ninputs = [\"split._unmatched\"]\njq = \"{{id, kind: \\\"other\\\"}}\"\n\
+             [sinks.out]\ntype = \"stdout\"\ninputs = [\"big\", \"small\", \"rest\"]\n"
+        );
+        let (names, stages) = fields(&text).expect("projected");
+        let mut names = names;
+        names.sort();
+        assert_eq!(names, ["id", "name", "size"]);
+        assert!(stages.contains(&"split".to_owned()) && stages.contains(&"rest".to_owned()));
+        // The unmatched items going straight to a sink need all their fields.
+        let text = text.replace(
+            "inputs = [\"big\", \"small\", \"rest\"]",
+            "inputs = [\"big\", \"small\", \"split._unmatched\"]",
+        );
+        let text = text.replace("[transforms.rest]", "[transforms.unused_rest]");
+        assert_eq!(fields(&text), None);
+    }
 }

@@ -146,6 +146,14 @@ impl JqProgram {
         })
     }
 
+    /// The top-level fields of its input the filter reads, when that is all it reads: the
+    /// direct evaluator handles the whole expression and it never uses the input as a whole
+    /// (`.`). Its results then depend on those fields alone (and on whether the input is an
+    /// object), so an object reduced to them gives the same results, errors included.
+    pub fn fields(&self) -> Option<Vec<Val>> {
+        self.fast.as_ref().and_then(crate::jq_fast::Fast::fields)
+    }
+
     /// The value of the direct evaluator, when it handles the expression and the input.
     fn direct(&self, input: &Val) -> Option<Val> {
         self.fast.as_ref().and_then(|f| f.eval(input))

@@ -180,6 +180,16 @@ impl Fast {
         }
     }
 
+    /// The top-level fields of the input the expression reads (`.a.b` reads `a`), in order of
+    /// first use; `None` when it reads the input as a whole (`.`).
+    pub fn fields(&self) -> Option<Vec<Val>> {
+        let mut counts = Vec::new();
+        if self.reads(&mut counts) {
+            return None;
+        }
+        Some(counts.into_iter().map(|(k, _)| k).collect())
+    }
+
     /// For an object construction, which of its entries may take their value out of the input
     /// instead of copying it ([`Fast::eval_consuming`]): entries `k: .f` where nothing else in
     /// the expression reads `.f` and the object has no repeated key. Empty otherwise.

@@ -28,6 +28,135 @@ pub fn parse(text: &str) -> Result<Val, serde_json::Error> {
     Ok(value)
 }
 
+/// Parses one JSON text into a jq value keeping, when it is an object, only the entries whose
+/// keys are in `fields`: the others are checked as JSON and skipped without being built (see
+/// [`crate::build`]'s projection). Any other text parses as with [`parse`].
+pub fn parse_projected(text: &str, fields: &[Bytes]) -> Result<Val, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = Projected { fields }.deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// A top-level object reduced to some of its keys; everything else as [`ValSeed`] reads it.
+#[derive(Clone, Copy)]
+struct Projected<'f> {
+    fields: &'f [Bytes],
+}
+
+/// An object key: `Some` (interned) when it is one of the wanted fields.
+#[derive(Clone, Copy)]
+struct WantedKey<'f> {
+    fields: &'f [Bytes],
+    slot: Option<usize>,
+}
+
+impl<'de> DeserializeSeed<'de> for WantedKey<'_> {
+    type Value = Option<Val>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Val>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for WantedKey<'_> {
+    type Value = Option<Val>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Option<Val>, E> {
+        Ok(self
+            .fields
+            .iter()
+            .any(|f| f[..] == *s.as_bytes())
+            .then(|| Val::utf8_str(intern_at(self.slot, s))))
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Projected<'_> {
+    type Value = Val;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Val, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Projected<'_> {
+    type Value = Val;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Val, E> {
+        TOP.visit_bool(b)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, i: i64) -> Result<Val, E> {
+        TOP.visit_i64(i)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, u: u64) -> Result<Val, E> {
+        TOP.visit_u64(u)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, f: f64) -> Result<Val, E> {
+        TOP.visit_f64(f)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Val, E> {
+        TOP.visit_str(s)
+    }
+
+    fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Val, E> {
+        TOP.visit_string(s)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Val, E> {
+        TOP.visit_unit()
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Val, E> {
+        TOP.visit_none()
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Val, D::Error> {
+        self.deserialize(d)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Val, A::Error> {
+        TOP.visit_seq(seq)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Val, A::Error> {
+        let mut map = Map::with_capacity_and_hasher(self.fields.len(), Default::default());
+        let inner = ValSeed { depth: 1 };
+        for position in 0.. {
+            let slot = (position < RECENT_POSITIONS).then_some(position);
+            let key = WantedKey {
+                fields: self.fields,
+                slot,
+            };
+            match entries.next_key_seed(key)? {
+                None => break,
+                Some(Some(k)) => {
+                    let v = entries.next_value_seed(inner)?;
+                    map.insert(k, v);
+                }
+                Some(None) => {
+                    entries.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Val::obj(map))
+    }
+}
+
+/// How a top-level value is read.
+const TOP: ValSeed = ValSeed { depth: 0 };
+
 /// Object keys up to this many bytes are interned.
 const INTERN_MAX_KEY: usize = 64;
 
@@ -402,6 +531,48 @@ mod tests {
                 let theirs: Val = serde_json::from_str(text).expect("json");
                 assert_eq!(parse(text).expect("json"), theirs, "{text}");
             }
+        }
+    }
+
+    #[test]
+    fn projection_keeps_the_wanted_top_level_fields_only() {
+        let fields = [Bytes::from_static(b"a"), Bytes::from_static(b"user")];
+        let cases = [
+            // Unwanted fields are skipped whatever they hold; nested objects stay whole.
+            (
+                r#"{"x":[1,{"a":2}],"a":{"b":1,"c":[true]},"n":"skip \" me","us\u0065r":"u"}"#,
+                r#"{"a":{"b":1,"c":[true]},"user":"u"}"#,
+            ),
+            // The later of two equal keys wins, as in a full parse.
+            (r#"{"a":1,"z":0,"a":2}"#, r#"{"a":2}"#),
+            (r#"{"z":1}"#, "{}"),
+            // Anything but an object is read whole.
+            (r#"[{"z":1},2]"#, r#"[{"z":1},2]"#),
+            (r#""text""#, r#""text""#),
+            ("17", "17"),
+        ];
+        for _ in 0..2 {
+            for (text, want) in cases {
+                let want: Val = serde_json::from_str(want).expect("json");
+                assert_eq!(parse_projected(text, &fields).expect(text), want, "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn projection_refuses_what_a_full_parse_refuses() {
+        let fields = [Bytes::from_static(b"a")];
+        for text in [
+            r#"{"a":1,"z":[1,}"#,
+            r#"{"z":tru,"a":1}"#,
+            r#"{"z":"\q","a":1}"#,
+            r#"{"a":1} x"#,
+            r#"{"a":1,"z":}"#,
+        ] {
+            let ours = parse_projected(text, &fields).err().map(|e| e.to_string());
+            let full = parse(text).err().map(|e| e.to_string());
+            assert!(ours.is_some(), "{text} accepted");
+            assert_eq!(ours, full, "{text}");
         }
     }
 

@@ -228,8 +228,9 @@ async fn run(
         options = options.with_batch_size(n);
     }
     let mut dead_letters = None;
+    let projected = build::projected_stages(&config);
     if let Some(target) = &config.dead_letter {
-        match components::dead_letter::DeadLetterWriter::start(target) {
+        match components::dead_letter::DeadLetterWriter::start(target, projected.clone()) {
             Ok((writer, handle)) => {
                 options = options.with_dead_letter_sink(writer);
                 dead_letters = Some(handle);
@@ -311,7 +312,7 @@ async fn run(
         let n = result.dead_letters.len() as u64 + result.dead_letters_not_kept;
         eprintln!("{n} items dead-lettered (add a [dead_letter] sink to keep them); first:");
         for letter in result.dead_letters.iter().take(5) {
-            eprintln!("  {}", components::dead_letter::record(letter));
+            eprintln!("  {}", components::dead_letter::record(letter, &projected));
         }
     }
     if let Some(e) = &result.error {

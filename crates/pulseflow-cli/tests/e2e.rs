@@ -577,3 +577,63 @@ inputs = ["acc"]
     assert_eq!(code, Some(2));
     insta::assert_snapshot!(err);
 }
+
+/// A file source whose items only meet a filter and a map reading some fields decodes only
+/// those: the output is the same as with whole items (`project = false`), and an item
+/// dead-lettered by the map holds the fields read and says so.
+#[test]
+fn projection_gives_the_same_output_and_marks_dead_letters() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut input = String::new();
+    for i in 0..3_000u32 {
+        let amount = if i == 1_234 {
+            "\"lots\"".to_owned()
+        } else {
+            (i % 97).to_string()
+        };
+        input.push_str(&format!(
+            "{{\"id\":{i},\"tags\":[\"a\",{{\"b\":null}}],\"amount\":{amount},\"ok\":{},\
+             \"note\":\"esc \\\" \\u00e9\",\"user\":{{\"name\":\"u{}\"}}}}\n",
+            i % 3 != 0,
+            i % 10
+        ));
+    }
+    std::fs::write(tmp.path().join("in.ndjson"), input).expect("write");
+    let config = |project: bool| {
+        format!(
+            "[dead_letter]\ntype = \"file\"\npath = \"dead-{project}.ndjson\"\n\
+             [sources.in]\ntype = \"file\"\npath = \"in.ndjson\"\nproject = {project}\n\
+             [transforms.keep]\ntype = \"filter\"\ninputs = [\"in\"]\ncondition = \".ok\"\n\
+             [transforms.shape]\ntype = \"map\"\ninputs = [\"keep\"]\n\
+             jq = \"{{id, name: .user.name, less: (.amount - 1)}}\"\n\
+             [sinks.out]\ntype = \"file\"\ninputs = [\"shape\"]\npath = \"out-{project}.ndjson\"\n"
+        )
+    };
+    for project in [true, false] {
+        let name = format!("p-{project}.toml");
+        std::fs::write(tmp.path().join(&name), config(project)).expect("write");
+        let out = run_in(tmp.path(), &["run", "--quiet", &name]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    let projected = read(&tmp.path().join("out-true.ndjson"));
+    assert_eq!(projected, read(&tmp.path().join("out-false.ndjson")));
+    assert_eq!(projected.lines().count(), 1_999);
+    assert_eq!(
+        projected.lines().nth(1),
+        Some(r#"{"id":2,"less":1,"name":"u2"}"#)
+    );
+    let dead = |project: bool| -> serde_json::Value {
+        let text = read(&tmp.path().join(format!("dead-{project}.ndjson")));
+        serde_json::from_str(text.trim()).expect("one record")
+    };
+    let (reduced, whole) = (dead(true), dead(false));
+    assert_eq!(reduced["stage"], "shape");
+    assert_eq!(reduced["error"], whole["error"]);
+    assert_eq!(reduced["projected"], true);
+    assert_eq!(
+        reduced["item"],
+        serde_json::json!({"id": 1234, "ok": true, "amount": "lots", "user": {"name": "u4"}})
+    );
+    assert!(whole.get("projected").is_none());
+    assert_eq!(whole["item"]["note"], "esc \" é");
+}

@@ -3,7 +3,8 @@
 //!
 //! A malformed input line: `{"kind": "malformed_input", "stage", "file", "line", "error",
 //! "raw", "attempts"}`. A failed item: `{"kind": "failed_item", "stage", "error", "attempts",
-//! "seq", "item"}`.
+//! "seq", "item"}`, plus `"projected": true` when the item was decoded to only the fields the
+//! pipeline reads (see [`crate::build`]).
 
 use std::io::Write;
 use std::sync::mpsc;
@@ -24,6 +25,8 @@ enum Msg {
 /// Sends dead letters to their writer thread.
 pub struct DeadLetterWriter {
     tx: Mutex<mpsc::Sender<Msg>>,
+    /// The stages whose items are projected.
+    projected: Vec<String>,
 }
 
 /// Waits for the writer thread to finish.
@@ -32,8 +35,9 @@ pub struct DeadLetterHandle {
     thread: Option<JoinHandle<std::io::Result<u64>>>,
 }
 
-/// The record written for a dead letter.
-pub fn record(letter: &DeadLetter) -> Value {
+/// The record written for a dead letter; `projected` are the stages whose items were decoded
+/// to some of their fields.
+pub fn record(letter: &DeadLetter, projected: &[String]) -> Value {
     if let Some(line) = letter.payload::<RawLine>() {
         json!({
             "kind": "malformed_input",
@@ -50,20 +54,27 @@ pub fn record(letter: &DeadLetter) -> Value {
             .map(|v| crate::jq::from_val(v.clone()))
             .or_else(|| letter.payload::<u64>().map(|i| Value::from(*i)))
             .unwrap_or(Value::Null);
-        json!({
+        let mut record = json!({
             "kind": "failed_item",
             "stage": letter.stage,
             "error": letter.error,
             "attempts": letter.attempts,
             "seq": letter.seq,
             "item": item,
-        })
+        });
+        if projected.contains(&letter.stage) {
+            record["projected"] = Value::Bool(true);
+        }
+        record
     }
 }
 
 impl DeadLetterWriter {
-    /// Opens the target and starts the writer thread.
-    pub fn start(target: &DeadLetterTarget) -> std::io::Result<(Self, DeadLetterHandle)> {
+    /// Opens the target and starts the writer thread; `projected` as for [`record`].
+    pub fn start(
+        target: &DeadLetterTarget,
+        projected: Vec<String>,
+    ) -> std::io::Result<(Self, DeadLetterHandle)> {
         let mut out: Box<dyn Write + Send> = match target {
             DeadLetterTarget::File { path, append } => Box::new({
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -94,6 +105,7 @@ impl DeadLetterWriter {
         Ok((
             Self {
                 tx: Mutex::new(tx.clone()),
+                projected,
             },
             DeadLetterHandle {
                 tx,
@@ -105,7 +117,7 @@ impl DeadLetterWriter {
 
 impl pulseflow::engine::DeadLetterSink for DeadLetterWriter {
     fn accept(&self, letter: DeadLetter) {
-        let mut line = serde_json::to_vec(&record(&letter)).unwrap_or_default();
+        let mut line = serde_json::to_vec(&record(&letter, &self.projected)).unwrap_or_default();
         line.push(b'\n');
         let _ = self.tx.lock().send(Msg::Line(line));
     }

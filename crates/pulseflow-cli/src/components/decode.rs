@@ -1,7 +1,14 @@
 //! The decoding stage after a line source: a line becomes a jq value (parsed straight from
 //! its JSON text), or a failure that names the file and line (dead-lettered with the raw text
 //! under the default policy).
+//!
+//! When every stage downstream reads only some top-level fields of the items, the build
+//! gives the stage those fields ([`Decode::fields`]) and JSON objects are decoded to them
+//! alone ([`crate::json::parse_projected`]).
 
+use std::sync::Arc;
+
+use bytes::Bytes;
 use jaq_json::Val;
 use pulseflow::prelude::*;
 
@@ -13,15 +20,21 @@ use crate::config::Format;
 pub struct Decode {
     /// The format of the lines.
     pub format: Format,
+    /// For JSON lines: the only top-level fields to keep, when downstream reads no others.
+    pub fields: Option<Arc<[Bytes]>>,
 }
 
-fn decode(format: Format, line: &RawLine) -> Result<Val, String> {
+fn decode(format: Format, fields: Option<&[Bytes]>, line: &RawLine) -> Result<Val, String> {
     if let Some(p) = &line.problem {
         return Err(p.clone());
     }
     match format {
         Format::Lines => Ok(Val::utf8_str(line.text.clone().into_bytes())),
-        Format::Ndjson => crate::json::parse(&line.text).map_err(|e| format!("invalid JSON: {e}")),
+        Format::Ndjson => match fields {
+            Some(fields) => crate::json::parse_projected(&line.text, fields),
+            None => crate::json::parse(&line.text),
+        }
+        .map_err(|e| format!("invalid JSON: {e}")),
         Format::Csv => {
             let fields = super::csv::split(&line.text).map_err(|e| format!("invalid CSV: {e}"))?;
             let headers = line
@@ -55,7 +68,7 @@ impl Transform for Decode {
         item: Envelope<RawLine>,
         out: &mut Vec<Envelope<Val>>,
     ) -> Result<(), ItemFailure<RawLine>> {
-        match decode(self.format, &item.payload) {
+        match decode(self.format, self.fields.as_deref(), &item.payload) {
             Ok(v) => {
                 out.push(item.derive(v));
                 Ok(())

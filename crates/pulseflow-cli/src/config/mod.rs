@@ -90,10 +90,14 @@ pub enum Kind {
         paths: Vec<PathBuf>,
         format: Format,
         max_line_bytes: usize,
+        /// Whether JSON lines may be decoded to only the fields downstream stages read.
+        project: bool,
     },
     Stdin {
         format: Format,
         max_line_bytes: usize,
+        /// As for `FileSource`.
+        project: bool,
     },
     Generate {
         count: Option<u64>,
@@ -172,6 +176,8 @@ struct FileSourceCfg {
     format: Option<Format>,
     #[serde(default)]
     max_line_bytes: Option<usize>,
+    #[serde(default)]
+    project: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -181,6 +187,8 @@ struct StdinCfg {
     format: Option<Format>,
     #[serde(default)]
     max_line_bytes: Option<usize>,
+    #[serde(default)]
+    project: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -237,8 +245,8 @@ struct DeadLetterCfg {
 /// The keys each component type accepts besides `type`, `inputs` and the policies.
 fn specific_keys(role: Role, ty: &str) -> &'static [&'static str] {
     match (role, ty) {
-        (Role::Source, "file") => &["path", "format", "max_line_bytes"],
-        (Role::Source, "stdin") => &["format", "max_line_bytes"],
+        (Role::Source, "file") => &["path", "format", "max_line_bytes", "project"],
+        (Role::Source, "stdin") => &["format", "max_line_bytes", "project"],
         (Role::Source, "generate") => &["count", "rate", "jq"],
         (Role::Transform, "filter") => &["condition"],
         (Role::Transform, "map") => &["jq"],
@@ -694,6 +702,7 @@ fn read_component(
                     paths,
                     format,
                     max_line_bytes: c.max_line_bytes.unwrap_or(DEFAULT_MAX_LINE_BYTES),
+                    project: c.project.unwrap_or(true),
                 })
             }
             Err(e) => fail(e, problems),
@@ -702,6 +711,7 @@ fn read_component(
             Ok(c) => Some(Kind::Stdin {
                 format: c.format.unwrap_or(Format::Ndjson),
                 max_line_bytes: c.max_line_bytes.unwrap_or(DEFAULT_MAX_LINE_BYTES),
+                project: c.project.unwrap_or(true),
             }),
             Err(e) => fail(e, problems),
         },
