@@ -1,6 +1,18 @@
 //! The output of a scenario: a readable table, then one JSON object on the last line.
 
+use std::time::Duration;
+
 use serde_json::Value;
+
+/// The median of some timings (of an even count, the upper of the middle two).
+///
+/// # Panics
+///
+/// When `v` is empty.
+pub fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
 
 /// What a scenario measured.
 pub struct Report {

@@ -10,6 +10,7 @@
 //! Exit status: 0 on success, 1 when the pipeline failed, 2 for an invalid config.
 
 mod admin;
+mod alloc;
 mod build;
 mod components;
 mod config;
@@ -113,15 +114,11 @@ enum GraphFormat {
     Mermaid,
 }
 
-/// Items are many small values allocated on one worker thread and freed on another; glibc's
-/// allocator spends more time on that than the jq stages spend on the items (issue #6).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const EXIT_FAILED: u8 = 1;
 const EXIT_INVALID: u8 = 2;
 
 fn main() -> ExitCode {
+    alloc::tune();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -11,7 +11,7 @@ use pulseflow::prelude::*;
 use serde_json::json;
 
 use crate::CommonOpts;
-use crate::report::{Report, peak_rss_kib, per_sec, reset_peak_rss};
+use crate::report::{Report, median, peak_rss_kib, per_sec, reset_peak_rss};
 
 const BATCH: usize = 256;
 
@@ -141,11 +141,6 @@ async fn run_case(
         peak_in_flight: edge_peak.max(controller_peak),
         delivered: result.accounting.delivered,
     })
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort_unstable();
-    v[v.len() / 2]
 }
 
 /// Runs the scenario.

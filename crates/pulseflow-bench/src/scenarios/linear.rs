@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::CommonOpts;
-use crate::report::{Report, per_sec};
+use crate::report::{Report, median, per_sec};
 
 const BATCH: usize = 1024;
 const CHANNEL_MESSAGES: usize = 1024;
@@ -219,11 +219,6 @@ async fn single_task(n: u64) -> (Duration, u64) {
     .await
     .unwrap_or_default();
     (started.elapsed(), sum)
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort_unstable();
-    v[v.len() / 2]
 }
 
 /// Runs the scenario.

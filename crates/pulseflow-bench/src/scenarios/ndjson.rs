@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::CommonOpts;
-use crate::report::Report;
+use crate::report::{Report, median};
 
 const FILTER: &str = ".ok";
 const MAP: &str = "{id, user, amount: (.amount * 2)}";
@@ -141,6 +141,25 @@ fn line_count(path: &Path) -> Result<u64, BoxError> {
     Ok(BufReader::new(File::open(path)?).lines().count() as u64)
 }
 
+/// Every contender wrote the same lines; pulseflow and the parse loop the same bytes.
+fn check_outputs(pf_out: &Path, loop_out: &Path, jq_out: Option<&Path>) -> Result<(), BoxError> {
+    let expected = line_count(loop_out)?;
+    let got = line_count(pf_out)?;
+    if got != expected {
+        return Err(format!("pulseflow wrote {got} lines, the parse loop {expected}").into());
+    }
+    // Both print keys sorted, as serde_json does: the outputs are the same bytes.
+    if std::fs::read(pf_out)? != std::fs::read(loop_out)? {
+        return Err("pulseflow's output differs from the parse loop's".into());
+    }
+    if let Some(jq_out) = jq_out {
+        if line_count(jq_out)? != expected {
+            return Err("jq wrote a different number of lines".into());
+        }
+    }
+    Ok(())
+}
+
 /// Runs the scenario.
 pub fn run(opts: &CommonOpts) -> Result<Report, BoxError> {
     let megabytes: u64 = if opts.quick { 40 } else { 200 };
@@ -161,26 +180,35 @@ fn measure(dir: &Path, megabytes: u64, opts: &CommonOpts) -> Result<Report, BoxE
     let pf_out = dir.join("pulseflow.ndjson");
     let loop_out = dir.join("loop.ndjson");
     let jq_out = dir.join("jq.ndjson");
-    let pulseflow = run_pulseflow(dir, &input, &pf_out, opts.unsupervised, decode_workers)?;
-    let parse_loop = run_parse_loop(&input, &loop_out)?;
-    let jq = run_jq(&input, &jq_out).transpose()?;
-
-    let expected = line_count(&loop_out)?;
-    let got = line_count(&pf_out)?;
-    if got != expected {
-        return Err(format!("pulseflow wrote {got} lines, the parse loop {expected}").into());
+    // Interleaved rounds, medians: single runs of the same binary vary by up to 2x here.
+    let rounds = if opts.quick { 5 } else { 3 };
+    let (mut ours, mut loops, mut jqs) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        ours.push(run_pulseflow(
+            dir,
+            &input,
+            &pf_out,
+            opts.unsupervised,
+            decode_workers,
+        )?);
+        loops.push(run_parse_loop(&input, &loop_out)?);
+        if let Some(d) = run_jq(&input, &jq_out).transpose()? {
+            jqs.push(d);
+        }
+        if round == 0 {
+            check_outputs(&pf_out, &loop_out, (!jqs.is_empty()).then_some(&*jq_out))?;
+        }
     }
-    // Both print keys sorted, as serde_json does: the outputs are the same bytes.
-    if std::fs::read(&pf_out)? != std::fs::read(&loop_out)? {
-        return Err("pulseflow's output differs from the parse loop's".into());
-    }
-    if jq.is_some() && line_count(&jq_out)? != expected {
-        return Err("jq wrote a different number of lines".into());
-    }
+    let pulseflow = median(ours.clone());
+    let parse_loop = median(loops.clone());
+    let jq = (!jqs.is_empty()).then(|| median(jqs.clone()));
 
     let rate = |d: Duration| mb / d.as_secs_f64();
     let mut report = Report::new(
-        format!("ndjson: {mb:.0} MB, {lines} lines, filter {FILTER} | map {MAP} -> file"),
+        format!(
+            "ndjson: {mb:.0} MB, {lines} lines, filter {FILTER} | map {MAP} -> file, \
+             median of {rounds} interleaved rounds"
+        ),
         &["contender", "MB/s", "seconds", "pulseflow ÷ this (speed)"],
     );
     let mut row = |name: &str, d: Duration| {
@@ -197,6 +225,18 @@ fn measure(dir: &Path, megabytes: u64, opts: &CommonOpts) -> Result<Report, BoxE
         Some(d) => row("jq -c", d),
         None => report.note("jq not on PATH: vs_jq is null"),
     }
+    let seconds = |v: &[Duration]| {
+        v.iter()
+            .map(|d| format!("{:.2}", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    report.note(format!(
+        "rounds (s): pulseflow {}; parse loop {}; jq {}",
+        seconds(&ours),
+        seconds(&loops),
+        seconds(&jqs)
+    ));
     let vs = |d: Duration| ((d.as_secs_f64() / pulseflow.as_secs_f64()) * 100.0).round() / 100.0;
     report.summary(json!({
         "scenario": "ndjson",
@@ -208,6 +248,7 @@ fn measure(dir: &Path, megabytes: u64, opts: &CommonOpts) -> Result<Report, BoxE
         "cores": pulseflow::policy::cores(),
         "unsupervised": opts.unsupervised,
         "decode_workers": decode_workers,
+        "rounds": rounds,
     }));
     Ok(report)
 }

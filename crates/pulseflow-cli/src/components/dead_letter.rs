@@ -42,7 +42,7 @@ pub fn record(letter: &DeadLetter, projected: &[String]) -> Value {
         json!({
             "kind": "malformed_input",
             "stage": letter.stage,
-            "file": &*line.origin,
+            "file": line.origin,
             "line": line.line,
             "error": letter.error,
             "raw": line.text,

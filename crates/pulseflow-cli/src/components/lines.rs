@@ -2,10 +2,12 @@
 //! read with a length limit; an over-long line is not kept whole but handed on marked, so the
 //! decoding stage dead-letters it with its file and line number.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 
 use pulseflow::envelope::Cost;
 use pulseflow::prelude::*;
@@ -20,7 +22,7 @@ const KEPT_OF_LONG_LINE: usize = 256;
 #[derive(Debug, Clone)]
 pub struct RawLine {
     /// The file it came from (`-` for stdin).
-    pub origin: Arc<str>,
+    pub origin: &'static str,
     /// Its line number, from 1.
     pub line: u64,
     /// The text (the start of it, for an over-long line).
@@ -31,6 +33,127 @@ pub struct RawLine {
     pub headers: Option<Arc<Vec<String>>>,
 }
 
+/// The name of an input as shared text. Names are kept for the whole process (one copy per
+/// distinct name): lines carry a plain reference, where a reference-counted name would be
+/// counted up by the reading thread and down by the decoding one for every line.
+fn origin_name(name: String) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES.get_or_init(Default::default).lock();
+    if let Some(known) = names.get(name.as_str()) {
+        return known;
+    }
+    let name: &'static str = Box::leak(name.into_boxed_str());
+    names.insert(name);
+    name
+}
+
+/// A line as cut from the input: its bytes (without the `\n`; only the start of an over-long
+/// line) and how many bytes of input it took.
+#[derive(Debug, PartialEq, Eq)]
+struct Line<'a> {
+    bytes: &'a [u8],
+    too_long: bool,
+    consumed: u64,
+}
+
+/// Cuts the chunks of an input into lines. A line that ends in a later chunk is kept here
+/// until it does (at most `max` bytes of it, or [`KEPT_OF_LONG_LINE`] once it is longer).
+#[derive(Debug)]
+struct Splitter {
+    max: usize,
+    carry: Vec<u8>,
+    /// Bytes of the carried line so far.
+    carried: u64,
+    too_long: bool,
+}
+
+impl Splitter {
+    fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            carry: Vec::new(),
+            carried: 0,
+            too_long: false,
+        }
+    }
+
+    /// Hands `emit` each line that ends in `chunk`, in order, while it returns `true`, and
+    /// keeps the start of a line that does not end there; returns how many bytes of `chunk`
+    /// were used.
+    fn split(&mut self, chunk: &[u8], mut emit: impl FnMut(Line<'_>) -> bool) -> usize {
+        let mut used = 0;
+        loop {
+            let rest = &chunk[used..];
+            let Some(end) = memchr::memchr(b'\n', rest) else {
+                self.hold(rest);
+                return chunk.len();
+            };
+            let segment = &rest[..end];
+            used += end + 1;
+            let more = if self.carried == 0 {
+                let too_long = segment.len() > self.max;
+                let bytes = if too_long {
+                    &segment[..KEPT_OF_LONG_LINE.min(segment.len())]
+                } else {
+                    segment
+                };
+                emit(Line {
+                    bytes,
+                    too_long,
+                    consumed: end as u64 + 1,
+                })
+            } else {
+                self.hold(segment);
+                let more = emit(Line {
+                    bytes: &self.carry,
+                    too_long: self.too_long,
+                    consumed: self.carried + 1,
+                });
+                self.reset();
+                more
+            };
+            if !more {
+                return used;
+            }
+        }
+    }
+
+    /// The last line of an input that does not end with `\n`.
+    fn finish(&mut self, emit: impl FnOnce(Line<'_>)) {
+        if self.carried > 0 {
+            emit(Line {
+                bytes: &self.carry,
+                too_long: self.too_long,
+                consumed: self.carried,
+            });
+        }
+        self.reset();
+    }
+
+    fn hold(&mut self, part: &[u8]) {
+        self.carried += part.len() as u64;
+        if self.too_long {
+            return;
+        }
+        if self.carry.len() + part.len() > self.max {
+            self.too_long = true;
+            let keep = KEPT_OF_LONG_LINE
+                .saturating_sub(self.carry.len())
+                .min(part.len());
+            self.carry.extend_from_slice(&part[..keep]);
+            self.carry.truncate(KEPT_OF_LONG_LINE);
+        } else {
+            self.carry.extend_from_slice(part);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.carry.clear();
+        self.carried = 0;
+        self.too_long = false;
+    }
+}
+
 /// Where lines come from.
 pub enum Input {
     /// A file.
@@ -39,16 +162,71 @@ pub enum Input {
     Stdin,
 }
 
-/// Reads lines from its inputs in turn.
-pub struct LineSource {
-    inputs: VecDeque<Input>,
-    pattern: Option<String>,
-    current: Option<(Box<dyn AsyncBufRead + Unpin + Send>, Arc<str>)>,
+/// What turns the lines of the current input into items.
+struct Lines {
+    origin: &'static str,
     format: Format,
     max_line_bytes: usize,
     line: u64,
     headers: Option<Arc<Vec<String>>>,
-    buf: Vec<u8>,
+}
+
+impl Lines {
+    /// Pushes `line` as an item, unless it is blank (JSON, CSV) or a CSV header.
+    fn push(&mut self, line: Line<'_>, out: &mut SourceOutput<RawLine>) {
+        self.line += 1;
+        let mut bytes = line.bytes;
+        if !line.too_long {
+            if let [head @ .., b'\r'] = bytes {
+                bytes = head;
+            }
+        }
+        let (text, mut problem) = match std::str::from_utf8(bytes) {
+            Ok(t) => (t.to_owned(), None),
+            Err(_) => (
+                String::from_utf8_lossy(bytes).into_owned(),
+                Some("invalid UTF-8".to_owned()),
+            ),
+        };
+        if line.too_long {
+            problem = Some(format!("line longer than {} bytes", self.max_line_bytes));
+        }
+        if self.format != Format::Lines && problem.is_none() && text.trim().is_empty() {
+            return;
+        }
+        if self.format == Format::Csv && self.headers.is_none() && problem.is_none() {
+            match crate::components::csv::split(&text) {
+                Ok(h) => {
+                    self.headers = Some(Arc::new(h));
+                    return;
+                }
+                Err(e) => problem = Some(format!("invalid CSV header: {e}")),
+            }
+        }
+        let cost = Cost {
+            bytes: line.consumed.min(u32::MAX as u64) as u32,
+            ..Cost::default()
+        };
+        out.push_with_cost(
+            RawLine {
+                origin: self.origin,
+                line: self.line,
+                text,
+                problem,
+                headers: self.headers.clone(),
+            },
+            cost,
+        );
+    }
+}
+
+/// Reads lines from its inputs in turn.
+pub struct LineSource {
+    inputs: VecDeque<Input>,
+    pattern: Option<String>,
+    reader: Option<Box<dyn AsyncBufRead + Unpin + Send>>,
+    splitter: Splitter,
+    lines: Lines,
     progress: Arc<AtomicU64>,
 }
 
@@ -61,15 +239,19 @@ impl LineSource {
         max_line_bytes: usize,
         progress: Arc<AtomicU64>,
     ) -> Self {
+        let max_line_bytes = max_line_bytes.max(1);
         Self {
             inputs: inputs.into(),
             pattern,
-            current: None,
-            format,
-            max_line_bytes: max_line_bytes.max(1),
-            line: 0,
-            headers: None,
-            buf: Vec::new(),
+            reader: None,
+            splitter: Splitter::new(max_line_bytes),
+            lines: Lines {
+                origin: "-",
+                format,
+                max_line_bytes,
+                line: 0,
+                headers: None,
+            },
             progress,
         }
     }
@@ -78,66 +260,26 @@ impl LineSource {
         let Some(input) = self.inputs.pop_front() else {
             return Ok(false);
         };
-        let (reader, origin): (Box<dyn AsyncBufRead + Unpin + Send>, Arc<str>) = match input {
+        let (reader, origin): (Box<dyn AsyncBufRead + Unpin + Send>, String) = match input {
             Input::Path(p) => {
                 let file = tokio::fs::File::open(&p)
                     .await
                     .map_err(|e| StageError::msg(format!("cannot open {}: {e}", p.display())))?;
                 (
                     Box::new(BufReader::with_capacity(256 << 10, file)),
-                    Arc::from(p.display().to_string()),
+                    p.display().to_string(),
                 )
             }
             Input::Stdin => (
                 Box::new(BufReader::with_capacity(256 << 10, tokio::io::stdin())),
-                Arc::from("-"),
+                "-".to_owned(),
             ),
         };
-        self.current = Some((reader, origin));
-        self.line = 0;
-        self.headers = None;
+        self.reader = Some(reader);
+        self.lines.origin = origin_name(origin);
+        self.lines.line = 0;
+        self.lines.headers = None;
         Ok(true)
-    }
-
-    /// Reads the next line into `self.buf`; returns (found, too long, bytes consumed).
-    async fn read_line(&mut self) -> Result<Option<(bool, u64)>, StageError> {
-        let max = self.max_line_bytes;
-        let Some((reader, origin)) = self.current.as_mut() else {
-            return Ok(None);
-        };
-        self.buf.clear();
-        let mut too_long = false;
-        let mut consumed = 0u64;
-        loop {
-            let available = reader
-                .fill_buf()
-                .await
-                .map_err(|e| StageError::msg(format!("cannot read {origin}: {e}")))?;
-            if available.is_empty() {
-                return Ok((consumed > 0).then_some((too_long, consumed)));
-            }
-            let (chunk, used, done) = match available.iter().position(|b| *b == b'\n') {
-                Some(i) => (&available[..i], i + 1, true),
-                None => (available, available.len(), false),
-            };
-            let room = max.saturating_sub(self.buf.len());
-            if chunk.len() > room {
-                too_long = true;
-                let keep = KEPT_OF_LONG_LINE
-                    .saturating_sub(self.buf.len())
-                    .min(chunk.len());
-                if self.buf.len() < KEPT_OF_LONG_LINE {
-                    self.buf.extend_from_slice(&chunk[..keep]);
-                }
-            } else if !too_long {
-                self.buf.extend_from_slice(chunk);
-            }
-            reader.consume(used);
-            consumed += used as u64;
-            if done {
-                return Ok(Some((too_long, consumed)));
-            }
-        }
     }
 }
 
@@ -162,69 +304,107 @@ impl Source for LineSource {
             if out.is_full() {
                 break SourceStatus::More;
             }
-            if self.current.is_none() && !self.open_next().await? {
+            if self.reader.is_none() && !self.open_next().await? {
                 break SourceStatus::Done;
             }
-            match self.read_line().await? {
-                None => {
-                    self.current = None;
-                    // Give what we have before opening the next file.
-                    if !out.is_empty() {
-                        break SourceStatus::More;
-                    }
+            let Some(reader) = self.reader.as_mut() else {
+                continue;
+            };
+            let available = reader
+                .fill_buf()
+                .await
+                .map_err(|e| StageError::msg(format!("cannot read {}: {e}", self.lines.origin)))?;
+            if available.is_empty() {
+                self.splitter.finish(|line| self.lines.push(line, out));
+                self.reader = None;
+                // Give what we have before opening the next file.
+                if !out.is_empty() {
+                    break SourceStatus::More;
                 }
-                Some((too_long, consumed)) => {
-                    bytes += consumed;
-                    self.line += 1;
-                    if self.buf.last() == Some(&b'\r') {
-                        self.buf.pop();
-                    }
-                    let origin = self
-                        .current
-                        .as_ref()
-                        .map(|(_, o)| o.clone())
-                        .unwrap_or_else(|| Arc::from("-"));
-                    let (text, mut problem) = match String::from_utf8(std::mem::take(&mut self.buf))
-                    {
-                        Ok(t) => (t, None),
-                        Err(e) => (
-                            String::from_utf8_lossy(e.as_bytes()).into_owned(),
-                            Some("invalid UTF-8".to_owned()),
-                        ),
-                    };
-                    if too_long {
-                        problem = Some(format!("line longer than {} bytes", self.max_line_bytes));
-                    }
-                    if self.format != Format::Lines && problem.is_none() && text.trim().is_empty() {
-                        continue;
-                    }
-                    if self.format == Format::Csv && self.headers.is_none() && problem.is_none() {
-                        match crate::components::csv::split(&text) {
-                            Ok(h) => {
-                                self.headers = Some(Arc::new(h));
-                                continue;
-                            }
-                            Err(e) => problem = Some(format!("invalid CSV header: {e}")),
-                        }
-                    }
-                    let cost = Cost {
-                        bytes: consumed.min(u32::MAX as u64) as u32,
-                        ..Cost::default()
-                    };
-                    out.push_with_cost(
-                        RawLine {
-                            origin,
-                            line: self.line,
-                            text,
-                            problem,
-                            headers: self.headers.clone(),
-                        },
-                        cost,
-                    );
-                }
+                continue;
             }
+            let used = self.splitter.split(available, |line| {
+                self.lines.push(line, out);
+                !out.is_full()
+            });
+            reader.consume(used);
+            bytes += used as u64;
         };
         self.progress.fetch_add(bytes, Ordering::Relaxed);
         Ok(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lines of `chunks` as (text, too long, consumed), taking at most `per_call` lines
+    /// per call of `split` (as a full batch would).
+    fn cut(max: usize, chunks: &[&[u8]], per_call: usize) -> Vec<(String, bool, u64)> {
+        let mut splitter = Splitter::new(max);
+        let mut lines = Vec::new();
+        let mut record = |line: Line<'_>| {
+            lines.push((
+                String::from_utf8_lossy(line.bytes).into_owned(),
+                line.too_long,
+                line.consumed,
+            ))
+        };
+        for chunk in chunks {
+            let mut used = 0;
+            while used < chunk.len() {
+                let mut taken = 0;
+                used += splitter.split(&chunk[used..], |line| {
+                    record(line);
+                    taken += 1;
+                    taken < per_call
+                });
+            }
+        }
+        splitter.finish(&mut record);
+        lines
+    }
+
+    #[test]
+    fn lines_are_cut_at_newlines_across_chunks() {
+        let want = vec![
+            ("ab".to_owned(), false, 3),
+            ("cdef".to_owned(), false, 5),
+            (String::new(), false, 1),
+            ("gh".to_owned(), false, 2),
+        ];
+        for per_call in [1, 2, 100] {
+            assert_eq!(cut(10, &[b"ab\ncdef\n\ngh"], per_call), want);
+            assert_eq!(cut(10, &[b"a", b"b\ncd", b"ef\n", b"\ngh"], per_call), want);
+            assert_eq!(
+                cut(10, &[b"ab\nc", b"d", b"e", b"f\n\n", b"gh"], per_call),
+                want
+            );
+        }
+        assert_eq!(cut(10, &[b"x\n"], 1), vec![("x".to_owned(), false, 2)]);
+        assert_eq!(cut(10, &[], 1), Vec::new());
+    }
+
+    #[test]
+    fn over_long_lines_keep_their_start_and_are_marked() {
+        let long = "y".repeat(1000);
+        let text = format!("short\n{long}\nnext\n");
+        let start = "y".repeat(KEPT_OF_LONG_LINE);
+        let want = vec![
+            ("short".to_owned(), false, 6),
+            (start, true, 1001),
+            ("next".to_owned(), false, 5),
+        ];
+        assert_eq!(cut(500, &[text.as_bytes()], 100), want);
+        let pieces: Vec<&[u8]> = text.as_bytes().chunks(7).collect();
+        assert_eq!(cut(500, &pieces, 100), want);
+        // Exactly at the limit is not too long.
+        assert_eq!(cut(4, &[b"four\n"], 1), vec![("four".to_owned(), false, 5)]);
+        assert_eq!(
+            cut(4, &[b"fo", b"ur\n"], 1),
+            vec![("four".to_owned(), false, 5)]
+        );
+        assert!(cut(4, &[b"fo", b"urs\n"], 1)[0].1);
     }
 }
