@@ -7,6 +7,7 @@ use std::hash::Hash;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::codec::{Full, SliceWriter, zigzag};
 use super::spill::SpillError;
 use crate::envelope::{Envelope, Timestamp};
 use crate::error::StageError;
@@ -106,8 +107,9 @@ pub trait Accumulator: Send + 'static {
 
     /// Encodes an entry for spilling, appending to `out` (the spill store's block buffer:
     /// write straight into it, no intermediate buffer). The default writes the entry's
-    /// `postcard` encoding, the stage's own fields by hand and key and state through serde
-    /// (several times faster than serialising the whole struct through serde).
+    /// `postcard` encoding in place: key and state through serde with a serializer of
+    /// postcard's format that writes each byte where it belongs, the stage's own fields
+    /// directly (several times faster than `postcard::to_extend` on the whole struct).
     fn encode(
         &self,
         entry: &AccumulatorState<Self::Key, Self::State>,
@@ -157,6 +159,11 @@ impl postcard::ser_flavors::Flavor for Extend<'_> {
 /// Bytes the stage's own fields take at most: five varints, an `f64` and a `bool`.
 const HEAD_MAX: usize = 5 * 10 + 8 + 1;
 
+/// Room made for a record on the first try: most small states fit; a larger one is retried
+/// with more room (each try starts over), up to [`ROOM_MAX`], then goes through `postcard`.
+const ROOM_FIRST: usize = 64;
+const ROOM_MAX: usize = 64 << 10;
+
 /// Writes `n` as a LEB128 varint (postcard's integer encoding) at `at`; returns the new end.
 #[inline(always)]
 fn put_varint(buf: &mut [u8; HEAD_MAX], mut at: usize, mut n: u64) -> usize {
@@ -170,16 +177,83 @@ fn put_varint(buf: &mut [u8; HEAD_MAX], mut at: usize, mut n: u64) -> usize {
 }
 
 /// The `postcard` encoding of an entry, appended to `out`: the same bytes as
-/// `postcard::to_extend(entry, ..)` (a struct is its fields in order), with only the key and
-/// the state going through serde. The stage's fields are written in place into room made at
-/// the end of `out` (no per-byte capacity checks, no copy), then `out` is cut to length.
+/// `postcard::to_extend(entry, ..)` (a struct is its fields in order).
+///
+/// Fast path: room is made at the end of `out` and key, state (through serde, with
+/// [`SliceWriter`], a serializer of postcard's format) and the stage's own fields are written
+/// into it in place, then `out` is cut to length. When the room is too small it is retried
+/// with more; when serde reports an error, `postcard` itself encodes the record (and names
+/// the error).
 pub(crate) fn encode_entry<K: Serialize, S: Serialize>(
+    e: &AccumulatorState<K, S>,
+    out: &mut Vec<u8>,
+) -> Result<(), SpillError> {
+    let start = out.len();
+    // A constant-size room: a few vector stores, no `memset` call.
+    out.extend_from_slice(&[0; ROOM_FIRST]);
+    if let Some(buf) = out.get_mut(start..) {
+        let mut w = SliceWriter::new(buf);
+        if write_entry(e, &mut w).is_ok() {
+            let n = w.len();
+            out.truncate(start + n);
+            return Ok(());
+        }
+    }
+    encode_entry_large(e, out, start)
+}
+
+/// [`encode_entry`] for a record larger than the first room (kept out of line: a retry loop
+/// around the fast path makes the compiler precompute every byte of every varint up front).
+#[cold]
+#[inline(never)]
+fn encode_entry_large<K: Serialize, S: Serialize>(
+    e: &AccumulatorState<K, S>,
+    out: &mut Vec<u8>,
+    start: usize,
+) -> Result<(), SpillError> {
+    let mut room = ROOM_FIRST * 8;
+    while room <= ROOM_MAX {
+        out.resize(start + room, 0);
+        let Some(buf) = out.get_mut(start..) else {
+            break;
+        };
+        let mut w = SliceWriter::new(buf);
+        if write_entry(e, &mut w).is_ok() {
+            let n = w.len();
+            out.truncate(start + n);
+            return Ok(());
+        }
+        room *= 8;
+    }
+    out.truncate(start);
+    encode_entry_postcard(e, out)
+}
+
+/// Key, state and the stage's fields, in the struct's order.
+#[inline(always)]
+fn write_entry<K: Serialize, S: Serialize>(
+    e: &AccumulatorState<K, S>,
+    w: &mut SliceWriter<'_>,
+) -> Result<(), Full> {
+    e.key.serialize(&mut *w)?;
+    e.state.serialize(&mut *w)?;
+    w.varint(e.items)?;
+    w.varint(e.bytes)?;
+    w.varint(zigzag(e.first_ts))?;
+    w.varint(zigzag(e.last_ts))?;
+    w.varint(e.last_seq)?;
+    w.bytes(&e.score.to_bits().to_le_bytes())?;
+    w.byte(u8::from(e.spilled))
+}
+
+/// The slow path of [`encode_entry`]: key and state through `postcard`, the stage's fields
+/// by hand into room made at the end of `out`.
+fn encode_entry_postcard<K: Serialize, S: Serialize>(
     e: &AccumulatorState<K, S>,
     out: &mut Vec<u8>,
 ) -> Result<(), SpillError> {
     postcard::serialize_with_flavor(&(&e.key, &e.state), Extend(out))
         .map_err(|err| SpillError::Encode(err.to_string()))?;
-    let zigzag = |v: i64| ((v << 1) ^ (v >> 63)) as u64;
     let start = out.len();
     out.resize(start + HEAD_MAX, 0);
     let Some(head) = out
@@ -232,10 +306,16 @@ mod tests {
         for e in entries {
             check(e);
         }
+        // A state larger than all the room the fast path tries: encoded by postcard.
+        check(large(1u8, vec![u64::MAX; 7000]));
         // A state larger than the room made up front.
-        check(AccumulatorState {
-            key: "k".repeat(300),
-            state: vec![7u64 << 30; 100],
+        check(large("k".repeat(300), vec![7u64 << 30; 100]));
+    }
+
+    fn large<K, S>(key: K, state: S) -> AccumulatorState<K, S> {
+        AccumulatorState {
+            key,
+            state,
             items: 1,
             bytes: 2,
             first_ts: 3,
@@ -243,7 +323,7 @@ mod tests {
             last_seq: 5,
             score: 1.0,
             spilled: false,
-        });
+        }
     }
 
     fn check<K, S>(e: AccumulatorState<K, S>)
@@ -251,11 +331,15 @@ mod tests {
         K: Serialize + DeserializeOwned + PartialEq + Debug,
         S: Serialize + DeserializeOwned + PartialEq + Debug,
     {
-        {
+        let expected = postcard::to_allocvec(&e).expect("postcard");
+        for slow in [false, true] {
             let mut out = vec![42];
-            encode_entry(&e, &mut out).expect("encode");
-            let expected = postcard::to_allocvec(&e).expect("postcard");
-            assert_eq!(out[1..], expected[..]);
+            if slow {
+                encode_entry_postcard(&e, &mut out).expect("encode");
+            } else {
+                encode_entry(&e, &mut out).expect("encode");
+            }
+            assert_eq!(out[1..], expected[..], "slow path: {slow}");
             let back: AccumulatorState<K, S> = postcard::from_bytes(&out[1..]).expect("decode");
             assert_eq!(back, e);
         }

@@ -50,8 +50,12 @@ const MAX_RECORD: usize = 256 << 20;
 /// Largest raw block (a record above [`BLOCK`] gets a block of its own).
 const MAX_BLOCK: usize = MAX_RECORD + BLOCK + 8;
 /// Under [`Compression::Auto`], every this many blocks one is compressed to refresh the
-/// estimate of what compression costs and saves.
+/// estimate of what compression costs and saves; while compression does not pay, the
+/// interval doubles after each probe, up to [`PROBE_MAX`] blocks (4 MiB). The decision itself
+/// is taken at every block from the latest estimates, so a disk turning slow flips it at
+/// once (write time is measured at every write).
 const PROBE_EVERY: u32 = 32;
+const PROBE_MAX: u32 = 1024;
 
 /// Whether the spill store compresses its blocks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -76,6 +80,8 @@ struct CostModel {
     /// Fraction of the bytes LZ4 saves.
     saved: f64,
     since_probe: u32,
+    /// Blocks between probes (0 until the first probe: [`PROBE_EVERY`]).
+    interval: u32,
 }
 
 impl CostModel {
@@ -83,15 +89,33 @@ impl CostModel {
         old.map_or(new, |o| 0.75 * o + 0.25 * new)
     }
 
+    /// Whether to compress the next block: a probe every so many blocks (and the first
+    /// block), otherwise what the estimates say.
     fn should_compress(&mut self) -> bool {
         self.since_probe += 1;
-        match (self.write_ns, self.lz4_ns) {
-            (Some(w), Some(c)) if self.since_probe < PROBE_EVERY => c < w * self.saved,
-            _ => {
-                self.since_probe = 0;
-                true
-            }
+        if self.lz4_ns.is_none() || self.since_probe >= self.interval.max(PROBE_EVERY) {
+            self.since_probe = 0;
+            return true;
         }
+        self.pays()
+    }
+
+    /// Whether compressing saves more write time than it costs, by the latest estimates.
+    /// Until the first write has measured the write time, blocks go raw (except the probes).
+    fn pays(&self) -> bool {
+        match (self.write_ns, self.lz4_ns) {
+            (Some(w), Some(c)) => c < w * self.saved,
+            _ => false,
+        }
+    }
+
+    /// After a probe: probes come less often while compression does not pay.
+    fn probed(&mut self) {
+        self.interval = if self.write_ns.is_none() || self.pays() {
+            PROBE_EVERY
+        } else {
+            (self.interval.max(PROBE_EVERY / 2) * 2).min(PROBE_MAX)
+        };
     }
 }
 
@@ -430,6 +454,9 @@ impl SpillStore {
             if let Ok(n) = packed {
                 let saved = 1.0 - (n as f64 / raw_len as f64).min(1.0);
                 self.costs.saved = 0.75 * self.costs.saved + 0.25 * saved;
+                if self.compression == Compression::Auto {
+                    self.costs.probed();
+                }
                 if n < raw_len {
                     self.buffer.truncate(data);
                     self.buffer.extend_from_slice(&self.scratch[..n]);
@@ -795,6 +822,31 @@ mod tests {
             assert_eq!(*at, refs[i]);
             assert_eq!(bytes, format!("r{i}").as_bytes());
         }
+    }
+
+    #[test]
+    fn auto_probes_back_off_while_compression_does_not_pay() {
+        // Writes at 0.3 ns/byte, LZ4 at 4 ns/byte saving half: compression does not pay.
+        let mut m = CostModel::default();
+        let mut probes = 0;
+        for block in 0..10_000 {
+            if m.should_compress() {
+                probes += 1;
+                m.lz4_ns = Some(4.0);
+                m.saved = 0.5;
+                m.probed();
+            }
+            if block == 64 {
+                m.write_ns = Some(0.3);
+            }
+        }
+        // 32 blocks apart at first, then 64, 128, ... 1024: a few dozen, not 10 000 / 32.
+        assert!((10..=40).contains(&probes), "{probes} probes");
+        // The disk turns slow (20 ns/byte): the very next block is compressed.
+        m.write_ns = Some(20.0);
+        assert!(m.should_compress());
+        m.probed();
+        assert_eq!(m.interval, PROBE_EVERY);
     }
 
     #[test]
