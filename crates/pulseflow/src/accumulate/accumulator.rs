@@ -89,7 +89,8 @@ pub trait Accumulator: Send + 'static {
     fn update(&mut self, state: &mut Self::State, item: Envelope<Self::In>);
 
     /// Whether the key is complete, after each update. May set `entry.score`. On `Complete`
-    /// the state is dropped afterwards, so the output may take parts of it out.
+    /// (or `Expired`) the state is dropped afterwards, so the output may take parts of it out,
+    /// the key included. On `Incomplete` a changed `entry.key` is put back.
     fn check(
         &mut self,
         entry: &mut AccumulatorState<Self::Key, Self::State>,
