@@ -255,6 +255,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpillError + '_ {
     }
 }
 
+fn too_many_blocks() -> SpillError {
+    SpillError::Encode("spill log has too many blocks".into())
+}
+
 /// Appends `n` as LEB128.
 fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
@@ -351,45 +355,34 @@ impl SpillStore {
     /// Appends a record written by `encode` straight into the open block (no intermediate
     /// buffer): `encode` appends the record's bytes to the vector it is given. On an error the
     /// partial record is removed.
+    #[inline]
     pub fn append_with(
         &mut self,
         encode: impl FnOnce(&mut Vec<u8>) -> Result<(), SpillError>,
     ) -> Result<RecordRef, SpillError> {
-        let block = u32::try_from(self.blocks.len())
-            .map_err(|_| SpillError::Encode("spill log has too many blocks".into()))?;
+        let Ok(block) = u32::try_from(self.blocks.len()) else {
+            return Err(too_many_blocks());
+        };
         let mark = self.buffer.len();
         if mark == self.open_start {
             self.buffer.extend_from_slice(&[0; HEADER]);
         }
-        let data = self.open_start + HEADER;
         let start = self.buffer.len();
         // One byte for the length: enough for records under 128 bytes (the common case),
-        // widened below otherwise.
+        // widened otherwise.
         self.buffer.push(0);
         if let Err(e) = encode(&mut self.buffer) {
             self.buffer.truncate(mark);
             return Err(e);
         }
         let len = self.buffer.len() - start - 1;
-        if len > MAX_RECORD {
-            self.buffer.truncate(mark);
-            return Err(SpillError::Encode(format!(
-                "state of {len} bytes exceeds the {MAX_RECORD}-byte record limit"
-            )));
-        }
-        if len < 0x80 {
-            self.buffer[start] = len as u8;
-        } else {
-            let mut prefix = Vec::with_capacity(10);
-            put_varint(&mut prefix, len as u64);
-            let extra = prefix.len() - 1;
-            self.buffer.resize(self.buffer.len() + extra, 0);
-            self.buffer
-                .copy_within(start + 1..start + 1 + len, start + prefix.len());
-            self.buffer[start..start + prefix.len()].copy_from_slice(&prefix);
+        match self.buffer.get_mut(start) {
+            Some(prefix) if len < 0x80 => *prefix = len as u8,
+            _ => self.widen_length(mark, start, len)?,
         }
         self.stats.records += 1;
         self.stats.raw_bytes += len as u64;
+        let data = self.open_start + HEADER;
         let at = RecordRef {
             block,
             pos: (start - data) as u32,
@@ -400,7 +393,29 @@ impl SpillStore {
         Ok(at)
     }
 
+    /// A record of 128 bytes or more written by [`SpillStore::append_with`] behind a
+    /// one-byte length: moved up to make room for its full length (or removed when too large).
+    #[cold]
+    #[inline(never)]
+    fn widen_length(&mut self, mark: usize, start: usize, len: usize) -> Result<(), SpillError> {
+        if len > MAX_RECORD {
+            self.buffer.truncate(mark);
+            return Err(SpillError::Encode(format!(
+                "state of {len} bytes exceeds the {MAX_RECORD}-byte record limit"
+            )));
+        }
+        let mut prefix = Vec::with_capacity(10);
+        put_varint(&mut prefix, len as u64);
+        let extra = prefix.len() - 1;
+        self.buffer.resize(self.buffer.len() + extra, 0);
+        self.buffer
+            .copy_within(start + 1..start + 1 + len, start + prefix.len());
+        self.buffer[start..start + prefix.len()].copy_from_slice(&prefix);
+        Ok(())
+    }
+
     /// Appends a record to the open block and says where it is.
+    #[inline]
     pub fn append(&mut self, raw: &[u8]) -> Result<RecordRef, SpillError> {
         if raw.len() > MAX_RECORD {
             return Err(SpillError::Encode(format!(
@@ -408,8 +423,7 @@ impl SpillStore {
                 raw.len()
             )));
         }
-        let block = u32::try_from(self.blocks.len())
-            .map_err(|_| SpillError::Encode("spill log has too many blocks".into()))?;
+        let block = u32::try_from(self.blocks.len()).map_err(|_| too_many_blocks())?;
         if self.buffer.len() == self.open_start {
             // A new block: room for its header.
             self.buffer.extend_from_slice(&[0; HEADER]);
@@ -431,6 +445,7 @@ impl SpillStore {
 
     /// Closes the open block: compresses it in place when that is worth it, fills in its
     /// header.
+    #[inline(never)]
     fn seal(&mut self) -> Result<(), SpillError> {
         if self.buffer.len() == self.open_start {
             return Ok(());
