@@ -7,7 +7,7 @@ use std::hash::Hash;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::codec::{Full, SliceWriter, zigzag};
+use super::codec::{Full, SliceWriter, put_varint, zigzag};
 use super::spill::SpillError;
 use crate::envelope::{Envelope, Timestamp};
 use crate::error::StageError;
@@ -165,18 +165,6 @@ const HEAD_MAX: usize = 5 * 10 + 8 + 1;
 const ROOM_FIRST: usize = 64;
 const ROOM_MAX: usize = 64 << 10;
 
-/// Writes `n` as a LEB128 varint (postcard's integer encoding) at `at`; returns the new end.
-#[inline(always)]
-fn put_varint(buf: &mut [u8; HEAD_MAX], mut at: usize, mut n: u64) -> usize {
-    while n >= 0x80 {
-        buf[at] = (n as u8) | 0x80;
-        n >>= 7;
-        at += 1;
-    }
-    buf[at] = n as u8;
-    at + 1
-}
-
 /// The `postcard` encoding of an entry, appended to `out`: the same bytes as
 /// `postcard::to_extend(entry, ..)` (a struct is its fields in order).
 ///
@@ -192,13 +180,9 @@ pub(crate) fn encode_entry<K: Serialize, S: Serialize>(
     let start = out.len();
     // A constant-size room: a few vector stores, no `memset` call.
     out.extend_from_slice(&[0; ROOM_FIRST]);
-    if let Some(buf) = out.get_mut(start..) {
-        let mut w = SliceWriter::new(buf);
-        if write_entry(e, &mut w).is_ok() {
-            let n = w.len();
-            out.truncate(start + n);
-            return Ok(());
-        }
+    if let Some(Ok(n)) = out.get_mut(start..).map(|buf| write_entry(e, buf)) {
+        out.truncate(start + n);
+        return Ok(());
     }
     encode_entry_large(e, out, start)
 }
@@ -215,12 +199,7 @@ fn encode_entry_large<K: Serialize, S: Serialize>(
     let mut room = ROOM_FIRST * 8;
     while room <= ROOM_MAX {
         out.resize(start + room, 0);
-        let Some(buf) = out.get_mut(start..) else {
-            break;
-        };
-        let mut w = SliceWriter::new(buf);
-        if write_entry(e, &mut w).is_ok() {
-            let n = w.len();
+        if let Some(Ok(n)) = out.get_mut(start..).map(|buf| write_entry(e, buf)) {
             out.truncate(start + n);
             return Ok(());
         }
@@ -230,21 +209,37 @@ fn encode_entry_large<K: Serialize, S: Serialize>(
     encode_entry_postcard(e, out)
 }
 
-/// Key, state and the stage's fields, in the struct's order.
+/// Key, state and the stage's fields, in the struct's order, into `buf`; the bytes written.
+///
+/// The stage's fields are written with plain positions, not through the writer: the writer
+/// is lent to serde's code (which the compiler may keep out of line, so the writer lives in
+/// memory and every byte would wait for its position to be stored and loaded again).
 #[inline(always)]
 fn write_entry<K: Serialize, S: Serialize>(
     e: &AccumulatorState<K, S>,
-    w: &mut SliceWriter<'_>,
-) -> Result<(), Full> {
-    e.key.serialize(&mut *w)?;
-    e.state.serialize(&mut *w)?;
-    w.varint(e.items)?;
-    w.varint(e.bytes)?;
-    w.varint(zigzag(e.first_ts))?;
-    w.varint(zigzag(e.last_ts))?;
-    w.varint(e.last_seq)?;
-    w.bytes(&e.score.to_bits().to_le_bytes())?;
-    w.byte(u8::from(e.spilled))
+    buf: &mut [u8],
+) -> Result<usize, Full> {
+    let mut w = SliceWriter::new(buf);
+    e.key.serialize(&mut w)?;
+    e.state.serialize(&mut w)?;
+    let start = w.len();
+    let end = write_head(e, w.into_rest()).ok_or(Full)?;
+    Ok(start + end)
+}
+
+/// The stage's own fields of an entry (postcard: five varints, an `f64`, a `bool`) at the
+/// start of `buf`; where they end, or `None` without room.
+#[inline(always)]
+fn write_head<K, S>(e: &AccumulatorState<K, S>, buf: &mut [u8]) -> Option<usize> {
+    let mut at = put_varint(buf, 0, e.items)?;
+    at = put_varint(buf, at, e.bytes)?;
+    at = put_varint(buf, at, zigzag(e.first_ts))?;
+    at = put_varint(buf, at, zigzag(e.last_ts))?;
+    at = put_varint(buf, at, e.last_seq)?;
+    let tail = buf.get_mut(at..at + 9)?;
+    tail[..8].copy_from_slice(&e.score.to_bits().to_le_bytes());
+    tail[8] = u8::from(e.spilled);
+    Some(at + 9)
 }
 
 /// The slow path of [`encode_entry`]: key and state through `postcard`, the stage's fields
@@ -257,20 +252,11 @@ fn encode_entry_postcard<K: Serialize, S: Serialize>(
         .map_err(|err| SpillError::Encode(err.to_string()))?;
     let start = out.len();
     out.resize(start + HEAD_MAX, 0);
-    let Some(head) = out
+    let end = out
         .get_mut(start..)
-        .and_then(|b| <&mut [u8; HEAD_MAX]>::try_from(b).ok())
-    else {
-        return Err(SpillError::Encode("encode buffer".into()));
-    };
-    let mut n = put_varint(head, 0, e.items);
-    n = put_varint(head, n, e.bytes);
-    n = put_varint(head, n, zigzag(e.first_ts));
-    n = put_varint(head, n, zigzag(e.last_ts));
-    n = put_varint(head, n, e.last_seq);
-    head[n..n + 8].copy_from_slice(&e.score.to_bits().to_le_bytes());
-    head[n + 8] = u8::from(e.spilled);
-    out.truncate(start + n + 9);
+        .and_then(|head| write_head(e, head))
+        .ok_or_else(|| SpillError::Encode("encode buffer".into()))?;
+    out.truncate(start + end);
     Ok(())
 }
 

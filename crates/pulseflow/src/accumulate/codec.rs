@@ -53,6 +53,12 @@ impl<'a> SliceWriter<'a> {
         self.at
     }
 
+    /// The room not written yet.
+    pub(crate) fn into_rest(self) -> &'a mut [u8] {
+        let at = self.at;
+        self.buf.get_mut(at..).unwrap_or_default()
+    }
+
     #[inline(always)]
     pub(crate) fn byte(&mut self, b: u8) -> Result<(), Full> {
         *self.buf.get_mut(self.at).ok_or(Full)? = b;
@@ -60,33 +66,16 @@ impl<'a> SliceWriter<'a> {
         Ok(())
     }
 
-    /// `n` as a LEB128 varint. One bounds check for the whole number (a varint takes at most
-    /// ten bytes), then a loop the compiler unrolls without checks.
+    /// `n` as a LEB128 varint.
     #[inline(always)]
-    pub(crate) fn varint(&mut self, mut n: u64) -> Result<(), Full> {
-        if n < 0x80 {
-            return self.byte(n as u8);
-        }
-        let at = self.at;
-        let Some(dst) = self
-            .buf
-            .get_mut(at..)
-            .and_then(|b| b.first_chunk_mut::<10>())
-        else {
-            return self.varint_near_end(n);
-        };
-        for (i, d) in dst.iter_mut().enumerate().take(9) {
-            if n < 0x80 {
-                *d = n as u8;
-                self.at = at + i + 1;
-                return Ok(());
+    pub(crate) fn varint(&mut self, n: u64) -> Result<(), Full> {
+        match put_varint(self.buf, self.at, n) {
+            Some(end) => {
+                self.at = end;
+                Ok(())
             }
-            *d = (n as u8) | 0x80;
-            n >>= 7;
+            None => self.varint_near_end(n),
         }
-        dst[9] = n as u8;
-        self.at = at + 10;
-        Ok(())
     }
 
     /// [`SliceWriter::varint`] with fewer than ten bytes of room left.
@@ -121,6 +110,27 @@ impl<'a> SliceWriter<'a> {
         self.varint(b.len() as u64)?;
         self.bytes(b)
     }
+}
+
+/// Writes `n` as a LEB128 varint at `at` in `buf` and returns where it ends: one byte for
+/// small numbers, otherwise one bounds check for the whole number (a varint takes at most ten
+/// bytes) and a short loop. `None` when `buf` has less room than that. Plain values in and
+/// out (no writer behind a pointer), so a caller's position stays in a register.
+#[inline(always)]
+pub(crate) fn put_varint(buf: &mut [u8], at: usize, mut n: u64) -> Option<usize> {
+    if n < 0x80 {
+        *buf.get_mut(at)? = n as u8;
+        return Some(at + 1);
+    }
+    let dst = buf.get_mut(at..)?.first_chunk_mut::<10>()?;
+    let mut i = 0;
+    while n >= 0x80 && i < 9 {
+        dst[i] = (n as u8) | 0x80;
+        n >>= 7;
+        i += 1;
+    }
+    dst[i] = n as u8;
+    Some(at + i + 1)
 }
 
 /// Zigzag encoding of a signed integer (postcard's, so small magnitudes stay short).

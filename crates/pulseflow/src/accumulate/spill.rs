@@ -62,8 +62,10 @@ const PROBE_MAX: u32 = 1024;
 pub enum Compression {
     /// Compress a block when that is expected to save more write time than it costs: the
     /// store keeps running estimates of LZ4's time and savings per byte and of the file's
-    /// write time per byte. On a page cache or a fast disk LZ4 does not pay; on a slow disk
-    /// (or one the kernel throttles) it does.
+    /// write time per byte (LZ4's from a probe block now and then, less often while it does
+    /// not pay; the write time from every write). On a page cache or a fast disk LZ4 does not
+    /// pay; on a slow disk (or one the kernel throttles) it does. Blocks before the first
+    /// write (the first 256 KiB) are stored raw, but for the first probe.
     #[default]
     Auto,
     /// Compress every block (kept raw only when LZ4 does not make it smaller).
