@@ -14,10 +14,22 @@ use pulseflow::memory::MemoryBudget;
 use pulseflow::metrics::StageRuntimeState;
 use pulseflow::prelude::*;
 
-/// Count and sum per key; complete at `complete_at` items.
+/// Count and sum per key; complete at `complete_at` items. With `scribble`, `check`
+/// overwrites the key (the stage puts it back when the key is not done; a complete output
+/// takes it as it is).
 #[derive(Clone)]
 struct CountSum {
     complete_at: u64,
+    scribble: bool,
+}
+
+impl CountSum {
+    fn at(complete_at: u64) -> Self {
+        Self {
+            complete_at,
+            scribble: false,
+        }
+    }
 }
 
 impl Accumulator for CountSum {
@@ -44,6 +56,9 @@ impl Accumulator for CountSum {
         e: &mut AccumulatorState<u32, (u64, u64)>,
     ) -> CompletenessResult<Self::Out> {
         e.score = e.items as f64 / self.complete_at as f64;
+        if self.scribble {
+            e.key = u32::MAX - e.key;
+        }
         if e.items >= self.complete_at {
             CompletenessResult::Complete((e.key, e.state.0, e.state.1))
         } else {
@@ -147,7 +162,7 @@ async fn ttl_without_partial_flush_discards_and_counts() {
     )
     .accumulate(
         "sum",
-        CountSum { complete_at: 3 },
+        CountSum::at(3),
         AccumulatorPolicy::default().with_completeness_ttl(Duration::from_secs(1)),
     )
     .sink("out", sink);
@@ -174,7 +189,7 @@ async fn max_latency_flushes_a_busy_key() {
     p.source("in", sources::stream(Box::pin(items)))
         .accumulate(
             "sum",
-            CountSum { complete_at: 100 },
+            CountSum::at(100),
             AccumulatorPolicy::default()
                 .with_completeness_ttl(Duration::from_secs(3))
                 .with_max_latency(Duration::from_millis(4500))
@@ -203,7 +218,7 @@ async fn end_of_input_flush_and_limits() {
     )
     .accumulate(
         "sum",
-        CountSum { complete_at: 5 },
+        CountSum::at(5),
         AccumulatorPolicy::default()
             .with_max_items(4)
             .with_partial_flush(true),
@@ -228,15 +243,56 @@ async fn end_of_input_flush_and_limits() {
 }
 
 #[tokio::test]
+async fn keys_changed_by_check_do_not_lose_state() {
+    let items = || sources::iter((0..300u64).map(|i| ((i * 7 % 40) as u32, i)));
+    let policy = AccumulatorPolicy::default().with_partial_flush(true);
+    let run = |p: PipelineBuilder| async move {
+        let result = ExecutionEngine::new()
+            .run(p.build().expect("valid"), ExecutionOptions::default())
+            .await;
+        assert!(result.success, "{:?}", result.error);
+        checked(&result);
+    };
+    let mut plain = PipelineBuilder::new("plain");
+    let (sink, plain_out) = sinks::collect();
+    plain
+        .source("in", items())
+        .accumulate("sum", CountSum::at(3), policy.clone())
+        .sink("out", sink);
+    run(plain).await;
+    let mut scribbled = PipelineBuilder::new("scribbled");
+    let (sink, scribbled_out) = sinks::collect();
+    scribbled
+        .source("in", items())
+        .accumulate(
+            "sum",
+            CountSum {
+                scribble: true,
+                ..CountSum::at(3)
+            },
+            policy,
+        )
+        .sink("out", sink);
+    run(scribbled).await;
+    let mut expected = plain_out.items();
+    let mut got = scribbled_out.items();
+    // Complete outputs took the scribbled key; the end-of-input flush sees the real one.
+    for out in [&mut expected, &mut got] {
+        for o in out.iter_mut() {
+            o.0 = o.0.min(u32::MAX - o.0);
+        }
+        out.sort();
+    }
+    assert_eq!(got.len(), expected.len());
+    assert_eq!(got, expected);
+}
+
+#[tokio::test]
 async fn end_of_input_without_partial_flush_discards() {
     let mut p = PipelineBuilder::new("eoi-discard");
     let (sink, got) = sinks::collect();
     p.source("in", sources::iter((0..10u64).map(|i| ((i % 4) as u32, i))))
-        .accumulate(
-            "sum",
-            CountSum { complete_at: 3 },
-            AccumulatorPolicy::default(),
-        )
+        .accumulate("sum", CountSum::at(3), AccumulatorPolicy::default())
         .sink("out", sink);
     let result = ExecutionEngine::new()
         .run(p.build().expect("valid"), ExecutionOptions::default())
@@ -256,11 +312,7 @@ async fn parallel_workers_keep_each_key_on_one_worker() {
         "in",
         sources::iter((0..10_000u64).map(|i| ((i % 100) as u32, i))),
     )
-    .accumulate_with(
-        "sum",
-        || CountSum { complete_at: 100 },
-        AccumulatorPolicy::default(),
-    )
+    .accumulate_with("sum", || CountSum::at(100), AccumulatorPolicy::default())
     .parallelism(ParallelismHint::Fixed(3))
     .sink("out", sink);
     let result = ExecutionEngine::new()
@@ -287,7 +339,7 @@ fn run_sum(
         p.source("in", sources::iter(items))
             .accumulate(
                 "sum",
-                CountSum { complete_at: 4 },
+                CountSum::at(4),
                 AccumulatorPolicy::default()
                     .with_partial_flush(true)
                     .with_spill(true),
@@ -386,7 +438,7 @@ async fn run_spilling(
     p.source("in", sources::stream(Box::pin(items)))
         .accumulate(
             "sum",
-            CountSum { complete_at: 2 },
+            CountSum::at(2),
             AccumulatorPolicy::default()
                 .with_partial_flush(true)
                 .with_spill(true)
@@ -438,7 +490,7 @@ async fn spilled_keys_expire_on_their_ttl() {
     )
     .accumulate(
         "sum",
-        CountSum { complete_at: 4 },
+        CountSum::at(4),
         AccumulatorPolicy::default()
             .with_completeness_ttl(Duration::from_secs(10))
             .with_partial_flush(true)

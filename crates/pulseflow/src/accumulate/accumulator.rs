@@ -7,6 +7,7 @@ use std::hash::Hash;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::codec::{Full, SliceWriter, put_varint, zigzag};
 use super::spill::SpillError;
 use crate::envelope::{Envelope, Timestamp};
 use crate::error::StageError;
@@ -88,7 +89,8 @@ pub trait Accumulator: Send + 'static {
     fn update(&mut self, state: &mut Self::State, item: Envelope<Self::In>);
 
     /// Whether the key is complete, after each update. May set `entry.score`. On `Complete`
-    /// the state is dropped afterwards, so the output may take parts of it out.
+    /// (or `Expired`) the state is dropped afterwards, so the output may take parts of it out,
+    /// the key included. On `Incomplete` a changed `entry.key` is put back.
     fn check(
         &mut self,
         entry: &mut AccumulatorState<Self::Key, Self::State>,
@@ -106,8 +108,9 @@ pub trait Accumulator: Send + 'static {
 
     /// Encodes an entry for spilling, appending to `out` (the spill store's block buffer:
     /// write straight into it, no intermediate buffer). The default writes the entry's
-    /// `postcard` encoding, the stage's own fields by hand and key and state through serde
-    /// (several times faster than serialising the whole struct through serde).
+    /// `postcard` encoding in place: key and state through serde with a serializer of
+    /// postcard's format that writes each byte where it belongs, the stage's own fields
+    /// directly (several times faster than `postcard::to_extend` on the whole struct).
     fn encode(
         &self,
         entry: &AccumulatorState<Self::Key, Self::State>,
@@ -157,45 +160,103 @@ impl postcard::ser_flavors::Flavor for Extend<'_> {
 /// Bytes the stage's own fields take at most: five varints, an `f64` and a `bool`.
 const HEAD_MAX: usize = 5 * 10 + 8 + 1;
 
-/// Writes `n` as a LEB128 varint (postcard's integer encoding) at `at`; returns the new end.
-#[inline(always)]
-fn put_varint(buf: &mut [u8; HEAD_MAX], mut at: usize, mut n: u64) -> usize {
-    while n >= 0x80 {
-        buf[at] = (n as u8) | 0x80;
-        n >>= 7;
-        at += 1;
-    }
-    buf[at] = n as u8;
-    at + 1
-}
+/// Room made for a record on the first try: most small states fit; a larger one is retried
+/// with more room (each try starts over), up to [`ROOM_MAX`], then goes through `postcard`.
+const ROOM_FIRST: usize = 64;
+const ROOM_MAX: usize = 64 << 10;
 
 /// The `postcard` encoding of an entry, appended to `out`: the same bytes as
-/// `postcard::to_extend(entry, ..)` (a struct is its fields in order), with only the key and
-/// the state going through serde. The stage's fields are written in place into room made at
-/// the end of `out` (no per-byte capacity checks, no copy), then `out` is cut to length.
+/// `postcard::to_extend(entry, ..)` (a struct is its fields in order).
+///
+/// Fast path: room is made at the end of `out` and key, state (through serde, with
+/// [`SliceWriter`], a serializer of postcard's format) and the stage's own fields are written
+/// into it in place, then `out` is cut to length. When the room is too small it is retried
+/// with more; when serde reports an error, `postcard` itself encodes the record (and names
+/// the error).
 pub(crate) fn encode_entry<K: Serialize, S: Serialize>(
+    e: &AccumulatorState<K, S>,
+    out: &mut Vec<u8>,
+) -> Result<(), SpillError> {
+    let start = out.len();
+    // A constant-size room: a few vector stores, no `memset` call.
+    out.extend_from_slice(&[0; ROOM_FIRST]);
+    if let Some(Ok(n)) = out.get_mut(start..).map(|buf| write_entry(e, buf)) {
+        out.truncate(start + n);
+        return Ok(());
+    }
+    encode_entry_large(e, out, start)
+}
+
+/// [`encode_entry`] for a record larger than the first room (kept out of line: a retry loop
+/// around the fast path makes the compiler precompute every byte of every varint up front).
+#[cold]
+#[inline(never)]
+fn encode_entry_large<K: Serialize, S: Serialize>(
+    e: &AccumulatorState<K, S>,
+    out: &mut Vec<u8>,
+    start: usize,
+) -> Result<(), SpillError> {
+    let mut room = ROOM_FIRST * 8;
+    while room <= ROOM_MAX {
+        out.resize(start + room, 0);
+        if let Some(Ok(n)) = out.get_mut(start..).map(|buf| write_entry(e, buf)) {
+            out.truncate(start + n);
+            return Ok(());
+        }
+        room *= 8;
+    }
+    out.truncate(start);
+    encode_entry_postcard(e, out)
+}
+
+/// Key, state and the stage's fields, in the struct's order, into `buf`; the bytes written.
+///
+/// The stage's fields are written with plain positions, not through the writer: the writer
+/// is lent to serde's code (which the compiler may keep out of line, so the writer lives in
+/// memory and every byte would wait for its position to be stored and loaded again).
+#[inline(always)]
+fn write_entry<K: Serialize, S: Serialize>(
+    e: &AccumulatorState<K, S>,
+    buf: &mut [u8],
+) -> Result<usize, Full> {
+    let mut w = SliceWriter::new(buf);
+    e.key.serialize(&mut w)?;
+    e.state.serialize(&mut w)?;
+    let start = w.len();
+    let end = write_head(e, w.into_rest()).ok_or(Full)?;
+    Ok(start + end)
+}
+
+/// The stage's own fields of an entry (postcard: five varints, an `f64`, a `bool`) at the
+/// start of `buf`; where they end, or `None` without room.
+#[inline(always)]
+fn write_head<K, S>(e: &AccumulatorState<K, S>, buf: &mut [u8]) -> Option<usize> {
+    let mut at = put_varint(buf, 0, e.items)?;
+    at = put_varint(buf, at, e.bytes)?;
+    at = put_varint(buf, at, zigzag(e.first_ts))?;
+    at = put_varint(buf, at, zigzag(e.last_ts))?;
+    at = put_varint(buf, at, e.last_seq)?;
+    let tail = buf.get_mut(at..at + 9)?;
+    tail[..8].copy_from_slice(&e.score.to_bits().to_le_bytes());
+    tail[8] = u8::from(e.spilled);
+    Some(at + 9)
+}
+
+/// The slow path of [`encode_entry`]: key and state through `postcard`, the stage's fields
+/// by hand into room made at the end of `out`.
+fn encode_entry_postcard<K: Serialize, S: Serialize>(
     e: &AccumulatorState<K, S>,
     out: &mut Vec<u8>,
 ) -> Result<(), SpillError> {
     postcard::serialize_with_flavor(&(&e.key, &e.state), Extend(out))
         .map_err(|err| SpillError::Encode(err.to_string()))?;
-    let zigzag = |v: i64| ((v << 1) ^ (v >> 63)) as u64;
     let start = out.len();
     out.resize(start + HEAD_MAX, 0);
-    let Some(head) = out
+    let end = out
         .get_mut(start..)
-        .and_then(|b| <&mut [u8; HEAD_MAX]>::try_from(b).ok())
-    else {
-        return Err(SpillError::Encode("encode buffer".into()));
-    };
-    let mut n = put_varint(head, 0, e.items);
-    n = put_varint(head, n, e.bytes);
-    n = put_varint(head, n, zigzag(e.first_ts));
-    n = put_varint(head, n, zigzag(e.last_ts));
-    n = put_varint(head, n, e.last_seq);
-    head[n..n + 8].copy_from_slice(&e.score.to_bits().to_le_bytes());
-    head[n + 8] = u8::from(e.spilled);
-    out.truncate(start + n + 9);
+        .and_then(|head| write_head(e, head))
+        .ok_or_else(|| SpillError::Encode("encode buffer".into()))?;
+    out.truncate(start + end);
     Ok(())
 }
 
@@ -232,10 +293,16 @@ mod tests {
         for e in entries {
             check(e);
         }
+        // A state larger than all the room the fast path tries: encoded by postcard.
+        check(large(1u8, vec![u64::MAX; 7000]));
         // A state larger than the room made up front.
-        check(AccumulatorState {
-            key: "k".repeat(300),
-            state: vec![7u64 << 30; 100],
+        check(large("k".repeat(300), vec![7u64 << 30; 100]));
+    }
+
+    fn large<K, S>(key: K, state: S) -> AccumulatorState<K, S> {
+        AccumulatorState {
+            key,
+            state,
             items: 1,
             bytes: 2,
             first_ts: 3,
@@ -243,7 +310,7 @@ mod tests {
             last_seq: 5,
             score: 1.0,
             spilled: false,
-        });
+        }
     }
 
     fn check<K, S>(e: AccumulatorState<K, S>)
@@ -251,11 +318,15 @@ mod tests {
         K: Serialize + DeserializeOwned + PartialEq + Debug,
         S: Serialize + DeserializeOwned + PartialEq + Debug,
     {
-        {
+        let expected = postcard::to_allocvec(&e).expect("postcard");
+        for slow in [false, true] {
             let mut out = vec![42];
-            encode_entry(&e, &mut out).expect("encode");
-            let expected = postcard::to_allocvec(&e).expect("postcard");
-            assert_eq!(out[1..], expected[..]);
+            if slow {
+                encode_entry_postcard(&e, &mut out).expect("encode");
+            } else {
+                encode_entry(&e, &mut out).expect("encode");
+            }
+            assert_eq!(out[1..], expected[..], "slow path: {slow}");
             let back: AccumulatorState<K, S> = postcard::from_bytes(&out[1..]).expect("decode");
             assert_eq!(back, e);
         }

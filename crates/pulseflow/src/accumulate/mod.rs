@@ -73,6 +73,7 @@
 //! ```
 
 mod accumulator;
+mod codec;
 mod completeness;
 mod policy;
 mod spill;

@@ -50,16 +50,22 @@ const MAX_RECORD: usize = 256 << 20;
 /// Largest raw block (a record above [`BLOCK`] gets a block of its own).
 const MAX_BLOCK: usize = MAX_RECORD + BLOCK + 8;
 /// Under [`Compression::Auto`], every this many blocks one is compressed to refresh the
-/// estimate of what compression costs and saves.
+/// estimate of what compression costs and saves; while compression does not pay, the
+/// interval doubles after each probe, up to [`PROBE_MAX`] blocks (4 MiB). The decision itself
+/// is taken at every block from the latest estimates, so a disk turning slow flips it at
+/// once (write time is measured at every write).
 const PROBE_EVERY: u32 = 32;
+const PROBE_MAX: u32 = 1024;
 
 /// Whether the spill store compresses its blocks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Compression {
     /// Compress a block when that is expected to save more write time than it costs: the
     /// store keeps running estimates of LZ4's time and savings per byte and of the file's
-    /// write time per byte. On a page cache or a fast disk LZ4 does not pay; on a slow disk
-    /// (or one the kernel throttles) it does.
+    /// write time per byte (LZ4's from a probe block now and then, less often while it does
+    /// not pay; the write time from every write). On a page cache or a fast disk LZ4 does not
+    /// pay; on a slow disk (or one the kernel throttles) it does. Blocks before the first
+    /// write (the first 256 KiB) are stored raw, but for the first probe.
     #[default]
     Auto,
     /// Compress every block (kept raw only when LZ4 does not make it smaller).
@@ -76,6 +82,8 @@ struct CostModel {
     /// Fraction of the bytes LZ4 saves.
     saved: f64,
     since_probe: u32,
+    /// Blocks between probes (0 until the first probe: [`PROBE_EVERY`]).
+    interval: u32,
 }
 
 impl CostModel {
@@ -83,15 +91,33 @@ impl CostModel {
         old.map_or(new, |o| 0.75 * o + 0.25 * new)
     }
 
+    /// Whether to compress the next block: a probe every so many blocks (and the first
+    /// block), otherwise what the estimates say.
     fn should_compress(&mut self) -> bool {
         self.since_probe += 1;
-        match (self.write_ns, self.lz4_ns) {
-            (Some(w), Some(c)) if self.since_probe < PROBE_EVERY => c < w * self.saved,
-            _ => {
-                self.since_probe = 0;
-                true
-            }
+        if self.lz4_ns.is_none() || self.since_probe >= self.interval.max(PROBE_EVERY) {
+            self.since_probe = 0;
+            return true;
         }
+        self.pays()
+    }
+
+    /// Whether compressing saves more write time than it costs, by the latest estimates.
+    /// Until the first write has measured the write time, blocks go raw (except the probes).
+    fn pays(&self) -> bool {
+        match (self.write_ns, self.lz4_ns) {
+            (Some(w), Some(c)) => c < w * self.saved,
+            _ => false,
+        }
+    }
+
+    /// After a probe: probes come less often while compression does not pay.
+    fn probed(&mut self) {
+        self.interval = if self.write_ns.is_none() || self.pays() {
+            PROBE_EVERY
+        } else {
+            (self.interval.max(PROBE_EVERY / 2) * 2).min(PROBE_MAX)
+        };
     }
 }
 
@@ -231,6 +257,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpillError + '_ {
     }
 }
 
+fn too_many_blocks() -> SpillError {
+    SpillError::Encode("spill log has too many blocks".into())
+}
+
 /// Appends `n` as LEB128.
 fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
@@ -327,45 +357,34 @@ impl SpillStore {
     /// Appends a record written by `encode` straight into the open block (no intermediate
     /// buffer): `encode` appends the record's bytes to the vector it is given. On an error the
     /// partial record is removed.
+    #[inline]
     pub fn append_with(
         &mut self,
         encode: impl FnOnce(&mut Vec<u8>) -> Result<(), SpillError>,
     ) -> Result<RecordRef, SpillError> {
-        let block = u32::try_from(self.blocks.len())
-            .map_err(|_| SpillError::Encode("spill log has too many blocks".into()))?;
+        let Ok(block) = u32::try_from(self.blocks.len()) else {
+            return Err(too_many_blocks());
+        };
         let mark = self.buffer.len();
         if mark == self.open_start {
             self.buffer.extend_from_slice(&[0; HEADER]);
         }
-        let data = self.open_start + HEADER;
         let start = self.buffer.len();
         // One byte for the length: enough for records under 128 bytes (the common case),
-        // widened below otherwise.
+        // widened otherwise.
         self.buffer.push(0);
         if let Err(e) = encode(&mut self.buffer) {
             self.buffer.truncate(mark);
             return Err(e);
         }
         let len = self.buffer.len() - start - 1;
-        if len > MAX_RECORD {
-            self.buffer.truncate(mark);
-            return Err(SpillError::Encode(format!(
-                "state of {len} bytes exceeds the {MAX_RECORD}-byte record limit"
-            )));
-        }
-        if len < 0x80 {
-            self.buffer[start] = len as u8;
-        } else {
-            let mut prefix = Vec::with_capacity(10);
-            put_varint(&mut prefix, len as u64);
-            let extra = prefix.len() - 1;
-            self.buffer.resize(self.buffer.len() + extra, 0);
-            self.buffer
-                .copy_within(start + 1..start + 1 + len, start + prefix.len());
-            self.buffer[start..start + prefix.len()].copy_from_slice(&prefix);
+        match self.buffer.get_mut(start) {
+            Some(prefix) if len < 0x80 => *prefix = len as u8,
+            _ => self.widen_length(mark, start, len)?,
         }
         self.stats.records += 1;
         self.stats.raw_bytes += len as u64;
+        let data = self.open_start + HEADER;
         let at = RecordRef {
             block,
             pos: (start - data) as u32,
@@ -376,7 +395,29 @@ impl SpillStore {
         Ok(at)
     }
 
+    /// A record of 128 bytes or more written by [`SpillStore::append_with`] behind a
+    /// one-byte length: moved up to make room for its full length (or removed when too large).
+    #[cold]
+    #[inline(never)]
+    fn widen_length(&mut self, mark: usize, start: usize, len: usize) -> Result<(), SpillError> {
+        if len > MAX_RECORD {
+            self.buffer.truncate(mark);
+            return Err(SpillError::Encode(format!(
+                "state of {len} bytes exceeds the {MAX_RECORD}-byte record limit"
+            )));
+        }
+        let mut prefix = Vec::with_capacity(10);
+        put_varint(&mut prefix, len as u64);
+        let extra = prefix.len() - 1;
+        self.buffer.resize(self.buffer.len() + extra, 0);
+        self.buffer
+            .copy_within(start + 1..start + 1 + len, start + prefix.len());
+        self.buffer[start..start + prefix.len()].copy_from_slice(&prefix);
+        Ok(())
+    }
+
     /// Appends a record to the open block and says where it is.
+    #[inline]
     pub fn append(&mut self, raw: &[u8]) -> Result<RecordRef, SpillError> {
         if raw.len() > MAX_RECORD {
             return Err(SpillError::Encode(format!(
@@ -384,8 +425,7 @@ impl SpillStore {
                 raw.len()
             )));
         }
-        let block = u32::try_from(self.blocks.len())
-            .map_err(|_| SpillError::Encode("spill log has too many blocks".into()))?;
+        let block = u32::try_from(self.blocks.len()).map_err(|_| too_many_blocks())?;
         if self.buffer.len() == self.open_start {
             // A new block: room for its header.
             self.buffer.extend_from_slice(&[0; HEADER]);
@@ -407,6 +447,7 @@ impl SpillStore {
 
     /// Closes the open block: compresses it in place when that is worth it, fills in its
     /// header.
+    #[inline(never)]
     fn seal(&mut self) -> Result<(), SpillError> {
         if self.buffer.len() == self.open_start {
             return Ok(());
@@ -430,6 +471,9 @@ impl SpillStore {
             if let Ok(n) = packed {
                 let saved = 1.0 - (n as f64 / raw_len as f64).min(1.0);
                 self.costs.saved = 0.75 * self.costs.saved + 0.25 * saved;
+                if self.compression == Compression::Auto {
+                    self.costs.probed();
+                }
                 if n < raw_len {
                     self.buffer.truncate(data);
                     self.buffer.extend_from_slice(&self.scratch[..n]);
@@ -795,6 +839,31 @@ mod tests {
             assert_eq!(*at, refs[i]);
             assert_eq!(bytes, format!("r{i}").as_bytes());
         }
+    }
+
+    #[test]
+    fn auto_probes_back_off_while_compression_does_not_pay() {
+        // Writes at 0.3 ns/byte, LZ4 at 4 ns/byte saving half: compression does not pay.
+        let mut m = CostModel::default();
+        let mut probes = 0;
+        for block in 0..10_000 {
+            if m.should_compress() {
+                probes += 1;
+                m.lz4_ns = Some(4.0);
+                m.saved = 0.5;
+                m.probed();
+            }
+            if block == 64 {
+                m.write_ns = Some(0.3);
+            }
+        }
+        // 32 blocks apart at first, then 64, 128, ... 1024: a few dozen, not 10 000 / 32.
+        assert!((10..=40).contains(&probes), "{probes} probes");
+        // The disk turns slow (20 ns/byte): the very next block is compressed.
+        m.write_ns = Some(20.0);
+        assert!(m.should_compress());
+        m.probed();
+        assert_eq!(m.interval, PROBE_EVERY);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::downstream::{Downstream, EdgeOut};
 use super::failure::Failures;
 use super::wiring::Wiring;
 use super::workers::{BUSY_SLICE, Pacer};
-use crate::accumulate::table::{ClockTable, Shards};
+use crate::accumulate::table::{ClockTable, Keyed, Shards};
 use crate::accumulate::{
     Accumulator, AccumulatorPolicy, AccumulatorState, CompletenessResult, RecordRef, SpillError,
     SpillStore, block_records,
@@ -133,6 +133,13 @@ struct Resident<K, S> {
     times: Option<Box<Times>>,
 }
 
+impl<K, S> Keyed<K> for Resident<K, S> {
+    #[inline]
+    fn key(&self) -> &K {
+        &self.acc.key
+    }
+}
+
 /// A key on disk: 24 bytes besides the key (its deadlines are kept apart, and only when the
 /// policy has deadlines). Aligned to 4 so a `u32` key and its entry take 28 bytes in the
 /// index, not 32 (fields are only ever copied out, never borrowed).
@@ -221,6 +228,31 @@ pub(crate) struct AccStage<A: Accumulator> {
     figures: Arc<AccFigures>,
     ops: Ops,
     buf: Vec<u8>,
+    headers: Headers,
+}
+
+/// The headers of emitted envelopes, built once per score and spilled flag and shared by
+/// the outputs that carry the same (an output's headers cost no allocation of their own; the
+/// envelope copies them if someone sets another header).
+#[derive(Default)]
+struct Headers {
+    /// The latest headers built, for a key never spilled and for a spilled one: the score's
+    /// bits and an envelope carrying them.
+    last: [Option<(u64, Envelope<()>)>; 2],
+}
+
+impl Headers {
+    fn get(&mut self, score: f64, spilled: bool) -> Option<&Envelope<()>> {
+        let slot = &mut self.last[usize::from(spilled)];
+        let bits = score.to_bits();
+        if slot.as_ref().is_none_or(|(b, _)| *b != bits) {
+            let mut env = Envelope::new(());
+            env.set_header("acc.completeness", format!("{score:.3}"));
+            env.set_header("acc.spilled", if spilled { "true" } else { "false" });
+            *slot = Some((bits, env));
+        }
+        slot.as_ref().map(|(_, env)| env)
+    }
 }
 
 impl<A: Accumulator> AccStage<A> {
@@ -253,6 +285,7 @@ impl<A: Accumulator> AccStage<A> {
             ctx,
             figures,
             buf: Vec::new(),
+            headers: Headers::default(),
         }
     }
 
@@ -277,8 +310,15 @@ impl<A: Accumulator> AccStage<A> {
     /// User code panicked while folding item `seq` into `key`: the key's state may be
     /// half-updated, so it is dropped; the item fails under the error policy and the key's
     /// earlier items are absorbed into that failure.
-    fn poisoned(&mut self, key: &A::Key, seq: u64, error: StageError, tally: &mut Tally) {
-        let items = self.take(key).map_or(1, |r| r.acc.items);
+    fn poisoned(
+        &mut self,
+        key: &A::Key,
+        slot: u32,
+        seq: u64,
+        error: StageError,
+        tally: &mut Tally,
+    ) {
+        let items = self.take_slot(key, slot).map_or(1, |r| r.acc.items);
         self.fail(ItemFailure::consumed(seq, error), tally);
         tally.absorbed += items.saturating_sub(1);
     }
@@ -349,30 +389,39 @@ impl<A: Accumulator> AccStage<A> {
                 verdict
             }
             Err(panic) => {
-                self.poisoned(&key, seq, StageError::from_panic(&*panic), tally);
+                self.poisoned(&key, slot, seq, StageError::from_panic(&*panic), tally);
                 return;
             }
         };
-        let Some(a) = self.table.get_mut(slot).map(|r| &r.acc) else {
+        let Some(a) = self.table.get_mut(slot).map(|r| &mut r.acc) else {
             return;
         };
         let over = self.policy.max_items.is_some_and(|m| a.items >= m)
             || self.policy.max_bytes.is_some_and(|m| a.bytes >= m);
         match verdict {
-            CompletenessResult::Incomplete if !over => {}
+            CompletenessResult::Incomplete if !over => {
+                // The key stays: the table finds the state by the key it holds.
+                if a.key != key {
+                    a.key = key;
+                }
+            }
             CompletenessResult::Incomplete => {
-                if let Some(r) = self.take(&key) {
+                if let Some(r) = self.take_slot(&key, slot) {
                     self.flush_entry(r, Action::PartialFlush, out, tally);
                 }
             }
             CompletenessResult::Complete(output) => {
-                let Some(r) = self.take(&key) else { return };
+                let Some(r) = self.take_slot(&key, slot) else {
+                    return;
+                };
                 let mut meta = Meta::of(&r.acc);
                 meta.score = 1.0;
                 self.emit(output, meta, Action::Completed, out, tally);
             }
             CompletenessResult::Expired(output) => {
-                let Some(r) = self.take(&key) else { return };
+                let Some(r) = self.take_slot(&key, slot) else {
+                    return;
+                };
                 let meta = Meta::of(&r.acc);
                 match output {
                     Some(o) if self.policy.partial_flush => {
@@ -407,11 +456,11 @@ impl<A: Accumulator> AccStage<A> {
             None => {
                 let state = catch_unwind(AssertUnwindSafe(|| self.acc.create(&key)))
                     .map_err(|panic| StageError::from_panic(&*panic))?;
-                self.fresh(key.clone(), state, now)
+                self.fresh(key, state, now)
             }
         };
         self.resident_bytes += self.mem_of(&resident);
-        Ok(self.table.insert(key, resident))
+        Ok(self.table.insert(resident))
     }
 
     /// A new key's entry, with its deadline armed.
@@ -505,12 +554,25 @@ impl<A: Accumulator> AccStage<A> {
 
     /// Removes a resident key, with its reservation and deadline.
     fn take(&mut self, key: &A::Key) -> Option<Resident<A::Key, A::State>> {
-        let mut r = self.table.remove(key)?;
+        let r = self.table.remove(key)?;
+        Some(self.release(r))
+    }
+
+    /// [`AccStage::take`] for the key found at `slot` (after user code ran on its state,
+    /// which may have taken the key out of it: the table finds the slot's entry by `key`'s
+    /// hash and the slot, not by comparing keys).
+    fn take_slot(&mut self, key: &A::Key, slot: u32) -> Option<Resident<A::Key, A::State>> {
+        let r = self.table.remove_slot(key, slot)?;
+        Some(self.release(r))
+    }
+
+    /// A key's reservation and deadline, given back as it leaves the table.
+    fn release(&mut self, mut r: Resident<A::Key, A::State>) -> Resident<A::Key, A::State> {
         self.resident_bytes = self.resident_bytes.saturating_sub(self.mem_of(&r));
         if let Some(t) = r.times.as_mut().and_then(|t| t.timer.take()) {
             self.timers.remove(&t);
         }
-        Some(r)
+        r
     }
 
     /// A key flushed before completion: emitted partially when the policy allows, otherwise
@@ -553,8 +615,9 @@ impl<A: Accumulator> AccStage<A> {
                 bytes: u32::try_from(meta.bytes).unwrap_or(u32::MAX),
                 cpu_hint: 0.0,
             });
-        env.set_header("acc.completeness", format!("{:.3}", meta.score));
-        env.set_header("acc.spilled", if meta.spilled { "true" } else { "false" });
+        if let Some(headers) = self.headers.get(meta.score, meta.spilled) {
+            env.share_extras(headers);
+        }
         out.push(env);
         tally.absorbed += meta.items.saturating_sub(1);
         match action {
@@ -642,7 +705,7 @@ impl<A: Accumulator> AccStage<A> {
         let mut spilled = 0u64;
         let mut slice = Slice::new();
         while self.resident_bytes > goal {
-            let Some(mut r) = self.table.evict(|r| &r.acc.key) else {
+            let Some(mut r) = self.table.evict() else {
                 break;
             };
             self.resident_bytes = self.resident_bytes.saturating_sub(self.mem_of(&r));

@@ -2,7 +2,9 @@
 //! envelopes across an edge at once.
 //!
 //! An envelope with no headers, attributes or trace context allocates nothing beyond its
-//! payload: the optional parts live behind one lazily allocated box.
+//! payload: the optional parts live behind one lazily allocated, shared pointer (copied on
+//! write, so cloning or deriving an envelope does not copy its headers, and a stage can give
+//! many outputs the same headers without allocating them for each).
 //!
 //! ```
 //! use pulseflow::envelope::{Envelope, TraceContext};
@@ -24,6 +26,7 @@ pub use batch::Batch;
 pub use trace::TraceContext;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch.
@@ -80,7 +83,7 @@ pub struct Envelope<T> {
     pub timestamp: Timestamp,
     /// Size and CPU weight.
     pub cost: Cost,
-    extras: Option<Box<Extras>>,
+    extras: Option<Arc<Extras>>,
 }
 
 impl<T> Envelope<T> {
@@ -154,7 +157,14 @@ impl<T> Envelope<T> {
     }
 
     fn extras_mut(&mut self) -> &mut Extras {
-        self.extras.get_or_insert_with(Box::default)
+        Arc::make_mut(self.extras.get_or_insert_with(Arc::default))
+    }
+
+    /// Gives this envelope the headers, attributes and trace context of `other` (replacing
+    /// its own), shared: no allocation, whatever they hold. Setting one afterwards copies
+    /// them first.
+    pub(crate) fn share_extras<U>(&mut self, other: &Envelope<U>) {
+        self.extras.clone_from(&other.extras);
     }
 
     /// The trace context, if the item is traced.
@@ -231,5 +241,21 @@ mod tests {
             assert_eq!(e.header("k"), Some("v"));
             assert_eq!(e.attr("n"), Some(&AttrValue::Int(5)));
         }
+    }
+
+    #[test]
+    fn shared_extras_are_copied_on_write() {
+        let mut template = Envelope::new(());
+        template.set_header("k", "v");
+        let mut a = Envelope::new(1u8);
+        let mut b = Envelope::new(2u8);
+        a.share_extras(&template);
+        b.share_extras(&template);
+        b.set_header("k", "w");
+        assert_eq!(a.header("k"), Some("v"));
+        assert_eq!(b.header("k"), Some("w"));
+        assert_eq!(template.header("k"), Some("v"));
+        a.share_extras(&Envelope::new(()));
+        assert!(!a.has_extras());
     }
 }
