@@ -23,6 +23,19 @@ fn supervisor(isolation: bool) -> (Supervisor, tokio_pulse::clock::ManualClock) 
     (supervisor, mock)
 }
 
+/// Runs `p` under `supervisor` in batches of 256 and checks that it succeeded and reconciles.
+async fn run_in_batches_of_256(p: PipelineBuilder, supervisor: Supervisor) -> PipelineResult {
+    let options = ExecutionOptions::default()
+        .with_batch_size(256)
+        .with_supervision(Supervision::With(supervisor));
+    let r = ExecutionEngine::new()
+        .run(p.build().expect("valid"), options)
+        .await;
+    assert!(r.success, "{:?}", r.error);
+    assert!(r.accounting.reconciles());
+    r
+}
+
 #[tokio::test]
 async fn a_hogging_stage_yields_in_chunks_while_the_others_stay_monitored() {
     let (supervisor, mock) = supervisor(false);
@@ -35,14 +48,7 @@ async fn a_hogging_stage_yields_in_chunks_while_the_others_stay_monitored() {
             x
         })
         .sink("out", sink);
-    let options = ExecutionOptions::default()
-        .with_batch_size(256)
-        .with_supervision(Supervision::With(supervisor));
-    let r = ExecutionEngine::new()
-        .run(p.build().expect("valid"), options)
-        .await;
-    assert!(r.success, "{:?}", r.error);
-    assert!(r.accounting.reconciles());
+    let r = run_in_batches_of_256(p, supervisor).await;
     assert_eq!(got.len(), 5120);
     let hog = r.stage("hog").expect("stage");
     assert_eq!(hog.tier, Some(Tier::Yield));
@@ -126,4 +132,88 @@ async fn without_isolation_a_cpu_hog_stops_at_yield_on_the_real_clocks() {
     // quiet machine; a busy one spaces the polls out and scores decay), never to Isolate.
     let tier = r.stage("hog").and_then(|s| s.tier);
     assert!(matches!(tier, Some(Tier::Warn | Tier::Yield)), "{tier:?}");
+}
+
+/// A source that "costs" 2 ms of the supervisor's clock per item.
+struct HogSource {
+    next: u64,
+    end: u64,
+    mock: tokio_pulse::clock::ManualClock,
+}
+
+impl Source for HogSource {
+    type Item = u64;
+
+    async fn produce(&mut self, out: &mut SourceOutput<u64>) -> Result<SourceStatus, StageError> {
+        while !out.is_full() && self.next < self.end {
+            self.mock.increment(Duration::from_millis(2));
+            out.push(self.next);
+            self.next += 1;
+        }
+        Ok(if self.next < self.end {
+            SourceStatus::More
+        } else {
+            SourceStatus::Done
+        })
+    }
+}
+
+/// A sink that "costs" 2 ms per item and counts its flushes.
+struct HogSink {
+    mock: tokio_pulse::clock::ManualClock,
+    flushes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    items: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Sink for HogSink {
+    type Item = u64;
+
+    async fn write(&mut self, _item: Envelope<u64>) -> Result<(), ItemFailure<u64>> {
+        self.mock.increment(Duration::from_millis(2));
+        self.items
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), StageError> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_source_at_yield_still_sends_whole_batches_and_a_sink_flushes_once_per_batch() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let (supervisor, mock) = supervisor(false);
+    let flushes = Arc::new(AtomicU64::new(0));
+    let items = Arc::new(AtomicU64::new(0));
+    let mut p = PipelineBuilder::new("hogs");
+    p.source(
+        "src",
+        HogSource {
+            next: 0,
+            end: 20_480,
+            mock: mock.clone(),
+        },
+    )
+    .sink(
+        "out",
+        HogSink {
+            mock,
+            flushes: flushes.clone(),
+            items: items.clone(),
+        },
+    );
+    let r = run_in_batches_of_256(p, supervisor).await;
+    assert_eq!(items.load(Ordering::Relaxed), 20_480);
+    assert_eq!(r.stage("src").and_then(|s| s.tier), Some(Tier::Yield));
+    let out = r.stage("out").expect("stage");
+    assert_eq!(out.tier, Some(Tier::Yield));
+    // Eighty batches of 256 items, whatever the tiers: the source filled each batch in steps
+    // of 64, and the sink wrote each in chunks of 64 but flushed it once.
+    assert_eq!(flushes.load(Ordering::Relaxed), 80);
+    assert!(out.metrics["batches"] >= 160.0, "{:?}", out.metrics);
 }

@@ -55,20 +55,25 @@ impl<S: Sink> SinkHandler<S> {
         tally.delivered += progress.delivered;
     }
 
+    /// Writes a batch (at Yield, in chunks with a `yield_now` between them), then flushes.
     async fn handle(&mut self, batch: Batch<S::Item>) {
         if super::yielding(&self.failures.stats, batch.len()) {
             let mut rest = batch;
+            let mut pacer = super::workers::Pacer::new();
             while !rest.is_empty() {
                 let chunk = rest.split_front(super::YIELD_CHUNK);
-                self.handle_chunk(chunk).await;
-                tokio::task::yield_now().await;
+                let last = rest.is_empty();
+                self.handle_chunk(chunk, last).await;
+                pacer.after_batch().await;
             }
         } else {
-            self.handle_chunk(batch).await;
+            self.handle_chunk(batch, true).await;
         }
     }
 
-    async fn handle_chunk(&mut self, batch: Batch<S::Item>) {
+    /// Writes the items of `batch`, then flushes the sink when `flush` (the batch's last
+    /// chunk): one flush per batch, however it was split.
+    async fn handle_chunk(&mut self, batch: Batch<S::Item>, flush: bool) {
         let started = Instant::now();
         let n = batch.len() as u64;
         let mut tally = Tally {
@@ -96,8 +101,10 @@ impl<S: Sink> SinkHandler<S> {
                 };
             }
         }
-        if let Err(e) = self.sink.flush().await {
-            self.failures.stage_error(e, &mut tally);
+        if flush {
+            if let Err(e) = self.sink.flush().await {
+                self.failures.stage_error(e, &mut tally);
+            }
         }
         self.failures.stats.add(&tally, Some(started.elapsed()));
     }

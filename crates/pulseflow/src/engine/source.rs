@@ -7,6 +7,7 @@ use tracing::Instrument;
 use super::downstream::Downstream;
 use super::failure::Failures;
 use crate::envelope::{Batch, now_millis};
+use crate::error::StageError;
 use crate::metrics::{StageStatus, Tally};
 use crate::policy::ErrorPolicy;
 use crate::stage::{Source, SourceOutput, SourceStatus, StageContext};
@@ -59,19 +60,16 @@ async fn produce<S: Source>(
             demand = out.demand() => demand,
         };
         let started = Instant::now();
-        // A source that Tokio-Pulse moved to Yield produces small batches.
-        let yielding = super::yielding(&stats, batch_size);
-        let limit = if yielding {
-            super::YIELD_CHUNK.min(batch_size)
-        } else {
-            batch_size
-        }
-        .min(demand);
+        let limit = batch_size.min(demand);
+        // A source that Tokio-Pulse moved to Yield fills its batch in small steps and gives
+        // way between them (every 250 µs of work); downstream still gets whole batches (small ones would multiply
+        // every later stage's per-batch work).
+        let yielding = super::yielding(&stats, limit);
         let mut buf = SourceOutput::new(limit, seq, now_millis());
         let status = tokio::select! {
             biased;
             _ = stop.cancelled() => None,
-            r = source.produce(&mut buf) => Some(r),
+            r = produce_in_steps(source, &mut buf, yielding) => Some(r),
         };
         let (items, next_seq) = buf.finish();
         seq = next_seq;
@@ -109,5 +107,30 @@ async fn produce<S: Source>(
         if status != Some(SourceStatus::More) {
             return;
         }
+    }
+}
+
+/// Lets `source` fill `buf`: in one call, or (`in_steps`) [`super::YIELD_CHUNK`] items per
+/// call, giving way between calls once it has worked for a [`super::workers::BUSY_SLICE`]. Stops early when a call leaves its step short (the
+/// source has nothing more ready now), is done, or fails.
+async fn produce_in_steps<S: Source>(
+    source: &mut S,
+    buf: &mut SourceOutput<S::Item>,
+    in_steps: bool,
+) -> Result<SourceStatus, StageError> {
+    if !in_steps {
+        return source.produce(buf).await;
+    }
+    let total = buf.limit();
+    let mut pacer = super::workers::Pacer::new();
+    loop {
+        let step_end = (buf.len() + super::YIELD_CHUNK).min(total);
+        buf.set_limit(step_end);
+        let status = source.produce(buf).await?;
+        if status == SourceStatus::Done || buf.len() < step_end || step_end == total {
+            buf.set_limit(total);
+            return Ok(status);
+        }
+        pacer.after_batch().await;
     }
 }

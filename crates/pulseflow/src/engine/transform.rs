@@ -119,10 +119,11 @@ impl<X: Transform> TransformHandler<X> {
     async fn handle(&mut self, batch: Batch<X::In>) {
         if super::yielding(self.stats(), batch.len()) {
             let mut rest = batch;
+            let mut pacer = super::workers::Pacer::new();
             while !rest.is_empty() {
                 let chunk = rest.split_front(super::YIELD_CHUNK);
                 self.handle_chunk(chunk).await;
-                tokio::task::yield_now().await;
+                pacer.after_batch().await;
             }
         } else {
             self.handle_chunk(batch).await;

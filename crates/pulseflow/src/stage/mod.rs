@@ -139,6 +139,16 @@ impl<T> SourceOutput<T> {
         }
     }
 
+    /// The most items this call may push in all.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Changes how many items this call may push in all (the engine fills a batch in steps).
+    pub(crate) fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
     /// How many more items this call may push (the engine's batch size).
     #[inline]
     pub fn remaining(&self) -> usize {
