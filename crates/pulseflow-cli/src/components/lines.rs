@@ -11,8 +11,8 @@ use parking_lot::Mutex;
 
 use pulseflow::envelope::Cost;
 use pulseflow::prelude::*;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
+use super::reader::ChunkReader;
 use crate::config::Format;
 
 /// Bytes of raw text kept from an over-long line, for its dead letter.
@@ -224,7 +224,7 @@ impl Lines {
 pub struct LineSource {
     inputs: VecDeque<Input>,
     pattern: Option<String>,
-    reader: Option<Box<dyn AsyncBufRead + Unpin + Send>>,
+    reader: Option<ChunkReader>,
     splitter: Splitter,
     lines: Lines,
     progress: Arc<AtomicU64>,
@@ -260,21 +260,17 @@ impl LineSource {
         let Some(input) = self.inputs.pop_front() else {
             return Ok(false);
         };
-        let (reader, origin): (Box<dyn AsyncBufRead + Unpin + Send>, String) = match input {
+        let (input, origin): (Box<dyn std::io::Read + Send>, String) = match input {
             Input::Path(p) => {
                 let file = tokio::fs::File::open(&p)
                     .await
                     .map_err(|e| StageError::msg(format!("cannot open {}: {e}", p.display())))?;
-                (
-                    Box::new(BufReader::with_capacity(256 << 10, file)),
-                    p.display().to_string(),
-                )
+                (Box::new(file.into_std().await), p.display().to_string())
             }
-            Input::Stdin => (
-                Box::new(BufReader::with_capacity(256 << 10, tokio::io::stdin())),
-                "-".to_owned(),
-            ),
+            Input::Stdin => (Box::new(std::io::stdin()), "-".to_owned()),
         };
+        let reader = ChunkReader::start(input)
+            .map_err(|e| StageError::msg(format!("cannot start reading {origin}: {e}")))?;
         self.reader = Some(reader);
         self.lines.origin = origin_name(origin);
         self.lines.line = 0;

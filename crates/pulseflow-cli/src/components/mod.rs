@@ -6,5 +6,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod generate;
 pub mod lines;
+pub mod reader;
 pub mod sinks;
 pub mod transforms;
+pub mod writer;

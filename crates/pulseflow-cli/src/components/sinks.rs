@@ -1,17 +1,22 @@
 //! Sinks: `stdout` and `file` write one JSON value per line (a batch is serialised into one
-//! buffer, straight from the jq values, and written at once), `blackhole` only counts.
+//! buffer, straight from the jq values, and handed to a writer thread at once), `blackhole`
+//! only counts.
 
 use std::path::PathBuf;
 
 use jaq_json::Val;
 use pulseflow::prelude::*;
 use pulseflow::stage::WriteProgress;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use super::writer::Writer;
+
+/// Room made for a batch's text up front.
+const BUFFER: usize = 64 << 10;
 
 /// Writes items as JSON lines to a file or stdout.
 pub struct NdjsonSink {
     target: Target,
-    out: Option<Box<dyn AsyncWrite + Unpin + Send>>,
+    out: Option<Writer>,
     buf: Vec<u8>,
 }
 
@@ -26,7 +31,7 @@ impl NdjsonSink {
         Self {
             target: Target::Stdout,
             out: None,
-            buf: Vec::with_capacity(64 << 10),
+            buf: Vec::with_capacity(BUFFER),
         }
     }
 
@@ -35,7 +40,7 @@ impl NdjsonSink {
         Self {
             target: Target::File { path, append },
             out: None,
-            buf: Vec::with_capacity(64 << 10),
+            buf: Vec::with_capacity(BUFFER),
         }
     }
 
@@ -48,8 +53,8 @@ impl Sink for NdjsonSink {
     type Item = Val;
 
     async fn init(&mut self, _ctx: &StageContext) -> Result<(), StageError> {
-        self.out = Some(match &self.target {
-            Target::Stdout => Box::new(tokio::io::stdout()),
+        let (out, name): (Box<dyn std::io::Write + Send>, String) = match &self.target {
+            Target::Stdout => (Box::new(std::io::stdout()), "standard output".into()),
             Target::File { path, append } => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     tokio::fs::create_dir_all(dir).await.map_err(|e| {
@@ -64,9 +69,10 @@ impl Sink for NdjsonSink {
                     .open(path)
                     .await
                     .map_err(|e| StageError::msg(format!("cannot open {}: {e}", path.display())))?;
-                Box::new(file)
+                (Box::new(file.into_std().await), path.display().to_string())
             }
-        });
+        };
+        self.out = Some(Writer::start(out, name)?);
         Ok(())
     }
 
@@ -95,24 +101,17 @@ impl Sink for NdjsonSink {
         let Some(out) = self.out.as_mut() else {
             return Err(StageError::msg("sink not initialised"));
         };
-        out.write_all(&self.buf)
-            .await
-            .map_err(|e| StageError::msg(format!("write failed: {e}")))?;
-        out.flush()
-            .await
-            .map_err(|e| StageError::msg(format!("write failed: {e}")))?;
+        let sent = out.send(&self.buf).await;
         self.buf.clear();
-        Ok(())
+        sent
     }
 
     async fn close(&mut self) -> Result<(), StageError> {
         self.flush().await?;
-        if let Some(out) = self.out.as_mut() {
-            out.shutdown()
-                .await
-                .map_err(|e| StageError::msg(format!("close failed: {e}")))?;
+        match self.out.as_mut() {
+            Some(out) => out.close().await,
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
