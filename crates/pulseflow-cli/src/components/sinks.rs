@@ -101,9 +101,12 @@ impl Sink for NdjsonSink {
         let Some(out) = self.out.as_mut() else {
             return Err(StageError::msg("sink not initialised"));
         };
-        let sent = out.send(&self.buf).await;
-        self.buf.clear();
-        sent
+        let full = std::mem::take(&mut self.buf);
+        self.buf = out.send(full).await?;
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(BUFFER);
+        }
+        Ok(())
     }
 
     async fn close(&mut self) -> Result<(), StageError> {

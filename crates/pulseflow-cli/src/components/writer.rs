@@ -4,15 +4,15 @@
 //! done: two thread hops per batch, and the sink's task waits for the disk in between. With
 //! the CPU-bound stages of a pipeline keeping both workers busy, those hops made runs of the
 //! same file swing between about 600 and 30 000 context switches (and up to twice the time).
-//! Here the sink appends a batch's text to a shared buffer and wakes the thread only when it
-//! sleeps; a busy thread takes everything appended meanwhile in one write when it is done
-//! with the last. So nothing waits in the buffer while the thread is idle, and the thread
+//! Here the sink queues a batch's text and wakes the thread only when it sleeps; a busy
+//! thread takes everything queued meanwhile when it is done with the last. So nothing waits in the buffer while the thread is idle, and the thread
 //! wakes once per stretch of work, not once per batch. Past [`LIMIT`] bytes waiting the sink
 //! waits for room, which is its backpressure.
 
 use std::io::Write;
-use std::sync::{Arc, Condvar};
+use std::sync::Arc;
 
+use parking_lot::{Condvar, Mutex};
 use pulseflow::prelude::StageError;
 use tokio::sync::{Notify, oneshot};
 
@@ -21,7 +21,11 @@ const LIMIT: usize = 4 << 20;
 
 #[derive(Default)]
 struct State {
-    buf: Vec<u8>,
+    /// Buffers to write, in order, and their bytes.
+    queue: Vec<Vec<u8>>,
+    queued: usize,
+    /// Written buffers, for the sink to fill again.
+    spare: Vec<Vec<u8>>,
     /// The thread is writing (so it will look at `buf` again without being woken).
     writing: bool,
     closed: bool,
@@ -31,7 +35,7 @@ struct State {
 
 #[derive(Default)]
 struct Shared {
-    state: std::sync::Mutex<State>,
+    state: Mutex<State>,
     /// Wakes the thread.
     work: Condvar,
     /// Tells a waiting sink there is room.
@@ -39,9 +43,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding the lock leaves plain data: carry on with it.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 }
 
@@ -86,8 +89,10 @@ impl Writer {
         ))
     }
 
-    /// Appends `text` for the thread to write, waiting while [`LIMIT`] bytes are waiting.
-    pub async fn send(&mut self, text: &[u8]) -> Result<(), StageError> {
+    /// Queues `text` for the thread to write, waiting while [`LIMIT`] bytes are waiting; gives
+    /// back an empty buffer to fill next (a written one when there is one). The lock is held
+    /// only to move buffers, never to copy bytes.
+    pub async fn send(&mut self, text: Vec<u8>) -> Result<Vec<u8>, StageError> {
         loop {
             let room = self.shared.room.notified();
             {
@@ -97,12 +102,13 @@ impl Writer {
                     drop(state);
                     return Err(self.error(Some(why)));
                 }
-                if state.buf.len() < LIMIT {
-                    state.buf.extend_from_slice(text);
+                if state.queued < LIMIT {
+                    state.queued += text.len();
+                    state.queue.push(text);
                     if !state.writing {
                         self.shared.work.notify_one();
                     }
-                    return Ok(());
+                    return Ok(state.spare.pop().unwrap_or_default());
                 }
             }
             room.await;
@@ -124,25 +130,33 @@ impl Writer {
     }
 }
 
-/// The thread: writes what is appended until the writer is closed and everything is written.
+/// The thread: writes what is queued until the writer is closed and everything is written.
 fn write_loop(shared: &Shared, out: &mut dyn Write) -> std::io::Result<()> {
-    let mut taken = Vec::new();
+    let mut taken: Vec<Vec<u8>> = Vec::new();
     let mut state = shared.lock();
     loop {
-        while state.buf.is_empty() && !state.closed {
+        while state.queue.is_empty() && !state.closed {
             state.writing = false;
-            state = shared.work.wait(state).unwrap_or_else(|p| p.into_inner());
+            shared.work.wait(&mut state);
         }
-        if state.buf.is_empty() {
+        if state.queue.is_empty() {
             return Ok(());
         }
         state.writing = true;
-        std::mem::swap(&mut taken, &mut state.buf);
+        std::mem::swap(&mut taken, &mut state.queue);
+        state.queued = 0;
         drop(state);
         shared.room.notify_one();
-        out.write_all(&taken)?;
-        taken.clear();
+        for buf in &taken {
+            out.write_all(buf)?;
+        }
         state = shared.lock();
+        for mut buf in taken.drain(..) {
+            buf.clear();
+            if state.spare.len() < 4 {
+                state.spare.push(buf);
+            }
+        }
     }
 }
 
@@ -160,7 +174,7 @@ mod tests {
         for i in 0..100u32 {
             let line = format!("line {i}\n").into_bytes();
             expected.extend_from_slice(&line);
-            w.send(&line).await.expect("send");
+            w.send(line).await.expect("send");
         }
         w.close().await.expect("close");
         assert_eq!(std::fs::read(&path).expect("read"), expected);
@@ -183,7 +197,7 @@ mod tests {
     async fn a_write_error_is_reported_with_the_target() {
         let mut w = Writer::start(Box::new(Broken), "broken.txt".into()).expect("start");
         // The first buffer is accepted (queued); the error shows at close at the latest.
-        let _ = w.send(b"x\n").await;
+        let _ = w.send(b"x\n".to_vec()).await;
         let err = w.close().await.expect_err("fails");
         assert!(err.to_string().contains("broken.txt"), "{err}");
         assert!(err.to_string().contains("disk on fire"), "{err}");
