@@ -65,6 +65,7 @@ impl Writer {
         std::thread::Builder::new()
             .name("pulseflow-writer".into())
             .spawn(move || {
+                batch_priority();
                 let result = write_loop(&theirs, &mut *out).and_then(|()| out.flush());
                 if let Err(e) = result {
                     theirs.lock().failed = Some(e.to_string());
@@ -130,6 +131,22 @@ impl Writer {
     }
 }
 
+/// Marks the calling thread as batch work (Linux `SCHED_BATCH`: same share of the CPU, but its
+/// wake-ups do not preempt a running thread). Woken for every batch written, the writer
+/// otherwise preempted the workers running the pipeline's CPU-bound stages, whose output it
+/// is waiting for anyway. Failing leaves the thread as it was.
+fn batch_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid `sched_param` for the call's duration; pid 0 is this
+        // thread, and SCHED_BATCH needs no privilege.
+        unsafe {
+            libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
+        }
+    }
+}
+
 /// The thread: writes what is queued until the writer is closed and everything is written.
 fn write_loop(shared: &Shared, out: &mut dyn Write) -> std::io::Result<()> {
     let mut taken: Vec<Vec<u8>> = Vec::new();
@@ -178,6 +195,19 @@ mod tests {
         }
         w.close().await.expect("close");
         assert_eq!(std::fs::read(&path).expect("read"), expected);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_writer_thread_runs_as_batch_work() {
+        let policy = std::thread::spawn(|| {
+            batch_priority();
+            // SAFETY: reads this thread's policy; no pointers.
+            unsafe { libc::sched_getscheduler(0) }
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(policy, libc::SCHED_BATCH);
     }
 
     /// Refuses every write.
