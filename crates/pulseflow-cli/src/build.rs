@@ -14,6 +14,11 @@
 //! - an `accumulate` transform `x` evaluates its jq expressions in `x.eval` (where its
 //!   policies apply and failing items are dead-lettered) and accumulates in `x`.
 //!
+//! A `filter` or `map` without a `parallelism` of its own whose only input ends in a parallel
+//! stage (a file source's `x.decode` runs on one worker per core by default) runs on the same
+//! workers, in order: the engine then chains it behind each worker, so an item is decoded,
+//! filtered and mapped while it is in that worker's cache.
+//!
 //! **Projection.** When the items of a JSON-lines source only ever meet `filter`, `route` and
 //! `map` components whose jq expressions read some top-level fields (and never the item as a
 //! whole), up to the `map`s that build new values from them, the source decodes each object
@@ -328,8 +333,11 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
     let readers = readers(config);
     let order = topological(config);
     let mut pending: HashMap<(String, String), Vec<Stream<Val>>> = HashMap::new();
+    // Outputs that end in a parallel ordered stage, with its workers (see `chained`).
+    let mut workers: HashMap<(String, String), ParallelismHint> = HashMap::new();
     for c in order {
         let mut inputs: Vec<Stream<Val>> = Vec::new();
+        let mut input_workers = None;
         for i in &c.inputs {
             let key = (
                 i.component.clone(),
@@ -337,7 +345,11 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
             );
             if let Some(s) = pending.get_mut(&key).and_then(Vec::pop) {
                 inputs.push(s);
+                input_workers = workers.get(&key).copied();
             }
+        }
+        if inputs.len() != 1 {
+            input_workers = None;
         }
         let input = if inputs.len() > 1 {
             let first = inputs.remove(0);
@@ -369,6 +381,7 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                     .source(c.name.clone(), src)
                     .transform_with(format!("{}.decode", c.name), decoder(config, c, *format));
                 let hint = hint.or_else(default_decode_parallelism);
+                chained(&mut workers, c, hint);
                 outputs.push(("out".into(), with_policies(s, c, hint)));
             }
             (
@@ -389,6 +402,7 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                 let s = p
                     .source(c.name.clone(), src)
                     .transform_with(format!("{}.decode", c.name), decoder(config, c, *format));
+                chained(&mut workers, c, hint);
                 outputs.push(("out".into(), with_policies(s, c, hint)));
             }
             (Kind::Generate { count, rate, jq }, _) => {
@@ -411,6 +425,8 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                     program: program.clone(),
                     mode,
                 });
+                let hint = hint.or(input_workers);
+                chained(&mut workers, c, hint);
                 outputs.push(("out".into(), with_policies(s, c, hint)));
             }
             (Kind::Route { routes }, Some(input)) => {
@@ -473,6 +489,7 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
             let key = (c.name.clone(), port.clone());
             let n = readers.get(&key).map_or(0, Vec::len);
             if n > 1 {
+                workers.remove(&key);
                 let id = if port == "out" {
                     format!("{}.fanout", c.name)
                 } else {
@@ -499,6 +516,21 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
     match p.build() {
         Ok(pipeline) => Ok((pipeline, progress)),
         Err(BuildError { errors }) => Err(validation_problems(config, &errors)),
+    }
+}
+
+/// Records that component `c`'s output ends in a stage on these workers, in order, when they
+/// are several. A `filter` or `map` reading only that output, without a `parallelism` of its
+/// own, runs on the same workers: its jq expression is stateless, so the engine chains it
+/// behind each of them (no channel between the stages, the item still in the worker's cache)
+/// and input order is restored once, after the chain.
+fn chained(
+    workers: &mut HashMap<(String, String), ParallelismHint>,
+    c: &Component,
+    hint: Option<ParallelismHint>,
+) {
+    if let Some(h) = hint.filter(|h| !h.is_sequential()) {
+        workers.insert((c.name.clone(), "out".into()), h);
     }
 }
 

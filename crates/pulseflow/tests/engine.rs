@@ -29,6 +29,14 @@ async fn run(p: PipelineBuilder) -> PipelineResult {
     result
 }
 
+/// How many stages run fused into their upstream's task or workers.
+fn fused(pipeline: &Pipeline) -> usize {
+    pipeline
+        .graph()
+        .fusion_plan(&Default::default())
+        .fused_count()
+}
+
 #[tokio::test]
 async fn linear_pipeline_keeps_order_and_counts() {
     let mut p = PipelineBuilder::new("linear");
@@ -101,12 +109,107 @@ async fn different_error_policies_break_fusion() {
         .error_policy(ErrorPolicy::Ignore)
         .sink("out", sink_fn(|_x: u32| {}));
     let pipeline = p.build().expect("valid");
+    assert_eq!(fused(&pipeline), 0);
+}
+
+/// `x -> x + 1` with uneven work, so parallel workers finish out of order.
+fn uneven(x: u64) -> u64 {
+    if x % 7 == 0 {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    x + 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stateless_stages_on_the_same_ordered_workers_are_chained_and_keep_order() {
+    let mut p = PipelineBuilder::new("chained");
+    let (sink, got) = sinks::collect();
+    let on_four = |s: Stream<u64>| s.parallelism(ParallelismHint::Fixed(4)).ordered();
+    let work = on_four(
+        p.source("src", sources::iter(0u64..5000))
+            .map("work", uneven),
+    );
+    let even = on_four(work.filter("even", |x| x % 2 == 0));
+    on_four(even.map("half", |x| x / 2)).sink("out", sink);
+    let pipeline = p.build().expect("valid");
+    let plan = pipeline.graph().fusion_plan(&Default::default());
     assert_eq!(
-        pipeline
-            .graph()
-            .fusion_plan(&Default::default())
-            .fused_count(),
-        0
+        plan.fused_count(),
+        2,
+        "even and half run behind work's workers"
+    );
+    let r = ExecutionEngine::new()
+        .run(pipeline, ExecutionOptions::default().with_batch_size(64))
+        .await;
+    assert!(r.success, "{:?}", r.error);
+    assert!(r.accounting.reconciles(), "{:?}", r.accounting);
+    let expected: Vec<u64> = (1..=5000u64)
+        .filter(|x| x % 2 == 0)
+        .map(|x| x / 2)
+        .collect();
+    assert_eq!(got.items(), expected);
+    // Chained stages have no buffer of their own, count their own items and complete.
+    for (id, received, emitted) in [
+        ("work", 5000, 5000),
+        ("even", 5000, 2500),
+        ("half", 2500, 2500),
+    ] {
+        let stage = r.stage(id).expect("stage");
+        assert_eq!(
+            (stage.counts.received, stage.counts.emitted),
+            (received, emitted),
+            "{id}"
+        );
+        assert_eq!(stage.status, StageStatus::Completed, "{id}");
+        assert_eq!(stage.input.is_some(), id == "work", "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stateless_stages_on_the_same_unordered_workers_are_chained() {
+    let mut p = PipelineBuilder::new("chained-unordered");
+    let (sink, got) = sinks::collect();
+    p.source("src", sources::iter(0u64..3000))
+        .map("work", uneven)
+        .parallelism(ParallelismHint::Fixed(3))
+        .filter("odd", |x| x % 2 == 1)
+        .parallelism(ParallelismHint::Fixed(3))
+        .sink("out", sink);
+    let pipeline = p.build().expect("valid");
+    assert_eq!(fused(&pipeline), 1);
+    let r = ExecutionEngine::new()
+        .run(pipeline, ExecutionOptions::default().with_batch_size(64))
+        .await;
+    assert!(r.success, "{:?}", r.error);
+    assert!(r.accounting.reconciles(), "{:?}", r.accounting);
+    let mut items = got.items();
+    items.sort_unstable();
+    assert_eq!(
+        items,
+        (1..=3000u64).filter(|x| x % 2 == 1).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn other_worker_counts_or_orderings_are_not_chained() {
+    let mut p = PipelineBuilder::new("not-chained");
+    p.source("src", sources::iter(0u64..10))
+        .map("a", |x| x + 1)
+        .parallelism(ParallelismHint::Fixed(2))
+        .ordered()
+        .map("b", |x| x + 1)
+        .parallelism(ParallelismHint::Fixed(3))
+        .ordered()
+        .map("c", |x| x + 1)
+        .parallelism(ParallelismHint::Fixed(3))
+        .map("d", |x| x + 1)
+        .sink("out", sink_fn(|_x: u64| {}));
+    let pipeline = p.build().expect("valid");
+    let plan = pipeline.graph().fusion_plan(&Default::default());
+    assert_eq!(
+        plan.fused_count(),
+        0,
+        "2 vs 3 workers, ordered vs not, parallel vs sequential"
     );
 }
 

@@ -11,7 +11,7 @@ use tracing::Instrument;
 use super::{SinkHandle, Stream, add_node};
 use crate::engine::{
     AsyncMapHandler, BranchHandler, Entry, MakeWorker, MergeHandler, NodeFactory, Pool, PoolOrder,
-    Predicate, SinkHandler, TransformHandler, Wiring, pump,
+    Predicate, Replica, SinkHandler, TransformHandler, Wiring, pump,
 };
 use crate::error::{BoxError, PipelineError};
 use crate::graph::StageNode;
@@ -95,7 +95,7 @@ fn wire_transform<X: Transform>(
         Instances::One(x) => x,
         Instances::Many(make) => make(),
     };
-    if w.resolved.fused {
+    if w.resolved.fused && w.resolved.parallelism.is_sequential() {
         let handler = TransformHandler::new(
             one(instances),
             w.ctx.clone(),
@@ -103,6 +103,36 @@ fn wire_transform<X: Transform>(
             out.into_downstream(),
         );
         w.offer(0, Entry::Fused(Box::new(handler)));
+        return Ok(());
+    }
+    if w.resolved.fused {
+        // Chained behind the workers of the parallel stage before it: one instance each.
+        let unreplicable = |what: &str| PipelineError::Task {
+            stage: w.stats.id.to_string(),
+            reason: format!("a stage chained behind parallel workers needs {what}"),
+        };
+        let Instances::Many(make) = instances else {
+            return Err(unreplicable("a factory"));
+        };
+        let next = out
+            .replicate()
+            .ok_or_else(|| unreplicable("a consumer reachable from every worker"))?;
+        let (ctx, policy, stats, run) = (
+            w.ctx.clone(),
+            w.resolved.error_policy,
+            w.stats.clone(),
+            w.run.clone(),
+        );
+        let chain: Replica<X::In> = Arc::new(move |turn| {
+            let failures = crate::engine::Failures::new(policy, stats.clone(), run.clone());
+            Box::new(TransformHandler::new(
+                make(),
+                ctx.clone(),
+                failures,
+                next(turn),
+            ))
+        });
+        w.offer(0, Entry::Chain(chain));
         return Ok(());
     }
     let rx = w.input_edge::<X::In>(1);
@@ -153,7 +183,7 @@ fn wire_transform<X: Transform>(
                 run: w.run.clone(),
                 stage: w.index,
             }
-            .spawn(rx, out.into_sender(w.run, w.index));
+            .spawn(rx, out);
         }
     }
     Ok(())

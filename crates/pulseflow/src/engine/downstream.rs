@@ -35,6 +35,9 @@ pub(crate) enum Entry<T> {
     Fused(Box<dyn Downstream<T>>),
     /// The consumer has its own buffer.
     Edge(EdgeSender<T>),
+    /// The consumer runs behind each worker of a parallel producer, one instance per worker
+    /// (see [`chain`](super::chain)).
+    Chain(super::chain::Replica<T>),
 }
 
 impl<T: Send + 'static> Entry<T> {
@@ -43,6 +46,7 @@ impl<T: Send + 'static> Entry<T> {
         match self {
             Entry::Fused(d) => d,
             Entry::Edge(tx) => Box::new(EdgeOut { tx: Some(tx) }),
+            Entry::Chain(replica) => replica(None),
         }
     }
 
@@ -51,7 +55,8 @@ impl<T: Send + 'static> Entry<T> {
     pub fn into_sender(self, run: &Arc<RunShared>, stage: usize) -> EdgeSender<T> {
         match self {
             Entry::Edge(tx) => tx,
-            Entry::Fused(d) => {
+            Entry::Fused(_) | Entry::Chain(_) => {
+                let d = self.into_downstream();
                 let (tx, rx) = channel::edge(BufferPolicy::DEFAULT, Arc::new(EdgeStats::default()));
                 run.spawn(stage, super::pump(rx, d));
                 tx

@@ -25,6 +25,7 @@
 pub(crate) mod accumulate;
 mod async_map;
 mod branch;
+mod chain;
 mod dead_letter;
 mod downstream;
 mod failure;
@@ -45,6 +46,7 @@ pub use tokio_pulse::Tier;
 
 pub(crate) use async_map::AsyncMapHandler;
 pub(crate) use branch::{BranchHandler, MergeHandler, Predicate};
+pub(crate) use chain::Replica;
 pub(crate) use downstream::Entry;
 pub(crate) use failure::Failures;
 pub(crate) use guard::FlowGuard;

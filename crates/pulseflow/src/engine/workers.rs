@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
-use super::downstream::{Capture, Downstream, EdgeOut};
+use super::chain::{LaneTurn, Replica, Turnstile};
+use super::downstream::{Capture, Downstream, EdgeOut, Entry};
 use super::run::RunShared;
 use crate::envelope::Batch;
 use crate::flow::channel::{self, EdgeReceiver, EdgeSender};
@@ -77,8 +78,37 @@ pub(crate) struct Pool<I, O> {
 }
 
 impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
-    /// Spawns the workers reading `rx` and writing to `out`.
-    pub fn spawn(self, rx: EdgeReceiver<I>, out: EdgeSender<O>) {
+    /// Spawns the workers reading `rx` and writing to `out`. A chain offered by `out` runs
+    /// behind each worker (see [`chain`](super::chain)), unless the pool is elastic or
+    /// partitioned: then it gets a task of its own.
+    pub fn spawn(self, rx: EdgeReceiver<I>, out: Entry<O>) {
+        let chainable = !matches!(self.order, PoolOrder::Partitioned(_))
+            && !matches!(self.parallelism, ParallelismHint::DynamicIoBound { .. });
+        match out {
+            Entry::Chain(replica) if chainable => self.spawn_chained(rx, replica),
+            out => {
+                let tx = out.into_sender(&self.run, self.stage);
+                self.spawn_to(rx, tx)
+            }
+        }
+    }
+
+    /// Each worker runs its own instance of the chain behind it; an ordered pool sends in
+    /// turn from the end of each chain.
+    fn spawn_chained(self, rx: EdgeReceiver<I>, chain: Replica<O>) {
+        let workers = self.parallelism.initial_workers().max(1);
+        if matches!(self.order, PoolOrder::Ordered) {
+            let stile = Turnstile::new(workers);
+            self.spawn_scalable(workers, rx, move |make| {
+                let turn = LaneTurn::new(stile.clone());
+                Lane::Turn(make(chain(Some(&turn))), turn)
+            });
+        } else {
+            self.spawn_scalable(workers, rx, move |make| Lane::Plain(make(chain(None))));
+        }
+    }
+
+    fn spawn_to(self, rx: EdgeReceiver<I>, out: EdgeSender<O>) {
         let workers = self.parallelism.initial_workers().max(1);
         match (&self.order, self.parallelism) {
             (PoolOrder::Partitioned(key), _) => {
@@ -174,6 +204,8 @@ enum Lane<I, O> {
         Arc<parking_lot::Mutex<Option<Batch<O>>>>,
         tokio::sync::mpsc::Sender<(u64, Batch<O>)>,
     ),
+    /// Ends in a chain that sends in turn.
+    Turn(Box<dyn Downstream<I>>, LaneTurn),
 }
 
 /// One worker: takes batches until the input ends (or, in an elastic pool, until it has been
@@ -184,7 +216,7 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
     retire: Option<(Arc<AtomicUsize>, usize)>,
 ) {
     let d: &mut Box<dyn Downstream<I>> = match &mut lane {
-        Lane::Plain(d) | Lane::Ordered(d, _, _) => d,
+        Lane::Plain(d) | Lane::Ordered(d, _, _) | Lane::Turn(d, _) => d,
     };
     d.start().await;
     let mut pacer = Pacer::new();
@@ -217,6 +249,11 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
                 // The sequencer only goes away on abort.
                 let _ = tx.send((index, out)).await;
             }
+            Lane::Turn(d, turn) => {
+                turn.begin(index);
+                d.push(batch).await;
+                turn.end(index).await;
+            }
         }
     }
     match &mut lane {
@@ -228,6 +265,10 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
             if let Some(rest) = rest {
                 let _ = tx.send((u64::MAX, rest)).await;
             }
+        }
+        Lane::Turn(d, turn) => {
+            turn.closing();
+            d.finish().await;
         }
     }
 }

@@ -119,9 +119,16 @@ impl PipelineGraph {
         (!cycle.is_empty()).then_some(cycle)
     }
 
-    /// Decides which stages run fused into the task of the stage before them: stateless,
-    /// sequential transforms whose upstream is a stateless sequential transform with the same
-    /// error policy, with no buffer, backpressure or circuit breaker of their own in between.
+    /// Decides which stages run fused into the task of the stage before them, with no channel
+    /// between them: a stateless transform whose only input is a stateless transform with the
+    /// same error policy and one output, with no buffer, backpressure or circuit breaker of its
+    /// own, and either
+    ///
+    /// - both sequential and unordered: the stage runs in its upstream's task; or
+    /// - both on the same fixed number of workers (or one per core) with the same ordering,
+    ///   `Unordered` or `Ordered`: each worker of the upstream runs its own instance of the
+    ///   stage on the batches it processed (operator chaining), and the order of an `Ordered`
+    ///   pair is restored once, after the last stage of the chain.
     pub fn fusion_plan(&self, registry: &PolicyRegistry) -> FusionPlan {
         let fused = self
             .nodes
@@ -134,16 +141,30 @@ impl PipelineGraph {
                 let Some(up) = self.node(&edge.from) else {
                     return false;
                 };
-                let fusable = |n: &super::StageNode| {
-                    n.kind == StageKind::Transform
-                        && n.stateless
-                        && n.parallelism.is_sequential()
-                        && n.ordering == ChannelOrdering::Unordered
+                let stateless =
+                    |n: &super::StageNode| n.kind == StageKind::Transform && n.stateless;
+                let sequential = |n: &super::StageNode| {
+                    n.parallelism.is_sequential() && n.ordering == ChannelOrdering::Unordered
                 };
+                let chained = |n: &super::StageNode| {
+                    n.replicable
+                        && !n.parallelism.is_sequential()
+                        && !matches!(n.parallelism, ParallelismHint::DynamicIoBound { .. })
+                        && matches!(
+                            n.ordering,
+                            ChannelOrdering::Unordered | ChannelOrdering::Ordered
+                        )
+                };
+                let same_workers = (sequential(node) && sequential(up))
+                    || (chained(node)
+                        && chained(up)
+                        && node.parallelism == up.parallelism
+                        && node.ordering == up.ordering);
                 let policy =
                     |n: &super::StageNode| n.error_policy.resolve(|k| registry.error_policy(k));
-                fusable(node)
-                    && fusable(up)
+                stateless(node)
+                    && stateless(up)
+                    && same_workers
                     && up.outputs.len() == 1
                     && node.buffer.is_none()
                     && node.backpressure.is_none()
