@@ -39,6 +39,32 @@ fn is_aligned(p: *mut c_void, align: usize) -> bool {
     (p as usize) & (align - 1) == 0
 }
 
+/// A block of `layout` from `plain` (mimalloc's allocation without alignment) when the padded
+/// size guarantees it is aligned, else from `aligned`.
+///
+/// # Safety
+///
+/// `plain` and `aligned` must be mimalloc's matching pair of allocation functions.
+#[inline]
+unsafe fn allocate(
+    layout: Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let layout = layout.pad_to_align();
+    // SAFETY: plain C allocation calls; a block that is not aligned is freed, unused.
+    unsafe {
+        if layout.align() <= NATURAL_ALIGN {
+            let p = plain(layout.size());
+            if is_aligned(p, layout.align()) {
+                return p.cast();
+            }
+            mi::mi_free(p);
+        }
+        aligned(layout.size(), layout.align()).cast()
+    }
+}
+
 // SAFETY: every block comes from mimalloc with at least the size asked for (`pad_to_align`
 // only rounds up) and is returned only once checked to have the layout's alignment, or comes
 // from mimalloc's aligned entry point, which guarantees it; all of them are freed by
@@ -46,34 +72,14 @@ fn is_aligned(p: *mut c_void, align: usize) -> bool {
 unsafe impl GlobalAlloc for Mimalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let layout = layout.pad_to_align();
-        // SAFETY: plain C allocation calls; a block that is not aligned is freed, unused.
-        unsafe {
-            if layout.align() <= NATURAL_ALIGN {
-                let p = mi::mi_malloc(layout.size());
-                if is_aligned(p, layout.align()) {
-                    return p.cast();
-                }
-                mi::mi_free(p);
-            }
-            mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
-        }
+        // SAFETY: mimalloc's allocation functions, any size.
+        unsafe { allocate(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let layout = layout.pad_to_align();
         // SAFETY: as in `alloc`.
-        unsafe {
-            if layout.align() <= NATURAL_ALIGN {
-                let p = mi::mi_zalloc(layout.size());
-                if is_aligned(p, layout.align()) {
-                    return p.cast();
-                }
-                mi::mi_free(p);
-            }
-            mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
-        }
+        unsafe { allocate(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
     }
 
     #[inline]
