@@ -11,13 +11,14 @@
 //! - a `generate` source `x` counts in `x` and builds items in `x.build`;
 //! - an output read by several components fans out through `x.fanout` (copies);
 //! - a component with several inputs merges them in `x.merge`;
+//! - a `stdout` or `file` sink `x` turns items into JSON lines in `x.encode`;
 //! - an `accumulate` transform `x` evaluates its jq expressions in `x.eval` (where its
 //!   policies apply and failing items are dead-lettered) and accumulates in `x`.
 //!
-//! A `filter` or `map` without a `parallelism` of its own whose only input ends in a parallel
-//! stage (a file source's `x.decode` runs on one worker per core by default) runs on the same
-//! workers, in order: the engine then chains it behind each worker, so an item is decoded,
-//! filtered and mapped while it is in that worker's cache.
+//! A `filter`, `map` or `x.encode` without a `parallelism` of its own whose only input ends in
+//! a parallel stage (a file source's `x.decode` runs on one worker per core by default) runs
+//! on the same workers, in order: the engine then chains it behind each worker, so an item is
+//! decoded, filtered, mapped and encoded while it is in that worker's cache.
 //!
 //! **Projection.** When the items of a JSON-lines source only ever meet `filter`, `route` and
 //! `map` components whose jq expressions read some top-level fields (and never the item as a
@@ -42,7 +43,7 @@ use crate::components::accumulate::{Aggregator, Evaluate};
 use crate::components::decode::Decode;
 use crate::components::generate::Generate;
 use crate::components::lines::{Input, LineSource};
-use crate::components::sinks::{Blackhole, NdjsonSink};
+use crate::components::sinks::{Blackhole, Encode, Line, NdjsonSink};
 use crate::components::transforms::{Build, JqTransform, Mode};
 use crate::config::{Component, Config, Format, Kind, ParallelismSetting, Problem, Problems, Role};
 
@@ -472,11 +473,13 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                 outputs.push(("out".into(), s));
             }
             (Kind::StdoutSink, Some(input)) => {
-                sink_policies(input.sink(c.name.clone(), NdjsonSink::stdout()), c);
+                let lines = encoded(input, c, input_workers);
+                sink_policies(lines.sink(c.name.clone(), NdjsonSink::stdout()), c);
             }
             (Kind::FileSink { path, append }, Some(input)) => {
+                let lines = encoded(input, c, input_workers);
                 sink_policies(
-                    input.sink(c.name.clone(), NdjsonSink::file(path.clone(), *append)),
+                    lines.sink(c.name.clone(), NdjsonSink::file(path.clone(), *append)),
                     c,
                 );
             }
@@ -531,6 +534,16 @@ fn chained(
 ) {
     if let Some(h) = hint.filter(|h| !h.is_sequential()) {
         workers.insert((c.name.clone(), "out".into()), h);
+    }
+}
+
+/// The items of `input` as JSON lines, encoded in `x.encode` for sink `x`: on the same workers
+/// as the stage before it when those are several (chained behind them, see [`chained`]).
+fn encoded(input: Stream<Val>, sink: &Component, workers: Option<ParallelismHint>) -> Stream<Line> {
+    let s = input.transform_with(format!("{}.encode", sink.name), || Encode);
+    match workers {
+        Some(h) => s.parallelism(h).ordered(),
+        None => s,
     }
 }
 

@@ -53,6 +53,10 @@ pub fn record(letter: &DeadLetter, projected: &[String]) -> Value {
             .payload::<jaq_json::Val>()
             .map(|v| crate::jq::from_val(v.clone()))
             .or_else(|| letter.payload::<u64>().map(|i| Value::from(*i)))
+            .or_else(|| {
+                let line = letter.payload::<super::sinks::Line>()?;
+                serde_json::from_slice(&line.0).ok()
+            })
             .unwrap_or(Value::Null);
         let mut record = json!({
             "kind": "failed_item",
@@ -132,5 +136,41 @@ impl DeadLetterHandle {
             Some(Err(_)) => Err(std::io::Error::other("dead-letter writer panicked")),
             None => Ok(0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::components::sinks::Line;
+
+    fn letter(payload: Box<dyn std::any::Any + Send>) -> DeadLetter {
+        DeadLetter {
+            stage: "out".into(),
+            seq: 7,
+            error: "disk full".into(),
+            attempts: 2,
+            payload: Some(payload),
+        }
+    }
+
+    #[test]
+    fn an_encoded_line_is_recorded_as_the_json_it_holds() {
+        let line = Line(b"{\"a\":1,\"b\":[true]}\n".to_vec());
+        let record = record(&letter(Box::new(line)), &[]);
+        assert_eq!(record["kind"], "failed_item");
+        assert_eq!(record["item"], json!({"a": 1, "b": [true]}));
+        assert_eq!(
+            (record["seq"].as_u64(), record["attempts"].as_u64()),
+            (Some(7), Some(2))
+        );
+        assert!(record.get("projected").is_none());
+    }
+
+    #[test]
+    fn an_item_of_a_projected_stage_says_so() {
+        let record = record(&letter(Box::new(3u64)), &["out".to_owned()]);
+        assert_eq!(record["item"], json!(3));
+        assert_eq!(record["projected"], json!(true));
     }
 }

@@ -1,6 +1,10 @@
-//! Sinks: `stdout` and `file` write one JSON value per line (a batch is serialised into one
-//! buffer, straight from the jq values, and handed to a writer thread at once), `blackhole`
-//! only counts.
+//! Sinks: `stdout` and `file` write one JSON value per line, `blackhole` only counts.
+//!
+//! Items reach `stdout` and `file` as text: each sink has an [`Encode`] stage in front of it
+//! (`x.encode`), which turns an item into its JSON line on the workers of the stage before it
+//! when those are parallel (see the `build` module), where the item was just built and is
+//! still in cache. The sink copies a batch's lines into one buffer and hands it to a writer
+//! thread at once.
 
 use std::path::PathBuf;
 
@@ -44,13 +48,41 @@ impl NdjsonSink {
         }
     }
 
-    fn encode(&mut self, value: &Val) {
-        crate::json::write_line(&mut self.buf, value);
+    fn append(&mut self, line: &Line) {
+        self.buf.extend_from_slice(&line.0);
+    }
+}
+
+/// One item as a line of JSON text, newline included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line(pub Vec<u8>);
+
+/// Turns items into their JSON lines for a `stdout` or `file` sink.
+#[derive(Clone, Copy)]
+pub struct Encode;
+
+impl Transform for Encode {
+    type In = Val;
+    type Out = Line;
+
+    fn process(
+        &mut self,
+        item: Envelope<Val>,
+        out: &mut Vec<Envelope<Line>>,
+    ) -> Result<(), ItemFailure<Val>> {
+        let mut text = Vec::with_capacity(64);
+        crate::json::write_line(&mut text, &item.payload);
+        out.push(item.map(|_| Line(text)));
+        Ok(())
+    }
+
+    fn is_stateless(&self) -> bool {
+        true
     }
 }
 
 impl Sink for NdjsonSink {
-    type Item = Val;
+    type Item = Line;
 
     async fn init(&mut self, _ctx: &StageContext) -> Result<(), StageError> {
         let (out, name): (Box<dyn std::io::Write + Send>, String) = match &self.target {
@@ -76,20 +108,20 @@ impl Sink for NdjsonSink {
         Ok(())
     }
 
-    async fn write(&mut self, item: Envelope<Val>) -> Result<(), ItemFailure<Val>> {
-        self.encode(&item.payload);
+    async fn write(&mut self, item: Envelope<Line>) -> Result<(), ItemFailure<Line>> {
+        self.append(&item.payload);
         Ok(())
     }
 
     async fn write_batch(
         &mut self,
-        items: &mut std::vec::IntoIter<Envelope<Val>>,
-        _failed: &mut Vec<ItemFailure<Val>>,
+        items: &mut std::vec::IntoIter<Envelope<Line>>,
+        _failed: &mut Vec<ItemFailure<Line>>,
         progress: &mut WriteProgress,
     ) {
         for item in items {
             progress.current_seq = item.seq;
-            self.encode(&item.payload);
+            self.append(&item.payload);
             progress.delivered += 1;
         }
     }
