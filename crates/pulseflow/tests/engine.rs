@@ -139,7 +139,7 @@ async fn stateless_stages_on_the_same_ordered_workers_are_chained_and_keep_order
         "even and half run behind work's workers"
     );
     let r = ExecutionEngine::new()
-        .run(pipeline, ExecutionOptions::default().with_batch_size(64))
+        .run(pipeline, ExecutionOptions::default().with_batch_size(500))
         .await;
     assert!(r.success, "{:?}", r.error);
     assert!(r.accounting.reconciles(), "{:?}", r.accounting);
@@ -178,7 +178,7 @@ async fn stateless_stages_on_the_same_unordered_workers_are_chained() {
     let pipeline = p.build().expect("valid");
     assert_eq!(fused(&pipeline), 1);
     let r = ExecutionEngine::new()
-        .run(pipeline, ExecutionOptions::default().with_batch_size(64))
+        .run(pipeline, ExecutionOptions::default().with_batch_size(300))
         .await;
     assert!(r.success, "{:?}", r.error);
     assert!(r.accounting.reconciles(), "{:?}", r.accounting);

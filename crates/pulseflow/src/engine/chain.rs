@@ -6,12 +6,12 @@
 //! that worker's cache and no channel or task sits between the two. The fused stage offers a
 //! [`Replica`], which builds one instance of the rest of the chain per worker.
 //!
-//! An ordered chain restores input order once, at its end: every worker's chain ends in an
-//! [`InTurn`], which sends a worker's output on only when the output of every earlier batch
-//! has been sent (a [`Turnstile`] shared by the workers). Output that is not yet due is kept
-//! until it is, so a worker never waits in the middle of a batch (a stage at Tokio-Pulse's
-//! Yield tier pushes a batch in small chunks); it waits, if at all, once it is done with the
-//! batch.
+//! A worker takes its batch through the chain in chunks of a few dozen items, so what they
+//! allocate on the way is freed and reused while still in cache; the end of each worker's
+//! chain, a [`Gather`], collects the chunks' outputs and sends them on as one batch when the
+//! worker is done with its input batch. An ordered chain restores input order there: a
+//! worker sends only once the output of every earlier batch has been sent (a [`Turnstile`]
+//! shared by the workers), and waits, if at all, only then.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -23,9 +23,10 @@ use super::downstream::{Downstream, EdgeOut, Entry};
 use crate::envelope::Batch;
 use crate::flow::channel::EdgeSender;
 
-/// Builds one instance of a fused chain for one worker of the pool it runs behind; the
-/// worker's turn is given when the chain's output must keep input order.
-pub(crate) type Replica<T> = Arc<dyn Fn(Option<&LaneTurn>) -> Box<dyn Downstream<T>> + Send + Sync>;
+/// Builds one instance of a fused chain for one worker of the pool it runs behind, ending in
+/// a [`Gather`] of that worker's [`Lane`]; without a lane (a single instance, run by a task of
+/// its own) the chain sends each batch on as it comes.
+pub(crate) type Replica<T> = Arc<dyn Fn(Option<&Lane>) -> Box<dyn Downstream<T>> + Send + Sync>;
 
 /// Index of the items a stage emits when it closes: they come after every batch.
 const CLOSING: u64 = u64::MAX;
@@ -83,20 +84,31 @@ impl Turnstile {
     }
 }
 
-/// Sends what a worker's chain kept back (see [`InTurn`]).
+/// Sends what a worker's chain gathered.
 type Flush = Box<dyn FnMut() -> BoxFuture<'static, ()> + Send>;
 
-/// One worker's place in a [`Turnstile`]: the index of the batch it is working on, and how
-/// to send what its chain kept back.
+/// One worker of a pool with a chain behind it: the index of the batch it is working on, its
+/// place in the pool's [`Turnstile`] when the output keeps input order, and how to send what
+/// its chain gathered.
 #[derive(Clone)]
-pub(crate) struct LaneTurn {
-    stile: Arc<Turnstile>,
+pub(crate) struct Lane {
+    stile: Option<Arc<Turnstile>>,
     index: Arc<AtomicU64>,
     flush: Arc<parking_lot::Mutex<Option<Flush>>>,
 }
 
-impl LaneTurn {
-    pub fn new(stile: Arc<Turnstile>) -> Self {
+impl Lane {
+    /// A worker whose output goes on in input order, in turn with the others of `stile`.
+    pub fn ordered(stile: Arc<Turnstile>) -> Self {
+        Self::new(Some(stile))
+    }
+
+    /// A worker whose output goes on as soon as it has it.
+    pub fn unordered() -> Self {
+        Self::new(None)
+    }
+
+    fn new(stile: Option<Arc<Turnstile>>) -> Self {
         Self {
             stile,
             index: Arc::new(AtomicU64::new(0)),
@@ -109,27 +121,29 @@ impl LaneTurn {
         self.index.store(index, Relaxed);
     }
 
-    /// The worker is done with batch `index`: once its turn has come, what its chain kept
-    /// back is sent and the next batch's turn begins (whether or not the batch had output).
+    /// The worker is done with batch `index`: once its turn has come, what its chain
+    /// gathered is sent on and the next batch's turn begins (whether or not the batch had
+    /// output).
     pub async fn end(&self, index: u64) {
-        self.stile.wait(index).await;
-        self.send_kept().await;
-        self.stile.update(|t| t.next = index + 1);
+        if let Some(stile) = &self.stile {
+            stile.wait(index).await;
+        }
+        self.send_gathered().await;
+        if let Some(stile) = &self.stile {
+            stile.update(|t| t.next = index + 1);
+        }
     }
 
     /// The worker takes no more input; what its chain emits while closing waits until every
     /// worker got here.
     pub fn closing(&self) {
         self.index.store(CLOSING, Relaxed);
-        self.stile
-            .update(|t| t.working = t.working.saturating_sub(1));
+        if let Some(stile) = &self.stile {
+            stile.update(|t| t.working = t.working.saturating_sub(1));
+        }
     }
 
-    fn is_due(&self) -> bool {
-        self.stile.is_due(self.index.load(Relaxed))
-    }
-
-    async fn send_kept(&self) {
+    async fn send_gathered(&self) {
         let send = self.flush.lock().as_mut().map(|flush| flush());
         if let Some(send) = send {
             send.await;
@@ -137,21 +151,20 @@ impl LaneTurn {
     }
 }
 
-/// The end of an ordered chain: sends into the edge when the worker's batch is due, and
-/// keeps the output back until then.
-struct InTurn<T> {
-    tx: Option<EdgeSender<T>>,
-    kept: Arc<parking_lot::Mutex<Batch<T>>>,
-    turn: LaneTurn,
+/// The end of a worker's chain: gathers what the chain emits for one input batch, which the
+/// worker's [`Lane`] sends on when the batch is done.
+struct Gather<T> {
+    gathered: Arc<parking_lot::Mutex<Batch<T>>>,
+    lane: Lane,
 }
 
-impl<T: Send + 'static> InTurn<T> {
-    fn new(tx: EdgeSender<T>, turn: &LaneTurn) -> Self {
-        let kept = Arc::new(parking_lot::Mutex::new(Batch::default()));
+impl<T: Send + 'static> Gather<T> {
+    fn new(tx: EdgeSender<T>, lane: &Lane) -> Self {
+        let gathered = Arc::new(parking_lot::Mutex::new(Batch::default()));
         let flush: Flush = {
-            let (kept, tx) = (kept.clone(), tx.clone());
+            let gathered = gathered.clone();
             Box::new(move || {
-                let batch = std::mem::take(&mut *kept.lock());
+                let batch = std::mem::take(&mut *gathered.lock());
                 let tx = tx.clone();
                 Box::pin(async move {
                     if !batch.is_empty() {
@@ -160,72 +173,53 @@ impl<T: Send + 'static> InTurn<T> {
                 })
             })
         };
-        *turn.flush.lock() = Some(flush);
+        *lane.flush.lock() = Some(flush);
         Self {
-            tx: Some(tx),
-            kept,
-            turn: turn.clone(),
-        }
-    }
-
-    fn keep(&self, batch: Batch<T>) {
-        let mut kept = self.kept.lock();
-        if kept.is_empty() {
-            *kept = batch;
-        } else {
-            for item in batch {
-                kept.push(item);
-            }
+            gathered,
+            lane: lane.clone(),
         }
     }
 }
 
-impl<T: Send + 'static> Downstream<T> for InTurn<T> {
+impl<T: Send + 'static> Downstream<T> for Gather<T> {
     fn start(&mut self) -> BoxFuture<'_, bool> {
         Box::pin(async { true })
     }
 
     fn push(&mut self, batch: Batch<T>) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            if !self.turn.is_due() {
-                self.keep(batch);
-                return;
+        let mut gathered = self.gathered.lock();
+        if gathered.is_empty() {
+            *gathered = batch;
+        } else {
+            for item in batch {
+                gathered.push(item);
             }
-            self.turn.send_kept().await;
-            if let Some(tx) = &self.tx {
-                tx.send(batch).await;
-            }
-        })
+        }
+        Box::pin(async {})
     }
 
     fn finish(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             // Output emitted while closing comes after every batch of every worker.
-            self.turn.stile.wait(CLOSING).await;
-            self.turn.send_kept().await;
-            *self.turn.flush.lock() = None;
-            self.tx = None;
-        })
-    }
-
-    fn demand(&mut self) -> BoxFuture<'_, usize> {
-        Box::pin(async move {
-            match &self.tx {
-                Some(tx) => tx.demand().await,
-                None => usize::MAX,
+            if let Some(stile) = &self.lane.stile {
+                stile.wait(CLOSING).await;
             }
+            self.lane.send_gathered().await;
+            // The sender goes with the flush: the consumer sees the end once every lane is
+            // finished.
+            *self.lane.flush.lock() = None;
         })
     }
 }
 
 impl<T: Send + 'static> Entry<T> {
     /// How each worker of a pool reaches this consumer, if it can be reached from several
-    /// workers at once: an edge (each worker sends into it, in turn when ordered) or a chain
+    /// workers at once: an edge (each worker's lane sends into it) or a chain
     /// (each worker runs its own instance). `None` for a single fused instance.
     pub fn replicate(self) -> Option<Replica<T>> {
         match self {
-            Entry::Edge(tx) => Some(Arc::new(move |turn: Option<&LaneTurn>| match turn {
-                Some(turn) => Box::new(InTurn::new(tx.clone(), turn)) as Box<dyn Downstream<T>>,
+            Entry::Edge(tx) => Some(Arc::new(move |lane: Option<&Lane>| match lane {
+                Some(lane) => Box::new(Gather::new(tx.clone(), lane)) as Box<dyn Downstream<T>>,
                 None => Box::new(EdgeOut {
                     tx: Some(tx.clone()),
                 }),
@@ -239,92 +233,109 @@ impl<T: Send + 'static> Entry<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::Envelope;
+    use crate::flow::channel::EdgeReceiver;
+    use crate::metrics::EdgeStats;
+    use crate::policy::BufferPolicy;
 
-    #[tokio::test(flavor = "current_thread", start_paused = true)]
-    async fn a_later_batch_waits_for_every_earlier_one() {
-        let stile = Turnstile::new(2);
-        let (a, b) = (LaneTurn::new(stile.clone()), LaneTurn::new(stile.clone()));
-        let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        a.begin(0);
-        b.begin(1);
-        let later = {
-            let (b, order) = (b.clone(), order.clone());
-            tokio::spawn(async move {
-                stile_wait(&b).await;
-                order.lock().push(1);
-                b.end(1).await;
-            })
-        };
-        tokio::task::yield_now().await;
-        assert!(order.lock().is_empty(), "batch 1 went before batch 0");
-        stile_wait(&a).await;
-        order.lock().push(0);
-        a.end(0).await;
-        later.await.expect("task");
-        assert_eq!(*order.lock(), vec![0, 1]);
+    fn edge() -> (EdgeSender<u32>, EdgeReceiver<u32>) {
+        crate::flow::channel::edge(BufferPolicy::DEFAULT, Arc::new(EdgeStats::default()))
+    }
+
+    fn one(x: u32) -> Batch<u32> {
+        Batch::from_items(vec![Envelope::new(x)])
+    }
+
+    async fn received(rx: EdgeReceiver<u32>) -> Vec<Vec<u32>> {
+        let mut got = Vec::new();
+        while let Some((_, batch)) = rx.recv().await {
+            got.push(batch.into_iter().map(|e| e.payload).collect());
+        }
+        got
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
-    async fn closing_output_waits_for_every_worker_to_leave() {
+    async fn a_later_batch_is_sent_after_every_earlier_one_in_one_piece() {
+        let (tx, rx) = edge();
         let stile = Turnstile::new(2);
-        let (a, b) = (LaneTurn::new(stile.clone()), LaneTurn::new(stile.clone()));
-        a.closing();
-        let waiting = tokio::spawn({
-            let a = a.clone();
-            async move { stile_wait(&a).await }
+        let (a, b) = (Lane::ordered(stile.clone()), Lane::ordered(stile));
+        let mut out_a = Gather::new(tx.clone(), &a);
+        let mut out_b = Gather::new(tx, &b);
+        a.begin(0);
+        b.begin(1);
+        // Worker b is done with batch 1 first, pushed in two chunks: it waits for batch 0.
+        out_b.push(one(10)).await;
+        out_b.push(one(11)).await;
+        let later = tokio::spawn(async move {
+            b.end(1).await;
+            b.closing();
+            out_b.finish().await;
         });
         tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
-        b.closing();
-        waiting.await.expect("task");
+        assert_eq!(rx.depth(), 0, "batch 1 was sent before batch 0");
+        assert!(!later.is_finished());
+        out_a.push(one(0)).await;
+        a.end(0).await;
+        a.closing();
+        out_a.finish().await;
+        later.await.expect("task");
+        assert_eq!(received(rx).await, vec![vec![0], vec![10, 11]]);
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_batch_without_output_still_passes_its_turn_on() {
-        let stile = Turnstile::new(1);
-        let a = LaneTurn::new(stile.clone());
+        let (tx, rx) = edge();
+        let lane = Lane::ordered(Turnstile::new(1));
+        let mut out = Gather::new(tx, &lane);
         for i in 0..3 {
-            a.begin(i);
-            a.end(i).await;
+            lane.begin(i);
+            lane.end(i).await;
         }
-        a.begin(3);
-        stile_wait(&a).await;
+        lane.begin(3);
+        out.push(one(3)).await;
+        lane.end(3).await;
+        lane.closing();
+        out.finish().await;
+        assert_eq!(received(rx).await, vec![vec![3]]);
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
-    async fn output_not_yet_due_is_kept_and_sent_in_turn() {
-        use crate::envelope::Envelope;
-        use crate::metrics::EdgeStats;
-        use crate::policy::BufferPolicy;
-
-        let (tx, rx) =
-            crate::flow::channel::edge(BufferPolicy::DEFAULT, Arc::new(EdgeStats::default()));
+    async fn closing_output_waits_for_every_worker_to_leave() {
+        let (tx, rx) = edge();
         let stile = Turnstile::new(2);
-        let (a, b) = (LaneTurn::new(stile.clone()), LaneTurn::new(stile.clone()));
-        let mut out_a = InTurn::new(tx.clone(), &a);
-        let mut out_b = InTurn::new(tx, &b);
-        let one = |x: u32| Batch::from_items(vec![Envelope::new(x)]);
-        a.begin(0);
-        b.begin(1);
-        // Worker b is done with batch 1 first, in two chunks: nothing may go before batch 0.
-        out_b.push(one(10)).await;
-        out_b.push(one(11)).await;
-        assert_eq!(rx.depth(), 0, "batch 1 was sent before batch 0");
-        out_a.push(one(0)).await;
-        a.end(0).await;
-        b.end(1).await;
+        let (a, b) = (Lane::ordered(stile.clone()), Lane::ordered(stile));
+        let mut out_a = Gather::new(tx.clone(), &a);
+        let mut out_b = Gather::new(tx, &b);
         a.closing();
+        out_a.push(one(99)).await;
+        let closing = tokio::spawn(async move { out_a.finish().await });
+        tokio::task::yield_now().await;
+        assert!(!closing.is_finished(), "b is still working");
+        b.begin(0);
+        out_b.push(one(0)).await;
+        b.end(0).await;
         b.closing();
-        out_a.finish().await;
         out_b.finish().await;
-        let mut got = Vec::new();
-        while let Some((_, batch)) = rx.recv().await {
-            got.extend(batch.into_iter().map(|e| e.payload));
-        }
-        assert_eq!(got, vec![0, 10, 11]);
+        closing.await.expect("task");
+        assert_eq!(received(rx).await, vec![vec![0], vec![99]]);
     }
 
-    async fn stile_wait(turn: &LaneTurn) {
-        turn.stile.wait(turn.index.load(Relaxed)).await;
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn an_unordered_lane_sends_as_soon_as_its_batch_is_done() {
+        let (tx, rx) = edge();
+        let (a, b) = (Lane::unordered(), Lane::unordered());
+        let mut out_a = Gather::new(tx.clone(), &a);
+        let mut out_b = Gather::new(tx, &b);
+        a.begin(0);
+        b.begin(1);
+        out_b.push(one(1)).await;
+        b.end(1).await;
+        out_a.push(one(0)).await;
+        a.end(0).await;
+        for (lane, out) in [(a, &mut out_a), (b, &mut out_b)] {
+            lane.closing();
+            out.finish().await;
+        }
+        assert_eq!(received(rx).await, vec![vec![1], vec![0]]);
     }
 }

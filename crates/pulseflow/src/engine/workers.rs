@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
-use super::chain::{LaneTurn, Replica, Turnstile};
+use super::chain::{Lane as ChainLane, Replica, Turnstile};
 use super::downstream::{Capture, Downstream, EdgeOut, Entry};
 use super::run::RunShared;
 use crate::envelope::Batch;
@@ -39,6 +39,10 @@ impl Pacer {
         }
     }
 }
+
+/// Items a chained worker takes through its whole chain at a time: what they allocate on the
+/// way is reused, still in cache, by the next chunk.
+const CHAIN_CHUNK: usize = 64;
 
 /// How often an io-bound pool looks at its queue.
 pub(crate) const SCALE_INTERVAL: Duration = Duration::from_millis(50);
@@ -93,19 +97,18 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         }
     }
 
-    /// Each worker runs its own instance of the chain behind it; an ordered pool sends in
-    /// turn from the end of each chain.
+    /// Each worker runs its own instance of the chain behind it, which sends on what it
+    /// gathered once the worker is done with a batch (in turn, when ordered).
     fn spawn_chained(self, rx: EdgeReceiver<I>, chain: Replica<O>) {
         let workers = self.parallelism.initial_workers().max(1);
-        if matches!(self.order, PoolOrder::Ordered) {
-            let stile = Turnstile::new(workers);
-            self.spawn_scalable(workers, rx, move |make| {
-                let turn = LaneTurn::new(stile.clone());
-                Lane::Turn(make(chain(Some(&turn))), turn)
-            });
-        } else {
-            self.spawn_scalable(workers, rx, move |make| Lane::Plain(make(chain(None))));
-        }
+        let stile = matches!(self.order, PoolOrder::Ordered).then(|| Turnstile::new(workers));
+        self.spawn_scalable(workers, rx, move |make| {
+            let lane = match &stile {
+                Some(stile) => ChainLane::ordered(stile.clone()),
+                None => ChainLane::unordered(),
+            };
+            Lane::Chained(make(chain(Some(&lane))), lane)
+        });
     }
 
     fn spawn_to(self, rx: EdgeReceiver<I>, out: EdgeSender<O>) {
@@ -204,8 +207,8 @@ enum Lane<I, O> {
         Arc<parking_lot::Mutex<Option<Batch<O>>>>,
         tokio::sync::mpsc::Sender<(u64, Batch<O>)>,
     ),
-    /// Ends in a chain that sends in turn.
-    Turn(Box<dyn Downstream<I>>, LaneTurn),
+    /// Runs a chain that gathers its output and sends it on when a batch is done.
+    Chained(Box<dyn Downstream<I>>, ChainLane),
 }
 
 /// One worker: takes batches until the input ends (or, in an elastic pool, until it has been
@@ -216,7 +219,7 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
     retire: Option<(Arc<AtomicUsize>, usize)>,
 ) {
     let d: &mut Box<dyn Downstream<I>> = match &mut lane {
-        Lane::Plain(d) | Lane::Ordered(d, _, _) | Lane::Turn(d, _) => d,
+        Lane::Plain(d) | Lane::Ordered(d, _, _) | Lane::Chained(d, _) => d,
     };
     d.start().await;
     let mut pacer = Pacer::new();
@@ -249,10 +252,15 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
                 // The sequencer only goes away on abort.
                 let _ = tx.send((index, out)).await;
             }
-            Lane::Turn(d, turn) => {
-                turn.begin(index);
-                d.push(batch).await;
-                turn.end(index).await;
+            Lane::Chained(d, lane) => {
+                lane.begin(index);
+                let mut rest = batch;
+                while rest.len() > CHAIN_CHUNK {
+                    let chunk = rest.split_front(CHAIN_CHUNK);
+                    d.push(chunk).await;
+                }
+                d.push(rest).await;
+                lane.end(index).await;
             }
         }
     }
@@ -266,8 +274,8 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
                 let _ = tx.send((u64::MAX, rest)).await;
             }
         }
-        Lane::Turn(d, turn) => {
-            turn.closing();
+        Lane::Chained(d, lane) => {
+            lane.closing();
             d.finish().await;
         }
     }
