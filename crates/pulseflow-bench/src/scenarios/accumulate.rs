@@ -315,6 +315,34 @@ fn write_paths(records: u64) -> Result<WritePaths, Box<dyn std::error::Error>> {
     })
 }
 
+/// Only the write paths, `rounds` times (for profiling: `PULSEFLOW_BENCH_WRITE_PATHS=N`
+/// skips the pipelines).
+fn write_paths_only(records: u64, rounds: u32) -> Result<Report, Box<dyn std::error::Error>> {
+    let mut report = Report::new(
+        format!("accumulate write paths: {records} records, {rounds} rounds"),
+        &[
+            "round",
+            "store alone",
+            "with encode",
+            "ns/record: seq, store, with encode, encode",
+        ],
+    );
+    let ratio =
+        |a: Duration, b: Duration| (b.as_secs_f64() / a.as_secs_f64() * 1000.0).round() / 1000.0;
+    for round in 0..rounds {
+        let w = write_paths(records)?;
+        report.row(vec![
+            round.to_string(),
+            format!("{:.3}", ratio(w.store.wall, w.seq.wall)),
+            format!("{:.3}", ratio(w.spill.wall, w.seq.wall)),
+            [w.seq.wall, w.store.wall, w.spill.wall, w.encode]
+                .map(|d| format!("{:.1}", d.as_nanos() as f64 / records as f64))
+                .join(" "),
+        ]);
+    }
+    Ok(report)
+}
+
 fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("pulseflow-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -327,6 +355,12 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
     } else {
         (10_000_000, 1_000_000)
     };
+    if let Some(rounds) = std::env::var("PULSEFLOW_BENCH_WRITE_PATHS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        return write_paths_only(keys, rounds);
+    }
     let mut report = Report::new(
         format!("accumulate: {n} updates over {keys} keys (count and sum per key)"),
         &["run", "time", "updates/s", "vs hashmap", "notes"],
