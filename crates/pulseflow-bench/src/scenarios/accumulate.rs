@@ -195,9 +195,9 @@ pub(crate) fn encoded_records(records: u64) -> Result<Encoded, Box<dyn std::erro
     Ok((flat, ends, started.elapsed()))
 }
 
-/// Wall-clock and thread-CPU time of one run of a path (CPU time excludes the time the
-/// thread waited for a core on this shared machine; the write is page-cache `write` calls,
-/// which run on the thread's CPU time too).
+/// Wall-clock and process CPU time of one run of a path (CPU time excludes the time the
+/// process waited for a core on this shared machine; it counts every thread of the process,
+/// so the spill store's writer thread too: the page-cache `write` calls run on its CPU time).
 #[derive(Clone, Copy)]
 struct Took {
     wall: Duration,
@@ -220,15 +220,18 @@ impl Took {
 
 fn timed<T>(f: impl FnOnce() -> T) -> (T, Took) {
     let timer = tokio_pulse::clock::create_timer();
-    let cpu = timer.thread_cpu_time_ns();
+    let cpu = timer.process_cpu_time_ns();
     let started = Instant::now();
     let out = f();
     let wall = started.elapsed();
-    let cpu = Duration::from_nanos(timer.thread_cpu_time_ns().saturating_sub(cpu));
+    let cpu = Duration::from_nanos(timer.process_cpu_time_ns().saturating_sub(cpu));
     (out, Took { wall, cpu })
 }
 
-/// What the write paths took (fastest of three runs each).
+/// Runs of each write path; the fastest is kept.
+const WRITE_RUNS: usize = 7;
+
+/// What the write paths took (fastest of [`WRITE_RUNS`] runs each).
 struct WritePaths {
     /// The spill store given encoded records (append, seal blocks, write).
     store: Took,
@@ -279,9 +282,10 @@ fn store_encoding(
 
 /// The spill store's write paths against a plain buffered sequential write of the same
 /// encoded bytes: records already encoded (the store alone), and states encoded straight into
-/// the store as the stage spills them (encoding counted). Each is run three times and the
-/// fastest kept (the machine is shared: a run preempted by another process says nothing about
-/// the code), in wall-clock and in thread CPU time.
+/// the store as the stage spills them (encoding counted). Each is run [`WRITE_RUNS`] times,
+/// interleaved, and the fastest kept (the machine is shared: a run preempted by another
+/// process says nothing about the code; on `--quick` a run takes 2-6 ms, so one preemption
+/// moves it by more than the differences measured), in wall-clock and in process CPU time.
 fn write_paths(records: u64) -> Result<WritePaths, Box<dyn std::error::Error>> {
     let (flat, ends, mut encode) = encoded_records(records)?;
     let entries = entries(records);
@@ -289,7 +293,7 @@ fn write_paths(records: u64) -> Result<WritePaths, Box<dyn std::error::Error>> {
     let path = dir.join("plain.bin");
     let (mut store_took, mut spill_took, mut seq_took) = (Took::MAX, Took::MAX, Took::MAX);
     let (mut bytes, mut stored) = (0, 0);
-    for _ in 0..3 {
+    for _ in 0..WRITE_RUNS {
         let mut store = SpillStore::open(None)?;
         let (done, took) = timed(|| store_pre_encoded(&mut store, &flat, &ends));
         done?;
@@ -341,7 +345,7 @@ fn write_paths_only(records: u64, rounds: u32) -> Result<Report, Box<dyn std::er
             "store alone",
             "with encode",
             "ns/record: seq, store, with encode, encode",
-            "thread CPU ns/record: seq, store, with encode",
+            "CPU ns/record: seq, store, with encode",
         ],
     );
     let ratio =

@@ -6,8 +6,10 @@
 //! smaller and is worth its time ([`Compression`]), the raw block otherwise (`stored_len ==
 //! raw_len`), and the checksum covers `raw_len` and the payload. One header and one checksum per block instead of per record
 //! (records are often ~20 bytes), and LZ4 gets enough input to find repeats. Sealed blocks are
-//! buffered and written in large appends ([`SpillStore::flush`] seals the open block and
-//! writes everything). A read decompresses the record's block once and keeps it: reloads in
+//! buffered and written in large appends by a thread of the store's own, which also fills in
+//! the checksums, while the caller fills the next buffer: the caller (the stage's worker)
+//! neither waits for `write` calls nor computes checksums ([`SpillStore::flush`] seals the
+//! open block and returns once everything is in the file). A read decompresses the record's block once and keeps it: reloads in
 //! spill order (the end-of-input flush) cost one block read per block, not per record.
 //!
 //! Why a segment log and not an embedded key-value store: spilled state is written once per
@@ -234,8 +236,8 @@ pub struct SpillStore {
     /// `None` with `inline_writes` when it could not be started).
     writer: Option<Writer>,
     inline_writes: bool,
-    /// A buffer the writer gave back, for the next swap.
-    spare: Option<Vec<u8>>,
+    /// Buffers the writer gave back, for the next swaps.
+    spare: Vec<Vec<u8>>,
     /// Sealed blocks not yet in the file, then the open block (header space and records),
     /// from `open_start` on.
     buffer: Vec<u8>,
@@ -271,9 +273,12 @@ fn too_many_blocks() -> SpillError {
     SpillError::Encode("spill log has too many blocks".into())
 }
 
-/// Buffers handed to the writer thread and not yet given back, at most: one is written while
-/// the next fills.
-const IN_FLIGHT: usize = 1;
+/// Buffers handed to the writer thread and not yet given back, at most (the caller fills
+/// another meanwhile): with a backlog the thread goes from one write to the next without
+/// sleeping, and the caller seldom waits for it (with one in flight, each hand-over waited
+/// for the thread to wake up: the store alone took 15.7 ns per record instead of 10.5, best
+/// of 12 runs each on the 2-core machine). At most 4 x 264 KiB of buffers per store.
+const IN_FLIGHT: usize = 3;
 
 fn per_byte(started: Instant, bytes: usize) -> f64 {
     started.elapsed().as_nanos() as f64 / bytes.max(1) as f64
@@ -490,7 +495,7 @@ impl SpillStore {
             written: 0,
             writer: None,
             inline_writes: false,
-            spare: None,
+            spare: Vec::new(),
             buffer: Vec::with_capacity(WRITE_BUFFER + 2 * BLOCK),
             open_start: 0,
             compression: Compression::Auto,
@@ -718,7 +723,7 @@ impl SpillStore {
         }
         let next = self
             .spare
-            .take()
+            .pop()
             .unwrap_or_else(|| Vec::with_capacity(WRITE_BUFFER + 2 * BLOCK));
         let full = std::mem::replace(&mut self.buffer, next);
         self.flushed += full.len() as u64;
@@ -746,7 +751,7 @@ impl SpillStore {
         let ns = back.result.map_err(io(&self.path))?;
         self.written += back.len as u64;
         self.costs.write_ns = Some(CostModel::blend(self.costs.write_ns, ns));
-        self.spare = Some(back.buffer);
+        self.spare.push(back.buffer);
         Ok(())
     }
 
