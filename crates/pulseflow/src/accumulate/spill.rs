@@ -69,7 +69,7 @@ pub enum Compression {
     /// write time per byte (LZ4's from a probe block now and then, less often while it does
     /// not pay; the write time from every write). On a page cache or a fast disk LZ4 does not
     /// pay; on a slow disk (or one the kernel throttles) it does. Blocks before the first
-    /// write (the first 256 KiB) are stored raw, but for the first probe.
+    /// write (the first 256 KiB or more) are stored raw, but for the probes.
     #[default]
     Auto,
     /// Compress every block (kept raw only when LZ4 does not make it smaller).
@@ -115,9 +115,11 @@ impl CostModel {
         }
     }
 
-    /// After a probe: probes come less often while compression does not pay.
+    /// After a probe: probes come less often while compression does not pay (or cannot be
+    /// judged yet: before the first write is timed, blocks go raw whatever LZ4 costs, and the
+    /// first timed write is weighed against the latest probe at once).
     fn probed(&mut self) {
-        self.interval = if self.write_ns.is_none() || self.pays() {
+        self.interval = if self.pays() {
             PROBE_EVERY
         } else {
             (self.interval.max(PROBE_EVERY / 2) * 2).min(PROBE_MAX)
@@ -351,13 +353,17 @@ impl Writer {
         sent
     }
 
-    /// The oldest buffer in flight, once written; `None` when none is in flight or the
-    /// thread has stopped.
-    fn receive(&mut self) -> Option<Written> {
+    /// The oldest buffer in flight, once written (waiting for it with `wait`); `None` when
+    /// none is in flight, none is written yet (without `wait`) or the thread has stopped.
+    fn receive(&mut self, wait: bool) -> Option<Written> {
         if self.in_flight == 0 {
             return None;
         }
-        let back = self.written.recv().ok()?;
+        let back = if wait {
+            self.written.recv().ok()?
+        } else {
+            self.written.try_recv().ok()?
+        };
         self.in_flight -= 1;
         Some(back)
     }
@@ -714,6 +720,7 @@ impl SpillStore {
             self.open_start = 0;
             return Ok(());
         }
+        self.collect_ready()?;
         while self
             .writer
             .as_ref()
@@ -745,9 +752,22 @@ impl SpillStore {
     /// Waits for the writer to give back the oldest buffer in flight: counts its bytes as
     /// written and its write time in the cost model, or returns its write error.
     fn collect(&mut self) -> Result<(), SpillError> {
-        let Some(back) = self.writer.as_mut().and_then(Writer::receive) else {
+        let Some(back) = self.writer.as_mut().and_then(|w| w.receive(true)) else {
             return Err(self.writer_stopped());
         };
+        self.written_back(back)
+    }
+
+    /// Takes back the buffers the writer has finished with, without waiting (so the cost
+    /// model learns the write time early, and the next swap finds a spare buffer).
+    fn collect_ready(&mut self) -> Result<(), SpillError> {
+        while let Some(back) = self.writer.as_mut().and_then(|w| w.receive(false)) {
+            self.written_back(back)?;
+        }
+        Ok(())
+    }
+
+    fn written_back(&mut self, back: Written) -> Result<(), SpillError> {
         let ns = back.result.map_err(io(&self.path))?;
         self.written += back.len as u64;
         self.costs.write_ns = Some(CostModel::blend(self.costs.write_ns, ns));
