@@ -707,18 +707,7 @@ impl SpillStore {
             }
         }
         if self.writer.is_none() {
-            checksum_blocks(&mut self.buffer);
-            let started = Instant::now();
-            self.file.write_all(&self.buffer).map_err(io(&self.path))?;
-            self.costs.write_ns = Some(CostModel::blend(
-                self.costs.write_ns,
-                per_byte(started, self.buffer.len()),
-            ));
-            self.flushed += self.buffer.len() as u64;
-            self.written = self.flushed;
-            self.buffer.clear();
-            self.open_start = 0;
-            return Ok(());
+            return self.write_here();
         }
         self.collect_ready()?;
         while self
@@ -783,12 +772,35 @@ impl SpillStore {
         Ok(())
     }
 
+    /// Writes the sealed blocks on this thread (the open block must be empty, and nothing in
+    /// flight).
+    fn write_here(&mut self) -> Result<(), SpillError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        checksum_blocks(&mut self.buffer);
+        let started = Instant::now();
+        self.file.write_all(&self.buffer).map_err(io(&self.path))?;
+        self.costs.write_ns = Some(CostModel::blend(
+            self.costs.write_ns,
+            per_byte(started, self.buffer.len()),
+        ));
+        self.flushed += self.buffer.len() as u64;
+        self.written = self.flushed;
+        self.buffer.clear();
+        self.open_start = 0;
+        Ok(())
+    }
+
     /// Seals the open block and writes everything buffered to the file; when it returns, the
-    /// file holds every record appended so far.
+    /// file holds every record appended so far. Waits for the buffers in flight, then writes
+    /// what is left on this thread: handing it over only to wait for it would add the writer
+    /// thread's wake-up to every flush (the stage flushes after each spill round, often of
+    /// less than a write buffer).
     pub fn flush(&mut self) -> Result<(), SpillError> {
         self.seal()?;
-        self.write_out()?;
-        self.sync()
+        self.sync()?;
+        self.write_here()
     }
 
     /// Reads a record back into `out` (replacing its contents), checking its block's checksum.
