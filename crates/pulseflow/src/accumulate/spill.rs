@@ -9,8 +9,9 @@
 //! buffered and written in large appends by a thread of the store's own, which also fills in
 //! the checksums, while the caller fills the next buffer: the caller (the stage's worker)
 //! neither waits for `write` calls nor computes checksums ([`SpillStore::flush`] seals the
-//! open block and returns once everything is in the file). A read decompresses the record's block once and keeps it: reloads in
-//! spill order (the end-of-input flush) cost one block read per block, not per record.
+//! open block and returns once everything is in the file). A read decompresses the record's
+//! block once and keeps it: reloads in spill order (the end-of-input flush) cost one block
+//! read per block, not per record.
 //!
 //! Why a segment log and not an embedded key-value store: spilled state is written once per
 //! eviction and read at most once per reload, never updated in place, and the stage already
