@@ -195,9 +195,9 @@ pub(crate) fn encoded_records(records: u64) -> Result<Encoded, Box<dyn std::erro
     Ok((flat, ends, started.elapsed()))
 }
 
-/// Wall-clock and thread-CPU time of one run of a path (CPU time excludes the time the
-/// thread waited for a core on this shared machine; the write is page-cache `write` calls,
-/// which run on the thread's CPU time too).
+/// Wall-clock and process CPU time of one run of a path (CPU time excludes the time the
+/// process waited for a core on this shared machine; it counts every thread of the process,
+/// so the spill store's writer thread too: the page-cache `write` calls run on its CPU time).
 #[derive(Clone, Copy)]
 struct Took {
     wall: Duration,
@@ -220,15 +220,18 @@ impl Took {
 
 fn timed<T>(f: impl FnOnce() -> T) -> (T, Took) {
     let timer = tokio_pulse::clock::create_timer();
-    let cpu = timer.thread_cpu_time_ns();
+    let cpu = timer.process_cpu_time_ns();
     let started = Instant::now();
     let out = f();
     let wall = started.elapsed();
-    let cpu = Duration::from_nanos(timer.thread_cpu_time_ns().saturating_sub(cpu));
+    let cpu = Duration::from_nanos(timer.process_cpu_time_ns().saturating_sub(cpu));
     (out, Took { wall, cpu })
 }
 
-/// What the write paths took (fastest of three runs each).
+/// Runs of each write path; the fastest is kept.
+const WRITE_RUNS: usize = 7;
+
+/// What the write paths took (fastest of [`WRITE_RUNS`] runs each).
 struct WritePaths {
     /// The spill store given encoded records (append, seal blocks, write).
     store: Took,
@@ -249,11 +252,40 @@ impl WritePaths {
     }
 }
 
+/// The store alone: records already encoded (back to back in `flat`, ending at `ends`).
+/// Out of line so that a profile tells the paths apart.
+#[inline(never)]
+fn store_pre_encoded(
+    store: &mut SpillStore,
+    flat: &[u8],
+    ends: &[usize],
+) -> Result<(), SpillError> {
+    let mut start = 0;
+    for &end in ends {
+        store.append(&flat[start..end])?;
+        start = end;
+    }
+    store.flush()
+}
+
+/// The stage's spill path: each state encoded straight into the store's open block.
+#[inline(never)]
+fn store_encoding(
+    store: &mut SpillStore,
+    entries: &[AccumulatorState<u32, (u64, u64)>],
+) -> Result<(), SpillError> {
+    for entry in entries {
+        store.append_with(|buf| CountSum.encode(entry, buf))?;
+    }
+    store.flush()
+}
+
 /// The spill store's write paths against a plain buffered sequential write of the same
 /// encoded bytes: records already encoded (the store alone), and states encoded straight into
-/// the store as the stage spills them (encoding counted). Each is run three times and the
-/// fastest kept (the machine is shared: a run preempted by another process says nothing about
-/// the code), in wall-clock and in thread CPU time.
+/// the store as the stage spills them (encoding counted). Each is run [`WRITE_RUNS`] times,
+/// interleaved, and the fastest kept (the machine is shared: a run preempted by another
+/// process says nothing about the code; on `--quick` a run takes 2-6 ms, so one preemption
+/// moves it by more than the differences measured), in wall-clock and in process CPU time.
 fn write_paths(records: u64) -> Result<WritePaths, Box<dyn std::error::Error>> {
     let (flat, ends, mut encode) = encoded_records(records)?;
     let entries = entries(records);
@@ -261,16 +293,9 @@ fn write_paths(records: u64) -> Result<WritePaths, Box<dyn std::error::Error>> {
     let path = dir.join("plain.bin");
     let (mut store_took, mut spill_took, mut seq_took) = (Took::MAX, Took::MAX, Took::MAX);
     let (mut bytes, mut stored) = (0, 0);
-    for _ in 0..3 {
+    for _ in 0..WRITE_RUNS {
         let mut store = SpillStore::open(None)?;
-        let (done, took) = timed(|| -> Result<(), SpillError> {
-            let mut start = 0;
-            for &end in &ends {
-                store.append(&flat[start..end])?;
-                start = end;
-            }
-            store.flush()
-        });
+        let (done, took) = timed(|| store_pre_encoded(&mut store, &flat, &ends));
         done?;
         store_took = store_took.min(took);
         bytes = store.stats().raw_bytes;
@@ -278,12 +303,7 @@ fn write_paths(records: u64) -> Result<WritePaths, Box<dyn std::error::Error>> {
         drop(store);
 
         let mut store = SpillStore::open(None)?;
-        let (done, took) = timed(|| -> Result<(), SpillError> {
-            for entry in &entries {
-                store.append_with(|buf| CountSum.encode(entry, buf))?;
-            }
-            store.flush()
-        });
+        let (done, took) = timed(|| store_encoding(&mut store, &entries));
         done?;
         spill_took = spill_took.min(took);
         if store.stats().raw_bytes != bytes {
@@ -315,6 +335,38 @@ fn write_paths(records: u64) -> Result<WritePaths, Box<dyn std::error::Error>> {
     })
 }
 
+/// Only the write paths, `rounds` times (for profiling: `PULSEFLOW_BENCH_WRITE_PATHS=N`
+/// skips the pipelines).
+fn write_paths_only(records: u64, rounds: u32) -> Result<Report, Box<dyn std::error::Error>> {
+    let mut report = Report::new(
+        format!("accumulate write paths: {records} records, {rounds} rounds"),
+        &[
+            "round",
+            "store alone",
+            "with encode",
+            "ns/record: seq, store, with encode, encode",
+            "CPU ns/record: seq, store, with encode",
+        ],
+    );
+    let ratio =
+        |a: Duration, b: Duration| (b.as_secs_f64() / a.as_secs_f64() * 1000.0).round() / 1000.0;
+    for round in 0..rounds {
+        let w = write_paths(records)?;
+        report.row(vec![
+            round.to_string(),
+            format!("{:.3}", ratio(w.store.wall, w.seq.wall)),
+            format!("{:.3}", ratio(w.spill.wall, w.seq.wall)),
+            [w.seq.wall, w.store.wall, w.spill.wall, w.encode]
+                .map(|d| format!("{:.1}", d.as_nanos() as f64 / records as f64))
+                .join(" "),
+            [w.seq.cpu, w.store.cpu, w.spill.cpu]
+                .map(|d| format!("{:.1}", d.as_nanos() as f64 / records as f64))
+                .join(" "),
+        ]);
+    }
+    Ok(report)
+}
+
 fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("pulseflow-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -327,6 +379,12 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
     } else {
         (10_000_000, 1_000_000)
     };
+    if let Some(rounds) = std::env::var("PULSEFLOW_BENCH_WRITE_PATHS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        return write_paths_only(keys, rounds);
+    }
     let mut report = Report::new(
         format!("accumulate: {n} updates over {keys} keys (count and sum per key)"),
         &["run", "time", "updates/s", "vs hashmap", "notes"],

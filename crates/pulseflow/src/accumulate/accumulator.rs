@@ -173,14 +173,19 @@ const ROOM_MAX: usize = 64 << 10;
 /// into it in place, then `out` is cut to length. When the room is too small it is retried
 /// with more; when serde reports an error, `postcard` itself encodes the record (and names
 /// the error).
+#[inline(always)]
 pub(crate) fn encode_entry<K: Serialize, S: Serialize>(
     e: &AccumulatorState<K, S>,
     out: &mut Vec<u8>,
 ) -> Result<(), SpillError> {
     let start = out.len();
-    // A constant-size room: a few vector stores, no `memset` call.
+    // A constant-size room: a few vector stores, no `memset` call; as an array, so that the
+    // writer's bounds checks compare with a constant.
     out.extend_from_slice(&[0; ROOM_FIRST]);
-    if let Some(Ok(n)) = out.get_mut(start..).map(|buf| write_entry(e, buf)) {
+    let room = out
+        .get_mut(start..)
+        .and_then(|room| room.first_chunk_mut::<ROOM_FIRST>());
+    if let Some(Ok(n)) = room.map(|room| write_entry(e, room)) {
         out.truncate(start + n);
         return Ok(());
     }

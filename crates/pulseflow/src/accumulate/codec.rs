@@ -112,17 +112,51 @@ impl<'a> SliceWriter<'a> {
     }
 }
 
-/// Writes `n` as a LEB128 varint at `at` in `buf` and returns where it ends: one byte for
-/// small numbers, otherwise one bounds check for the whole number (a varint takes at most ten
-/// bytes) and a short loop. `None` when `buf` has less room than that. Plain values in and
-/// out (no writer behind a pointer), so a caller's position stays in a register.
+/// Writes `n` as a LEB128 varint at `at` in `buf` and returns where it ends. `None` when `buf`
+/// has too little room for the fast path (a varint of 2 or 3 bytes needs 4 bytes of room, a
+/// longer one 10): the caller falls back to writing byte by byte. Plain values in and out (no
+/// writer behind a pointer), so a caller's position stays in a register.
+///
+/// Up to three bytes (numbers below 2^21: counts, keys, sequence numbers of most runs), the
+/// bytes are computed at once and stored with one write, one branch per length instead of a
+/// loop with a branch per byte; bytes past the varint's end within that write are scratch
+/// (overwritten with the number's high bits or zeros).
 #[inline(always)]
-pub(crate) fn put_varint(buf: &mut [u8], at: usize, mut n: u64) -> Option<usize> {
-    if n < 0x80 {
+pub(crate) fn put_varint(buf: &mut [u8], at: usize, n: u64) -> Option<usize> {
+    if n < 1 << 7 {
         *buf.get_mut(at)? = n as u8;
         return Some(at + 1);
     }
+    if n < 1 << 21 {
+        let n = n as u32;
+        let dst = buf.get_mut(at..)?.first_chunk_mut::<4>()?;
+        if n < 1 << 14 {
+            *dst = ((n & 0x7f) | 0x80 | ((n >> 7) << 8)).to_le_bytes();
+            return Some(at + 2);
+        }
+        *dst =
+            ((n & 0x7f) | 0x80 | (((n >> 7) & 0x7f) | 0x80) << 8 | ((n >> 14) << 16)).to_le_bytes();
+        return Some(at + 3);
+    }
+    put_varint_long(buf, at, n)
+}
+
+/// [`put_varint`] for numbers of 2^21 and more (4 to 10 bytes; timestamps, large sums):
+/// every byte computed at once for numbers below 2^56 (8-byte write), else a loop.
+#[inline(never)]
+fn put_varint_long(buf: &mut [u8], at: usize, n: u64) -> Option<usize> {
     let dst = buf.get_mut(at..)?.first_chunk_mut::<10>()?;
+    if n < 1 << 56 {
+        // 28-bit halves to 32-bit lanes, 14-bit quarters to 16-bit lanes, 7-bit groups to bytes.
+        let x = (n & 0x0fff_ffff) | ((n & 0x00ff_ffff_f000_0000) << 4);
+        let x = (x & 0x0000_3fff_0000_3fff) | ((x & 0x0fff_c000_0fff_c000) << 2);
+        let x = (x & 0x007f_007f_007f_007f) | ((x & 0x3f80_3f80_3f80_3f80) << 1);
+        let len = 8 - (x.leading_zeros() / 8) as usize;
+        let more = 0x0080_8080_8080_8080u64 >> (8 * (8 - len));
+        *dst.first_chunk_mut::<8>()? = (x | more).to_le_bytes();
+        return Some(at + len);
+    }
+    let mut n = n;
     let mut i = 0;
     while n >= 0x80 && i < 9 {
         dst[i] = (n as u8) | 0x80;
@@ -443,6 +477,50 @@ mod tests {
         }
         same_as_postcard(&'x');
         same_as_postcard(&(7u32, (3u64, 1u64 << 40)));
+    }
+
+    /// LEB128 the plain way, for comparison.
+    fn reference(mut n: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+        out
+    }
+
+    #[test]
+    fn varints_of_every_length_and_room() {
+        let mut values = vec![0u64, u64::MAX];
+        for bits in 1..64 {
+            let p = 1u64 << bits;
+            values.extend([p - 1, p, p + 1, p | (p >> 1) | 0x55]);
+        }
+        for n in values {
+            let expected = reference(n);
+            // After a few bytes already written, with every amount of room left.
+            for room in 0..=16 {
+                let mut buf = vec![0xAAu8; 3 + room];
+                match put_varint(&mut buf, 3, n) {
+                    Some(end) => {
+                        assert_eq!(&buf[3..end], &expected[..], "{n} with room {room}");
+                        assert_eq!(&buf[..3], &[0xAA; 3], "bytes before untouched");
+                    }
+                    None => assert!(room < 10, "{n}: no fast path with room {room}"),
+                }
+                // The writer falls back to byte by byte: right whenever the varint fits.
+                let mut buf = vec![0u8; room];
+                let mut w = SliceWriter::new(&mut buf);
+                match w.varint(n) {
+                    Ok(()) => {
+                        assert_eq!(w.len(), expected.len());
+                        assert_eq!(&buf[..expected.len()], &expected[..]);
+                    }
+                    Err(Full) => assert!(room < expected.len(), "{n} fits in {room}"),
+                }
+            }
+        }
     }
 
     #[test]
