@@ -329,6 +329,18 @@ fn run_sum(
     items: Vec<(u32, u64)>,
     budget: MemoryBudget,
 ) -> (Vec<(u32, u64, u64, String)>, PipelineResult) {
+    let policy = AccumulatorPolicy::default()
+        .with_partial_flush(true)
+        .with_spill(true);
+    run_sum_with(futures::stream::iter(items), budget, policy)
+}
+
+/// [`run_sum`] of a stream, under `policy`.
+fn run_sum_with(
+    items: impl futures::Stream<Item = (u32, u64)> + Send + 'static,
+    budget: MemoryBudget,
+    policy: AccumulatorPolicy,
+) -> (Vec<(u32, u64, u64, String)>, PipelineResult) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -336,14 +348,8 @@ fn run_sum(
     rt.block_on(async move {
         let mut p = PipelineBuilder::new("spill");
         let (sink, got) = sinks::collect();
-        p.source("in", sources::iter(items))
-            .accumulate(
-                "sum",
-                CountSum::at(4),
-                AccumulatorPolicy::default()
-                    .with_partial_flush(true)
-                    .with_spill(true),
-            )
+        p.source("in", sources::stream(Box::pin(items)))
+            .accumulate("sum", CountSum::at(4), policy)
             .sink("out", sink);
         let options = ExecutionOptions::default()
             .with_supervision(Supervision::Off)
@@ -389,6 +395,87 @@ fn tiny_budget_really_spills_and_reports_it() {
     assert!(s.metrics["spill.reloads"] > 0.0, "{:?}", s.metrics);
     assert!(s.metrics["spill.records"] > 0.0);
     assert!(s.metrics["spill.compression_ratio"] > 0.0);
+}
+
+/// Bytes in the files of `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .expect("spill dir")
+        .map(|e| e.expect("entry").metadata().expect("meta").len())
+        .sum()
+}
+
+/// Runs `items` under a tiny budget with 16 KiB spill segments compacted below
+/// `compact_below` live records, sampling the spill files' size every 500 items: the
+/// outputs, the result and the largest size seen.
+fn run_compacting(
+    items: Vec<(u32, u64)>,
+    compact_below: f64,
+) -> (Vec<(u32, u64, u64, String)>, PipelineResult, f64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (spill_dir, seen) = (dir.path().to_owned(), peak.clone());
+    let probed =
+        futures::stream::iter(items.into_iter().enumerate()).filter_map(move |(i, item)| {
+            if i % 500 == 0 {
+                seen.fetch_max(dir_bytes(&spill_dir), std::sync::atomic::Ordering::Relaxed);
+            }
+            async move { Some(item) }
+        });
+    let policy = AccumulatorPolicy::default()
+        .with_partial_flush(true)
+        .with_spill(true)
+        .with_spill_dir(dir.path())
+        .with_spill_segments(16 << 10, compact_below);
+    let (out, result) = run_sum_with(probed, MemoryBudget::new(1024), policy);
+    assert!(result.success, "{:?}", result.error);
+    checked(&result);
+    assert_eq!(dir_bytes(dir.path()), 0, "segments deleted at the end");
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    (out, result, peak)
+}
+
+/// A long run under a tiny budget with small spill segments: every key is spilled and
+/// reloaded several times, so the log writes far more than is ever live, and keys written
+/// all along the run stay on disk to the end (no segment ever dies by itself). Compaction
+/// keeps the files small while the run goes on, and the outputs are those of an unlimited
+/// budget.
+#[test]
+fn spill_log_compacts_while_the_run_goes_on() {
+    // 12 000 keys with 4 items each (complete at 4), each key's items 300 items apart; every
+    // 100 items, a key with one item, flushed at the end of input.
+    let window = 300u64;
+    let items: Vec<(u32, u64)> = (0..48_000u64)
+        .flat_map(|i| {
+            let key = (i % window) + window * (i / (window * 4));
+            let sleeper = (i % 100 == 0).then_some((1_000_000 + (i / 100) as u32, i));
+            std::iter::once((key as u32, i)).chain(sleeper)
+        })
+        .collect();
+    let (tiny, result, peak) = run_compacting(items.clone(), 0.25);
+    let (unlimited, _) = run_sum(items.clone(), MemoryBudget::unlimited());
+    assert_eq!(tiny.len(), 12_000 + 480);
+    assert_eq!(tiny, unlimited);
+    let m = &stage(&result, "sum").metrics;
+    let stored = m["spill.stored_bytes"];
+    assert!(m["spill.reloads"] > 36_000.0, "{m:?}");
+    assert!(m["spill.compactions"] > 10.0, "{m:?}");
+    assert!(m["spill.reclaimed_bytes"] > stored / 2.0, "{m:?}");
+    assert!(peak > 0.0, "the spill files were sampled while in use");
+    assert!(
+        peak < stored / 4.0,
+        "peak {peak} of {stored} bytes ever spilled"
+    );
+    assert!(m["spill.disk_bytes"] < stored / 4.0, "{m:?}");
+    // Without compaction (only segments with no live record left are deleted), the files
+    // grow with the input.
+    let (_, uncompacted, peak_uncompacted) = run_compacting(items, 0.0);
+    let m = &stage(&uncompacted, "sum").metrics;
+    assert!(
+        peak_uncompacted > 4.0 * peak,
+        "{peak_uncompacted} vs {peak}"
+    );
+    assert!(m["spill.disk_bytes"] > stored / 2.0, "{m:?}");
 }
 
 /// A stream element that yields nothing: it gives the stage time to work through what came

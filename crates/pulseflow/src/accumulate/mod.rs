@@ -86,5 +86,8 @@ pub use completeness::{
     VarSet,
 };
 pub use policy::{AccumulationDescriptor, AccumulatorPolicy};
-pub use spill::{Compression, RecordRef, SpillError, SpillStats, SpillStore, block_records};
+pub use spill::{
+    Compression, DEFAULT_COMPACT_BELOW, DEFAULT_SEGMENT_BYTES, RecordRef, SpillError, SpillStats,
+    SpillStore, block_records,
+};
 pub use template_vars::{TemplateResult, TemplateVar, TemplateVars, VarsState};

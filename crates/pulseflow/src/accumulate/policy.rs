@@ -14,7 +14,9 @@ use crate::policy::ParallelismHint;
 /// - `partial_flush`: a key flushed before it is complete emits what it has (with its
 ///   completeness score); without it, the key's items are dropped as `discarded_by_policy`.
 /// - `spill_allowed`: over the memory budget, the coldest keys go to disk (in `spill_dir`,
-///   a temporary directory removed at the end by default).
+///   a temporary directory removed at the end by default), in segment files of
+///   `spill_segment_bytes`; a full segment is compacted once fewer than
+///   `spill_compact_below` of its records are live.
 ///
 /// ```
 /// use std::time::Duration;
@@ -44,6 +46,12 @@ pub struct AccumulatorPolicy {
     pub spill_allowed: bool,
     /// Where spill files go; a temporary directory (removed at the end) when `None`.
     pub spill_dir: Option<PathBuf>,
+    /// Size of a spill segment file (default
+    /// [`DEFAULT_SEGMENT_BYTES`](crate::accumulate::DEFAULT_SEGMENT_BYTES), 64 MiB).
+    pub spill_segment_bytes: Option<u64>,
+    /// Fraction of live records below which a full spill segment is compacted (default
+    /// [`DEFAULT_COMPACT_BELOW`](crate::accumulate::DEFAULT_COMPACT_BELOW), 0.25).
+    pub spill_compact_below: Option<f64>,
 }
 
 impl AccumulatorPolicy {
@@ -86,6 +94,14 @@ impl AccumulatorPolicy {
     /// Spills into `dir` (kept after the run) instead of a temporary directory.
     pub fn with_spill_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.spill_dir = Some(dir.into());
+        self
+    }
+
+    /// Sets the spill log's segment size and compaction threshold (`spill_segment_bytes`,
+    /// `spill_compact_below`).
+    pub fn with_spill_segments(mut self, segment_bytes: u64, compact_below: f64) -> Self {
+        self.spill_segment_bytes = Some(segment_bytes);
+        self.spill_compact_below = Some(compact_below);
         self
     }
 

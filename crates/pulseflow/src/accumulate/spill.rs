@@ -36,6 +36,7 @@
 use std::fmt::Debug;
 use std::fs::File;
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Instant;
@@ -189,7 +190,7 @@ impl RecordRef {
 /// Figures of a spill store.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SpillStats {
-    /// Records written.
+    /// Records written (copies made by compaction included).
     pub records: u64,
     /// Records read back.
     pub reads: u64,
@@ -199,6 +200,18 @@ pub struct SpillStats {
     pub stored_bytes: u64,
     /// Blocks written.
     pub blocks: u64,
+    /// Records not yet released ([`SpillStore::release`]) and not in a retired segment.
+    pub live_records: u64,
+    /// Segment files of the log now.
+    pub segments: u64,
+    /// Bytes in the log's segment files now (`stored_bytes - reclaimed_bytes`; sealed blocks
+    /// still in the write buffer included).
+    pub disk_bytes: u64,
+    /// Bytes of the segment files deleted while the log was open.
+    pub reclaimed_bytes: u64,
+    /// Segments retired: compacted (their live records copied to the end of the log), or
+    /// deleted with no live record left.
+    pub compactions: u64,
 }
 
 impl SpillStats {
@@ -226,17 +239,94 @@ impl Dir {
     }
 }
 
-/// An append-only log of checksummed, compressed blocks of records.
-pub struct SpillStore {
-    dir: Dir,
+/// Default size of a segment file: once the current segment holds this many bytes, the log
+/// goes on in a new file.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+/// Default compaction threshold: a full segment is compacted once fewer than this fraction
+/// of its records are live.
+pub const DEFAULT_COMPACT_BELOW: f64 = 0.25;
+
+/// One file of the log: a run of consecutive blocks.
+#[derive(Debug)]
+struct Segment {
     path: PathBuf,
     file: File,
-    /// Offset in the file of the buffer's first byte: bytes handed to the writer so far.
+    /// Number of its first block.
+    first: u32,
+    /// Offset in the file and stored size (header included) of each sealed block.
+    blocks: Vec<(u64, u32)>,
+    /// Records appended to it, and those of them not released yet.
+    records: u64,
+    live: u64,
+    /// Stored bytes of its sealed blocks.
+    bytes: u64,
+    /// Not to be compacted (a block of it could not be read back).
+    kept: bool,
+}
+
+impl Segment {
+    fn create(dir: &Path, first: u32) -> Result<Self, SpillError> {
+        let file = tempfile::Builder::new()
+            .prefix("segment-")
+            .suffix(".log")
+            .tempfile_in(dir)
+            .map_err(io(dir))?;
+        // The file lives as long as the segment (writes go to its end, reads are positioned).
+        let (file, path) = file.keep().map_err(|e| SpillError::Io {
+            path: dir.to_owned(),
+            source: e.error,
+        })?;
+        Ok(Self {
+            path,
+            file,
+            first,
+            blocks: Vec::new(),
+            records: 0,
+            live: 0,
+            bytes: 0,
+            kept: false,
+        })
+    }
+
+    /// Its sealed blocks' numbers.
+    fn block_range(&self) -> Range<u32> {
+        self.first..self.first + self.blocks.len() as u32
+    }
+
+    /// Offset and stored size of `block`, when the segment holds it.
+    fn block(&self, block: u32) -> Option<(u64, u32)> {
+        let i = block.checked_sub(self.first)?;
+        self.blocks.get(i as usize).copied()
+    }
+
+    /// Whether so few of its records are live that copying them out is worth it.
+    fn due(&self, below: f64) -> bool {
+        !self.kept && (self.live as f64) < self.records as f64 * below
+    }
+}
+
+/// An append-only log of checksummed, compressed blocks of records, in segment files.
+pub struct SpillStore {
+    dir: Dir,
+    /// The segment being written (the newest).
+    current: Segment,
+    /// Older segments, complete in their files, oldest first.
+    sealed: Vec<Segment>,
+    /// A new segment starts once the current one holds this many bytes.
+    segment_bytes: u64,
+    /// Compaction threshold (fraction of live records).
+    compact_below: f64,
+    /// Whether a sealed segment may have become due for compaction since the last look.
+    recheck: bool,
+    /// Number of the open block (blocks sealed so far).
+    next_block: u32,
+    /// Offset in the current segment of the buffer's first byte: bytes handed to the writer
+    /// so far.
     flushed: u64,
-    /// Bytes the writer has put in the file (`<= flushed`).
+    /// Bytes the writer has put in the current segment (`<= flushed`).
     written: u64,
-    /// The thread writing full buffers while the next one fills (started at the first write;
-    /// `None` with `inline_writes` when it could not be started).
+    /// The thread writing full buffers while the next one fills (started at the first write
+    /// to a segment; `None` with `inline_writes` when it could not be started).
     writer: Option<Writer>,
     inline_writes: bool,
     /// Buffers the writer gave back, for the next swaps.
@@ -247,8 +337,6 @@ pub struct SpillStore {
     open_start: usize,
     compression: Compression,
     costs: CostModel,
-    /// Offset and stored size (header included) of each sealed block.
-    blocks: Vec<(u64, u32)>,
     /// The block last read, decompressed and checked.
     cached: Option<u32>,
     cache: Vec<u8>,
@@ -259,7 +347,7 @@ pub struct SpillStore {
 impl Debug for SpillStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SpillStore")
-            .field("path", &self.path)
+            .field("path", &self.current.path)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
@@ -483,21 +571,15 @@ impl SpillStore {
                     .map_err(io(&std::env::temp_dir()))?,
             ),
         };
-        let file = tempfile::Builder::new()
-            .prefix("segment-")
-            .suffix(".log")
-            .tempfile_in(dir.path())
-            .map_err(io(dir.path()))?;
-        // The log lives as long as the store (writes go to its end, reads are positioned);
-        // a temporary directory goes with the store.
-        let (file, path) = file.keep().map_err(|e| SpillError::Io {
-            path: dir.path().to_owned(),
-            source: e.error,
-        })?;
+        let current = Segment::create(dir.path(), 0)?;
         Ok(Self {
             dir,
-            path,
-            file,
+            current,
+            sealed: Vec::new(),
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            compact_below: DEFAULT_COMPACT_BELOW,
+            recheck: false,
+            next_block: 0,
             flushed: 0,
             written: 0,
             writer: None,
@@ -507,17 +589,24 @@ impl SpillStore {
             open_start: 0,
             compression: Compression::Auto,
             costs: CostModel::default(),
-            blocks: Vec::new(),
             cached: None,
             cache: Vec::new(),
             scratch: Vec::new(),
-            stats: SpillStats::default(),
+            stats: SpillStats {
+                segments: 1,
+                ..SpillStats::default()
+            },
         })
     }
 
-    /// The log file.
+    /// The segment file being written (the newest).
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.current.path
+    }
+
+    /// The segment file holding `at` (for error messages; the newest when none does).
+    pub fn path_of(&self, at: RecordRef) -> &Path {
+        &self.segment(at.block).unwrap_or(&self.current).path
     }
 
     /// The directory holding the log.
@@ -535,10 +624,42 @@ impl SpillStore {
         self.compression = compression;
     }
 
-    /// Offset in the log of the block holding `at` (for error messages).
+    /// Sets the size at which the log goes on in a new segment file (default
+    /// [`DEFAULT_SEGMENT_BYTES`]; at least one block).
+    pub fn set_segment_bytes(&mut self, bytes: u64) {
+        self.segment_bytes = bytes.max(BLOCK as u64);
+    }
+
+    /// Sets the fraction of live records below which a full segment is due for compaction
+    /// (default [`DEFAULT_COMPACT_BELOW`]; 0 never compacts, but fully dead segments are
+    /// still deleted).
+    pub fn set_compact_below(&mut self, fraction: f64) {
+        self.compact_below = fraction.clamp(0.0, 1.0);
+    }
+
+    /// The index in `sealed` of the segment holding `block`, or `None` when that is the
+    /// current segment (or none).
+    fn sealed_index(&self, block: u32) -> Option<usize> {
+        if block >= self.current.first {
+            return None;
+        }
+        self.sealed
+            .partition_point(|s| s.first <= block)
+            .checked_sub(1)
+    }
+
+    /// The segment holding `block` (sealed or not yet).
+    fn segment(&self, block: u32) -> Option<&Segment> {
+        match self.sealed_index(block) {
+            Some(i) => self.sealed.get(i).filter(|s| s.block(block).is_some()),
+            None => (block >= self.current.first).then_some(&self.current),
+        }
+    }
+
+    /// Offset in its segment file of the block holding `at` (for error messages).
     pub fn offset_of(&self, at: RecordRef) -> u64 {
-        match self.blocks.get(at.block as usize) {
-            Some(&(offset, _)) => offset,
+        match self.segment(at.block).and_then(|s| s.block(at.block)) {
+            Some((offset, _)) => offset,
             None => self.flushed + self.open_start as u64,
         }
     }
@@ -551,9 +672,7 @@ impl SpillStore {
         &mut self,
         encode: impl FnOnce(&mut Vec<u8>) -> Result<(), SpillError>,
     ) -> Result<RecordRef, SpillError> {
-        let Ok(block) = u32::try_from(self.blocks.len()) else {
-            return Err(too_many_blocks());
-        };
+        let block = self.next_block;
         let mark = self.buffer.len();
         if mark == self.open_start {
             self.buffer.extend_from_slice(&[0; HEADER]);
@@ -571,8 +690,7 @@ impl SpillStore {
             Some(prefix) if len < 0x80 => *prefix = len as u8,
             _ => self.widen_length(mark, start, len)?,
         }
-        self.stats.records += 1;
-        self.stats.raw_bytes += len as u64;
+        self.count_record(len);
         let data = self.open_start + HEADER;
         let at = RecordRef {
             block,
@@ -614,7 +732,7 @@ impl SpillStore {
                 raw.len()
             )));
         }
-        let block = u32::try_from(self.blocks.len()).map_err(|_| too_many_blocks())?;
+        let block = self.next_block;
         if self.buffer.len() == self.open_start {
             // A new block: room for its header.
             self.buffer.extend_from_slice(&[0; HEADER]);
@@ -630,12 +748,21 @@ impl SpillStore {
             put_varint(&mut self.buffer, raw.len() as u64);
             self.buffer.extend_from_slice(raw);
         }
-        self.stats.records += 1;
-        self.stats.raw_bytes += raw.len() as u64;
+        self.count_record(raw.len());
         if self.buffer.len() - data >= BLOCK {
             self.seal()?;
         }
         Ok(at)
+    }
+
+    /// Counts a record appended to the open block (live, in the current segment).
+    #[inline(always)]
+    fn count_record(&mut self, len: usize) {
+        self.stats.records += 1;
+        self.stats.live_records += 1;
+        self.stats.raw_bytes += len as u64;
+        self.current.records += 1;
+        self.current.live += 1;
     }
 
     /// Closes the open block: compresses it in place when that is worth it, fills in its
@@ -680,14 +807,38 @@ impl SpillStore {
         header[0..4].copy_from_slice(&(stored as u32).to_le_bytes());
         header[4..8].copy_from_slice(&(raw_len as u32).to_le_bytes());
         let len = (HEADER + stored) as u32;
-        self.blocks
+        self.next_block = self.next_block.checked_add(1).ok_or_else(too_many_blocks)?;
+        self.current
+            .blocks
             .push((self.flushed + self.open_start as u64, len));
+        self.current.bytes += u64::from(len);
         self.open_start = self.buffer.len();
         self.stats.blocks += 1;
         self.stats.stored_bytes += u64::from(len);
-        if self.buffer.len() >= WRITE_BUFFER {
+        self.stats.disk_bytes += u64::from(len);
+        if self.flushed + self.buffer.len() as u64 >= self.segment_bytes {
+            self.roll()?;
+        } else if self.buffer.len() >= WRITE_BUFFER {
             self.write_out()?;
         }
+        Ok(())
+    }
+
+    /// The current segment is full: everything goes to its file, and the log goes on in a
+    /// new one (whose writer thread starts at its first write).
+    #[cold]
+    #[inline(never)]
+    fn roll(&mut self) -> Result<(), SpillError> {
+        self.sync()?;
+        self.write_here()?;
+        self.writer = None;
+        let next = Segment::create(self.dir.path(), self.next_block)?;
+        let full = std::mem::replace(&mut self.current, next);
+        self.sealed.push(full);
+        self.flushed = 0;
+        self.written = 0;
+        self.stats.segments += 1;
+        self.recheck = true;
         Ok(())
     }
 
@@ -699,7 +850,7 @@ impl SpillStore {
             return Ok(());
         }
         if self.writer.is_none() && !self.inline_writes {
-            match Writer::start(&self.file) {
+            match Writer::start(&self.current.file) {
                 Ok(w) => self.writer = Some(w),
                 Err(e) => {
                     tracing::debug!("spill writer thread not started, writing inline: {e}");
@@ -734,7 +885,7 @@ impl SpillStore {
 
     fn writer_stopped(&self) -> SpillError {
         SpillError::Io {
-            path: self.path.clone(),
+            path: self.current.path.clone(),
             source: std::io::Error::other("the spill writer thread has stopped"),
         }
     }
@@ -758,7 +909,7 @@ impl SpillStore {
     }
 
     fn written_back(&mut self, back: Written) -> Result<(), SpillError> {
-        let ns = back.result.map_err(io(&self.path))?;
+        let ns = back.result.map_err(io(&self.current.path))?;
         self.written += back.len as u64;
         self.costs.write_ns = Some(CostModel::blend(self.costs.write_ns, ns));
         self.spare.push(back.buffer);
@@ -781,7 +932,10 @@ impl SpillStore {
         }
         checksum_blocks(&mut self.buffer);
         let started = Instant::now();
-        self.file.write_all(&self.buffer).map_err(io(&self.path))?;
+        self.current
+            .file
+            .write_all(&self.buffer)
+            .map_err(io(&self.current.path))?;
         self.costs.write_ns = Some(CostModel::blend(
             self.costs.write_ns,
             per_byte(started, self.buffer.len()),
@@ -804,6 +958,88 @@ impl SpillStore {
         self.write_here()
     }
 
+    /// Marks a record dead: its key was reloaded, flushed or dropped, nothing will read it
+    /// again. Its segment's live count drops; a full segment with few live records left
+    /// becomes due for compaction ([`SpillStore::next_compaction`]).
+    pub fn release(&mut self, at: RecordRef) {
+        let segment = match self.sealed_index(at.block) {
+            Some(i) => self.sealed.get_mut(i),
+            None => (at.block >= self.current.first).then_some(&mut self.current),
+        };
+        if let Some(s) = segment.filter(|s| s.live > 0) {
+            s.live -= 1;
+            self.stats.live_records -= 1;
+            self.recheck |= at.block < self.current.first;
+        }
+    }
+
+    /// The blocks of the oldest full segment due for compaction (fewer live records than
+    /// the threshold), after deleting the segments without any live record. The caller
+    /// compacts it: reads its blocks ([`SpillStore::read_block`]), appends the records its
+    /// index still points at again (their new [`RecordRef`]s replace the old ones), then
+    /// [`retires`](SpillStore::retire) it.
+    pub fn next_compaction(&mut self) -> Result<Option<Range<u32>>, SpillError> {
+        if !self.recheck {
+            return Ok(None);
+        }
+        while let Some(dead) = self.sealed.iter().find(|s| s.live == 0 && !s.kept) {
+            self.retire(dead.first)?;
+        }
+        let below = self.compact_below;
+        let due = self.sealed.iter().find(|s| s.due(below));
+        self.recheck = due.is_some();
+        Ok(due.map(Segment::block_range))
+    }
+
+    /// Deletes the full segment whose first block is `first` (its live records, if any, must
+    /// have been copied out: reading them fails from now on).
+    pub fn retire(&mut self, first: u32) -> Result<(), SpillError> {
+        let Some(i) = self.sealed.iter().position(|s| s.first == first) else {
+            return Ok(());
+        };
+        let segment = self.sealed.remove(i);
+        if self
+            .cached
+            .is_some_and(|b| segment.block_range().contains(&b))
+        {
+            self.cached = None;
+        }
+        let Segment {
+            path,
+            file,
+            live,
+            bytes,
+            ..
+        } = segment;
+        drop(file);
+        std::fs::remove_file(&path).map_err(io(&path))?;
+        self.stats.live_records -= live;
+        self.stats.segments -= 1;
+        self.stats.disk_bytes -= bytes;
+        self.stats.reclaimed_bytes += bytes;
+        self.stats.compactions += 1;
+        Ok(())
+    }
+
+    /// Leaves the full segment whose first block is `first` as it is from now on (a block of
+    /// it could not be read back, so it cannot be compacted).
+    pub fn keep(&mut self, first: u32) {
+        if let Some(s) = self.sealed.iter_mut().find(|s| s.first == first) {
+            s.kept = true;
+        }
+    }
+
+    /// The numbers of the sealed blocks still in the log, oldest first, by segment (for
+    /// reading the whole log in order with [`SpillStore::read_block`]; [`SpillStore::flush`]
+    /// first to seal the open block).
+    pub fn block_ranges(&self) -> Vec<Range<u32>> {
+        self.sealed
+            .iter()
+            .chain([&self.current])
+            .map(Segment::block_range)
+            .collect()
+    }
+
     /// Reads a record back into `out` (replacing its contents), checking its block's checksum.
     /// `key` names the record in errors.
     pub fn read(
@@ -819,7 +1055,7 @@ impl SpillStore {
             offset,
             reason,
         };
-        let block: &[u8] = if at.block as usize == self.blocks.len() {
+        let block: &[u8] = if at.block == self.next_block {
             self.buffer
                 .get(self.open_start + HEADER..)
                 .unwrap_or_default()
@@ -827,7 +1063,7 @@ impl SpillStore {
             if self.cached != Some(at.block) {
                 self.cached = None;
                 self.load_block(at.block).map_err(|e| match e {
-                    Err(reason) => corrupt(&self.path, reason),
+                    Err(reason) => corrupt(self.path_of(at), reason),
                     Ok(io) => io,
                 })?;
                 self.cached = Some(at.block);
@@ -837,7 +1073,7 @@ impl SpillStore {
         let pos = at.pos as usize;
         let (len, n) = get_varint(block, pos).ok_or_else(|| {
             corrupt(
-                &self.path,
+                self.path_of(at),
                 format!("no record at position {pos} of its block"),
             )
         })?;
@@ -847,7 +1083,7 @@ impl SpillStore {
             .and_then(|len| block.get(start..start.checked_add(len)?))
             .ok_or_else(|| {
                 corrupt(
-                    &self.path,
+                    self.path_of(at),
                     format!("record of {len} bytes beyond its block"),
                 )
             })?;
@@ -863,11 +1099,12 @@ impl SpillStore {
     pub fn read_block(&mut self, block: u32, out: &mut Vec<u8>) -> Result<(), SpillError> {
         if self.cached != Some(block) {
             self.cached = None;
-            let offset = self.offset_of(RecordRef { block, pos: 0 });
+            let at = RecordRef { block, pos: 0 };
+            let offset = self.offset_of(at);
             self.load_block(block).map_err(|e| match e {
                 Err(reason) => SpillError::Corrupt {
                     key: format!("(block {block})"),
-                    path: self.path.clone(),
+                    path: self.path_of(at).to_owned(),
                     offset,
                     reason,
                 },
@@ -883,21 +1120,23 @@ impl SpillStore {
     /// Reads, checks and decompresses a sealed block into the cache. `Err(Err(reason))` is a
     /// corrupt block, `Err(Ok(error))` an I/O error.
     fn load_block(&mut self, block: u32) -> Result<(), Result<SpillError, String>> {
-        let Some(&(offset, len)) = self.blocks.get(block as usize) else {
+        let Some((offset, len)) = self.segment(block).and_then(|s| s.block(block)) else {
             return Err(Err(format!("no block {block} in the log")));
         };
+        // Only the current segment has blocks not yet in its file.
+        let current = block >= self.current.first;
         let len = len as usize;
         if len < HEADER {
             return Err(Err(format!("block length {len} below header size")));
         }
         let mut record = std::mem::take(&mut self.scratch);
         record.resize(len, 0);
-        if offset < self.flushed && offset + len as u64 > self.written {
+        if current && offset < self.flushed && offset + len as u64 > self.written {
             // The block is still being written.
             self.sync().map_err(Ok)?;
         }
         // A block still in the buffer has no checksum yet (and never left memory).
-        let in_memory = offset >= self.flushed;
+        let in_memory = current && offset >= self.flushed;
         let fetched = if in_memory {
             let start = (offset - self.flushed) as usize;
             match self.buffer.get(start..start + len) {
@@ -908,12 +1147,13 @@ impl SpillStore {
                 None => Err(Err("block beyond the end of the log".into())),
             }
         } else {
-            read_at(&self.file, &mut record, offset).map_err(|e| {
+            let segment = self.segment(block).unwrap_or(&self.current);
+            read_at(&segment.file, &mut record, offset).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     Err("block truncated".into())
                 } else {
                     Ok(SpillError::Io {
-                        path: self.path.clone(),
+                        path: segment.path.clone(),
                         source: e,
                     })
                 }
@@ -975,7 +1215,9 @@ impl Drop for SpillStore {
         drop(self.writer.take());
         if matches!(self.dir, Dir::Kept(_)) {
             // Only the log goes; a directory given by the user stays.
-            let _ = std::fs::remove_file(&self.path);
+            for segment in self.sealed.iter().chain([&self.current]) {
+                let _ = std::fs::remove_file(&segment.path);
+            }
         }
     }
 }
@@ -1132,6 +1374,104 @@ mod tests {
             assert_eq!(*at, refs[i]);
             assert_eq!(bytes, format!("r{i}").as_bytes());
         }
+    }
+
+    /// Files in the store's directory and their total size.
+    fn files(store: &SpillStore) -> (u64, u64) {
+        std::fs::read_dir(store.dir())
+            .expect("dir")
+            .map(|e| e.expect("entry").metadata().expect("meta").len())
+            .fold((0, 0), |(n, bytes), len| (n + 1, bytes + len))
+    }
+
+    #[test]
+    fn compaction_reclaims_space_and_keeps_live_records() {
+        let mut store = SpillStore::open(None).expect("open");
+        store.set_segment_bytes(16 << 10);
+        let record = |i: u32| format!("record-{i}-{}", "y".repeat((i % 30) as usize));
+        let mut at: Vec<Option<RecordRef>> = (0..20_000u32)
+            .map(|i| Some(store.append(record(i).as_bytes()).expect("append")))
+            .collect();
+        store.flush().expect("flush");
+        let before = store.stats();
+        assert!(before.segments > 20, "{before:?}");
+        assert_eq!(files(&store), (before.segments, before.disk_bytes));
+        // The first quarter dies entirely (its segments are deleted as they are), then all
+        // but every tenth record.
+        for (i, slot) in at.iter_mut().enumerate() {
+            if i < 5_000 || i % 10 != 0 {
+                store.release(slot.take().expect("live"));
+            }
+        }
+        assert_eq!(store.stats().live_records, 1_500);
+        // Compact as the stage does: copy what the index points at, then retire.
+        let mut index: std::collections::HashMap<u64, usize> = at
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| Some((a.as_ref()?.order(), i)))
+            .collect();
+        let mut block = Vec::new();
+        while let Some(blocks) = store.next_compaction().expect("compaction") {
+            for b in blocks.clone() {
+                store.read_block(b, &mut block).expect("block");
+                for (pos, bytes) in block_records(&block) {
+                    if let Some(i) = index.remove(&RecordRef::new(b, pos).order()) {
+                        let copy = store.append(bytes).expect("copy");
+                        index.insert(copy.order(), i);
+                        at[i] = Some(copy);
+                    }
+                }
+            }
+            store.flush().expect("flush");
+            store.retire(blocks.start).expect("retire");
+        }
+        let after = store.stats();
+        assert!(after.compactions > 20, "{after:?}");
+        assert_eq!(after.live_records, 1_500);
+        assert!(after.segments * 5 < before.segments, "{after:?}");
+        assert!(after.disk_bytes * 5 < before.disk_bytes, "{after:?}");
+        assert_eq!(after.reclaimed_bytes, after.stored_bytes - after.disk_bytes);
+        assert_eq!(files(&store), (after.segments, after.disk_bytes));
+        let mut out = Vec::new();
+        for (i, a) in at.iter().enumerate() {
+            if let Some(a) = a {
+                store.read(*a, &i, &mut out).expect("live record");
+                assert_eq!(out, record(i as u32).as_bytes(), "record {i}");
+            }
+        }
+        // The whole log, read in order, holds the live records (and their dead neighbours).
+        let mut seen = 0;
+        for b in store.block_ranges().into_iter().flatten() {
+            store.read_block(b, &mut block).expect("block");
+            seen += block_records(&block)
+                .filter(|&(pos, _)| index.contains_key(&RecordRef::new(b, pos).order()))
+                .count();
+        }
+        assert_eq!(seen, 1_500);
+    }
+
+    #[test]
+    fn corrupt_record_in_an_older_segment_names_its_file() {
+        let mut store = SpillStore::open(None).expect("open");
+        store.set_segment_bytes(8 << 10);
+        let first = store.append(&[5u8; 300]).expect("append");
+        for i in 0..1_000u32 {
+            store
+                .append(format!("filler-{i}").as_bytes())
+                .expect("append");
+        }
+        store.flush().expect("flush");
+        let old = store.path_of(first).to_owned();
+        assert_ne!(old, store.path());
+        let mut bytes = std::fs::read(&old).expect("read");
+        bytes[HEADER + 10] ^= 0xff;
+        std::fs::write(&old, &bytes).expect("write");
+        let err = store
+            .read(first, &"user-1", &mut Vec::new())
+            .expect_err("corrupt");
+        let text = err.to_string();
+        assert!(text.contains(&*old.to_string_lossy()), "{text}");
+        assert!(text.contains("\"user-1\""), "{text}");
     }
 
     #[test]

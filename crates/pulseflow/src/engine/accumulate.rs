@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
+use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -54,6 +55,10 @@ pub(crate) struct AccFigures {
     spill_records: AtomicU64,
     spill_raw_bytes: AtomicU64,
     spill_stored_bytes: AtomicU64,
+    spill_segments: AtomicU64,
+    spill_disk_bytes: AtomicU64,
+    spill_reclaimed_bytes: AtomicU64,
+    spill_compactions: AtomicU64,
 }
 
 /// Resident bytes and keys on disk over all workers of the stage, for accumulator-aware
@@ -88,6 +93,13 @@ fn figures_metrics(all: &[Arc<AccFigures>]) -> Vec<(String, f64)> {
         ("spill.records".into(), sum(|f| &f.spill_records)),
         ("spill.raw_bytes".into(), raw),
         ("spill.stored_bytes".into(), stored),
+        ("spill.segments".into(), sum(|f| &f.spill_segments)),
+        ("spill.disk_bytes".into(), sum(|f| &f.spill_disk_bytes)),
+        (
+            "spill.reclaimed_bytes".into(),
+            sum(|f| &f.spill_reclaimed_bytes),
+        ),
+        ("spill.compactions".into(), sum(|f| &f.spill_compactions)),
         (
             "spill.compression_ratio".into(),
             if stored > 0.0 { raw / stored } else { 1.0 },
@@ -504,10 +516,13 @@ impl<A: Accumulator> AccStage<A> {
                 "spilled key without a spill store".into(),
             ));
         };
-        store.read(sp.at, key, &mut self.buf)?;
+        // Whatever the read gives, nothing reads this record again.
+        let read = store.read(sp.at, key, &mut self.buf);
+        store.release(sp.at);
+        read?;
         let corrupt = |reason: String| SpillError::Corrupt {
             key: format!("{key:?}"),
-            path: store.path().to_owned(),
+            path: store.path_of(sp.at).to_owned(),
             offset: store.offset_of(sp.at),
             reason,
         };
@@ -694,7 +709,15 @@ impl<A: Accumulator> AccStage<A> {
         let goal = self.resident_bytes.saturating_sub(excess);
         if self.store.is_none() {
             match SpillStore::open(self.policy.spill_dir.as_deref()) {
-                Ok(s) => self.store = Some(s),
+                Ok(mut s) => {
+                    if let Some(bytes) = self.policy.spill_segment_bytes {
+                        s.set_segment_bytes(bytes);
+                    }
+                    if let Some(fraction) = self.policy.spill_compact_below {
+                        s.set_compact_below(fraction);
+                    }
+                    self.store = Some(s);
+                }
                 Err(e) => {
                     self.policy.spill_allowed = false;
                     self.failures.stage_error(StageError::from_error(e), tally);
@@ -757,6 +780,70 @@ impl<A: Accumulator> AccStage<A> {
         self.reservation.resize(self.resident_bytes);
     }
 
+    /// Compacts the oldest spill segment due for it (few live records left), one per call:
+    /// the records the index still points at are appended again, the index moves to the
+    /// copies and the segment file is deleted. Yields like a spill round. A segment with a
+    /// block that cannot be read or a record that cannot be decoded is left as it is (the
+    /// keys it holds fail when they are reloaded, as they would have without compaction).
+    async fn compact(&mut self, tally: &mut Tally) {
+        let due = match self.store.as_mut().map(SpillStore::next_compaction) {
+            Some(Ok(Some(blocks))) => blocks,
+            Some(Err(e)) => {
+                self.failures.stage_error(StageError::from_error(e), tally);
+                return;
+            }
+            _ => return,
+        };
+        let mut block = std::mem::take(&mut self.buf);
+        let copied = self.copy_live(due.clone(), &mut block).await;
+        self.buf = block;
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        let done = copied.and_then(|intact| {
+            store.flush()?;
+            if intact {
+                store.retire(due.start)
+            } else {
+                store.keep(due.start);
+                Ok(())
+            }
+        });
+        if let Err(e) = done {
+            self.failures.stage_error(StageError::from_error(e), tally);
+        }
+    }
+
+    /// Appends again the records of `blocks` that the index still points at and moves the
+    /// index to the copies. `Ok(false)` when a block could not be read or a record decoded.
+    async fn copy_live(
+        &mut self,
+        blocks: Range<u32>,
+        block: &mut Vec<u8>,
+    ) -> Result<bool, SpillError> {
+        let mut slice = Slice::new();
+        for b in blocks {
+            let Some(store) = self.store.as_mut() else {
+                return Ok(false);
+            };
+            if store.read_block(b, block).is_err() {
+                return Ok(false);
+            }
+            for (pos, bytes) in block_records(block) {
+                let Ok(Ok(acc)) = catch_unwind(AssertUnwindSafe(|| self.acc.decode(bytes))) else {
+                    return Ok(false);
+                };
+                let at = RecordRef::new(b, pos);
+                let live = self.spilled.get_mut(&acc.key).filter(|sp| { sp.at } == at);
+                if let (Some(sp), Some(store)) = (live, self.store.as_mut()) {
+                    sp.at = store.append(bytes)?;
+                }
+                slice.step().await;
+            }
+        }
+        Ok(true)
+    }
+
     fn publish(&self) {
         let f = &self.figures;
         f.resident_keys.store(self.table.len() as u64, Relaxed);
@@ -767,6 +854,10 @@ impl<A: Accumulator> AccStage<A> {
             f.spill_records.store(s.records, Relaxed);
             f.spill_raw_bytes.store(s.raw_bytes, Relaxed);
             f.spill_stored_bytes.store(s.stored_bytes, Relaxed);
+            f.spill_segments.store(s.segments, Relaxed);
+            f.spill_disk_bytes.store(s.disk_bytes, Relaxed);
+            f.spill_reclaimed_bytes.store(s.reclaimed_bytes, Relaxed);
+            f.spill_compactions.store(s.compactions, Relaxed);
         }
     }
 
@@ -790,6 +881,7 @@ impl<A: Accumulator> AccStage<A> {
             slice.step().await;
         }
         self.relieve(&mut tally).await;
+        self.compact(&mut tally).await;
         self.publish();
         tally.emitted = out.len() as u64;
         self.failures.stats.add(&tally, Some(started.elapsed()));
@@ -813,6 +905,7 @@ impl<A: Accumulator> AccStage<A> {
                 .map(|e| e.into_inner());
         }
         self.relieve(&mut tally).await;
+        self.compact(&mut tally).await;
         self.publish();
         tally.emitted = out.len() as u64;
         self.failures.stats.add(&tally, None);
@@ -847,17 +940,17 @@ impl<A: Accumulator> AccStage<A> {
         // again are skipped). Nothing is gathered or sorted: memory only shrinks, with the
         // index, as keys go.
         let mut unreadable: BTreeMap<u32, String> = BTreeMap::new();
-        let blocks = match self.store.as_mut().map(|s| (s.flush(), s.stats().blocks)) {
-            Some((Ok(()), blocks)) => u32::try_from(blocks).unwrap_or(u32::MAX),
+        let blocks = match self.store.as_mut().map(|s| (s.flush(), s.block_ranges())) {
+            Some((Ok(()), blocks)) => blocks,
             Some((Err(e), _)) => {
                 self.failures
                     .stage_error(StageError::from_error(e), &mut tally);
-                0
+                Vec::new()
             }
-            None => 0,
+            None => Vec::new(),
         };
         let mut block = std::mem::take(&mut self.buf);
-        for b in 0..blocks {
+        for b in blocks.into_iter().flatten() {
             if self.spilled.is_empty() {
                 break;
             }
@@ -914,7 +1007,7 @@ impl<A: Accumulator> AccStage<A> {
                 path: self
                     .store
                     .as_ref()
-                    .map(|s| s.path().to_owned())
+                    .map(|s| s.path_of(sp.at).to_owned())
                     .unwrap_or_default(),
                 offset: self.store.as_ref().map_or(0, |s| s.offset_of(sp.at)),
                 reason,
