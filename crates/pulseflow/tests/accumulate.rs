@@ -325,10 +325,10 @@ async fn parallel_workers_keep_each_key_on_one_worker() {
     assert!(out.iter().all(|(_, n, _)| *n == 100));
 }
 
-fn run_sum(
-    items: Vec<(u32, u64)>,
-    budget: MemoryBudget,
-) -> (Vec<(u32, u64, u64, String)>, PipelineResult) {
+/// Outputs of [`run_sum`], sorted: key, items, sum, completeness header.
+type Sums = Vec<(u32, u64, u64, String)>;
+
+fn run_sum(items: Vec<(u32, u64)>, budget: MemoryBudget) -> (Sums, PipelineResult) {
     let policy = AccumulatorPolicy::default()
         .with_partial_flush(true)
         .with_spill(true);
@@ -340,7 +340,7 @@ fn run_sum_with(
     items: impl futures::Stream<Item = (u32, u64)> + Send + 'static,
     budget: MemoryBudget,
     policy: AccumulatorPolicy,
-) -> (Vec<(u32, u64, u64, String)>, PipelineResult) {
+) -> (Sums, PipelineResult) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -408,10 +408,7 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 /// Runs `items` under a tiny budget with 16 KiB spill segments compacted below
 /// `compact_below` live records, sampling the spill files' size every 500 items: the
 /// outputs, the result and the largest size seen.
-fn run_compacting(
-    items: Vec<(u32, u64)>,
-    compact_below: f64,
-) -> (Vec<(u32, u64, u64, String)>, PipelineResult, f64) {
+fn run_compacting(items: Vec<(u32, u64)>, compact_below: f64) -> (Sums, PipelineResult, f64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (spill_dir, seen) = (dir.path().to_owned(), peak.clone());

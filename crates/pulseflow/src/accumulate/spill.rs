@@ -13,6 +13,18 @@
 //! block once and keeps it: reloads in spill order (the end-of-input flush) cost one block
 //! read per block, not per record.
 //!
+//! The log is a sequence of segment files ("segment-...", [`DEFAULT_SEGMENT_BYTES`] = 64 MiB
+//! each by default, [`SpillStore::set_segment_bytes`]); block numbers run on across them, so a
+//! [`RecordRef`] names its segment too. Space is reclaimed while the log is in use: the caller
+//! [`releases`](SpillStore::release) a record once nothing will read it again (the stage:
+//! when its key is reloaded), and each segment counts its live records. A full segment with
+//! no live record left is deleted; one with fewer than [`DEFAULT_COMPACT_BELOW`] (25 %,
+//! [`SpillStore::set_compact_below`]) is due for compaction ([`SpillStore::next_compaction`]):
+//! the caller, which holds the index, appends the records it still points at again, moves
+//! its index to the copies and [`retires`](SpillStore::retire) the segment, whose file is
+//! deleted. The stage compacts at most one segment per batch, yielding as in a spill round.
+//! [`SpillStats`] counts segments, bytes on disk, bytes reclaimed and compactions.
+//!
 //! Why a segment log and not an embedded key-value store: spilled state is written once per
 //! eviction and read at most once per reload, never updated in place, and the stage already
 //! keeps the index of spilled keys in memory. An append is a `memcpy` into a buffer; a B-tree
@@ -1011,14 +1023,13 @@ impl SpillStore {
             bytes,
             ..
         } = segment;
-        drop(file);
-        std::fs::remove_file(&path).map_err(io(&path))?;
         self.stats.live_records -= live;
         self.stats.segments -= 1;
         self.stats.disk_bytes -= bytes;
         self.stats.reclaimed_bytes += bytes;
         self.stats.compactions += 1;
-        Ok(())
+        drop(file);
+        std::fs::remove_file(&path).map_err(io(&path))
     }
 
     /// Leaves the full segment whose first block is `first` as it is from now on (a block of
