@@ -377,11 +377,20 @@ proptest! {
     #[test]
     fn spill_round_trips_exactly(items in prop::collection::vec((0u32..60, 0u64..1000), 1..400)) {
         let (unlimited, r1) = run_sum(items.clone(), MemoryBudget::unlimited());
-        let (tiny, r2) = run_sum(items, MemoryBudget::new(256));
-        prop_assert!(r1.success && r2.success);
+        let (tiny, r2) = run_sum(items.clone(), MemoryBudget::new(256));
+        // Segments of a block or two compacted below half live: compactions all along.
+        let policy = AccumulatorPolicy::default()
+            .with_partial_flush(true)
+            .with_spill(true)
+            .with_spill_segments(512, 0.5);
+        let stream = futures::stream::iter(items);
+        let (compacted, r3) = run_sum_with(stream, MemoryBudget::new(256), policy);
+        prop_assert!(r1.success && r2.success && r3.success);
         prop_assert!(r1.accounting.reconciles() && r2.accounting.reconciles());
-        prop_assert!(r2.unbalanced_stages().is_empty());
-        prop_assert_eq!(unlimited, tiny);
+        prop_assert!(r3.accounting.reconciles());
+        prop_assert!(r2.unbalanced_stages().is_empty() && r3.unbalanced_stages().is_empty());
+        prop_assert_eq!(&unlimited, &tiny);
+        prop_assert_eq!(unlimited, compacted);
     }
 }
 

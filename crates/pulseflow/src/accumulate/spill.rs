@@ -637,9 +637,9 @@ impl SpillStore {
     }
 
     /// Sets the size at which the log goes on in a new segment file (default
-    /// [`DEFAULT_SEGMENT_BYTES`]; at least one block).
+    /// [`DEFAULT_SEGMENT_BYTES`]; a segment holds at least one block whatever the size).
     pub fn set_segment_bytes(&mut self, bytes: u64) {
-        self.segment_bytes = bytes.max(BLOCK as u64);
+        self.segment_bytes = bytes.max(1);
     }
 
     /// Sets the fraction of live records below which a full segment is due for compaction
