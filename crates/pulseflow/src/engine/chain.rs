@@ -14,7 +14,6 @@
 //! shared by the workers), and waits, if at all, only then.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
@@ -87,13 +86,11 @@ impl Turnstile {
 /// Sends what a worker's chain gathered.
 type Flush = Box<dyn FnMut() -> BoxFuture<'static, ()> + Send>;
 
-/// One worker of a pool with a chain behind it: the index of the batch it is working on, its
-/// place in the pool's [`Turnstile`] when the output keeps input order, and how to send what
-/// its chain gathered.
+/// One worker of a pool with a chain behind it: its place in the pool's [`Turnstile`] when
+/// the output keeps input order, and how to send what its chain gathered.
 #[derive(Clone)]
 pub(crate) struct Lane {
     stile: Option<Arc<Turnstile>>,
-    index: Arc<AtomicU64>,
     flush: Arc<parking_lot::Mutex<Option<Flush>>>,
 }
 
@@ -111,14 +108,8 @@ impl Lane {
     fn new(stile: Option<Arc<Turnstile>>) -> Self {
         Self {
             stile,
-            index: Arc::new(AtomicU64::new(0)),
             flush: Arc::default(),
         }
-    }
-
-    /// The worker starts on batch `index`.
-    pub fn begin(&self, index: u64) {
-        self.index.store(index, Relaxed);
     }
 
     /// The worker is done with batch `index`: once its turn has come, what its chain
@@ -137,7 +128,6 @@ impl Lane {
     /// The worker takes no more input; what its chain emits while closing waits until every
     /// worker got here.
     pub fn closing(&self) {
-        self.index.store(CLOSING, Relaxed);
         if let Some(stile) = &self.stile {
             stile.update(|t| t.working = t.working.saturating_sub(1));
         }
@@ -187,14 +177,7 @@ impl<T: Send + 'static> Downstream<T> for Gather<T> {
     }
 
     fn push(&mut self, batch: Batch<T>) -> BoxFuture<'_, ()> {
-        let mut gathered = self.gathered.lock();
-        if gathered.is_empty() {
-            *gathered = batch;
-        } else {
-            for item in batch {
-                gathered.push(item);
-            }
-        }
+        self.gathered.lock().append(batch);
         Box::pin(async {})
     }
 
@@ -261,8 +244,6 @@ mod tests {
         let (a, b) = (Lane::ordered(stile.clone()), Lane::ordered(stile));
         let mut out_a = Gather::new(tx.clone(), &a);
         let mut out_b = Gather::new(tx, &b);
-        a.begin(0);
-        b.begin(1);
         // Worker b is done with batch 1 first, pushed in two chunks: it waits for batch 0.
         out_b.push(one(10)).await;
         out_b.push(one(11)).await;
@@ -288,10 +269,8 @@ mod tests {
         let lane = Lane::ordered(Turnstile::new(1));
         let mut out = Gather::new(tx, &lane);
         for i in 0..3 {
-            lane.begin(i);
             lane.end(i).await;
         }
-        lane.begin(3);
         out.push(one(3)).await;
         lane.end(3).await;
         lane.closing();
@@ -311,7 +290,6 @@ mod tests {
         let closing = tokio::spawn(async move { out_a.finish().await });
         tokio::task::yield_now().await;
         assert!(!closing.is_finished(), "b is still working");
-        b.begin(0);
         out_b.push(one(0)).await;
         b.end(0).await;
         b.closing();
@@ -326,8 +304,6 @@ mod tests {
         let (a, b) = (Lane::unordered(), Lane::unordered());
         let mut out_a = Gather::new(tx.clone(), &a);
         let mut out_b = Gather::new(tx, &b);
-        a.begin(0);
-        b.begin(1);
         out_b.push(one(1)).await;
         b.end(1).await;
         out_a.push(one(0)).await;

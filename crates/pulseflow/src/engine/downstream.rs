@@ -109,15 +109,7 @@ impl<T: Send + 'static> Downstream<T> for Capture<T> {
     }
 
     fn push(&mut self, batch: Batch<T>) -> BoxFuture<'_, ()> {
-        let mut slot = self.slot.lock();
-        match slot.as_mut() {
-            Some(existing) => {
-                for item in batch {
-                    existing.push(item);
-                }
-            }
-            None => *slot = Some(batch),
-        }
+        self.slot.lock().get_or_insert_default().append(batch);
         Box::pin(async {})
     }
 

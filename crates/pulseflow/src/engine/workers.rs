@@ -253,7 +253,6 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
                 let _ = tx.send((index, out)).await;
             }
             Lane::Chained(d, lane) => {
-                lane.begin(index);
                 let mut rest = batch;
                 while rest.len() > CHAIN_CHUNK {
                     let chunk = rest.split_front(CHAIN_CHUNK);

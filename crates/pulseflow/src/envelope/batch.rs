@@ -93,6 +93,16 @@ impl<T> Batch<T> {
         self.items
     }
 
+    /// Moves the envelopes of `other` to the end of this batch (without copying them when this
+    /// batch is empty).
+    pub fn append(&mut self, other: Batch<T>) {
+        if self.items.is_empty() {
+            self.items = other.items;
+        } else {
+            self.items.extend(other.items);
+        }
+    }
+
     /// Removes up to `n` envelopes from the front and returns them as a batch.
     pub fn split_front(&mut self, n: usize) -> Batch<T> {
         let n = n.min(self.items.len());
@@ -147,5 +157,10 @@ mod tests {
         assert_eq!(tail.len(), 2);
         assert_eq!(b.len(), 5);
         assert_eq!(b.window_end(), 7);
+        let mut joined = Batch::default();
+        joined.append(b);
+        joined.append(tail);
+        let seqs: Vec<i64> = joined.items().iter().map(|e| e.timestamp).collect();
+        assert_eq!(seqs, (3..10).collect::<Vec<_>>());
     }
 }
