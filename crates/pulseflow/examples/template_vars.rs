@@ -12,6 +12,23 @@ use pulseflow::prelude::*;
 
 #[tokio::main]
 async fn main() {
+    for env in collect_templates(sample_stream()).await {
+        let score = env.header("acc.completeness").unwrap_or("?").to_owned();
+        let r = env.payload;
+        if r.is_complete() {
+            println!("{}: complete {:?}", r.subject, r.values);
+        } else {
+            println!(
+                "{}: partial (completeness {score}), missing {:?}, have {:?}",
+                r.subject, r.missing, r.values
+            );
+        }
+    }
+}
+
+/// Variables for three subjects: Alice's and Carol's all arrive; Bob's email never comes, and
+/// a pause longer than the TTL follows his last variable.
+fn sample_stream() -> impl futures::Stream<Item = TemplateVar> + Send + Unpin + 'static {
     let early = vec![
         TemplateVar::new("alice", "name", "Alice"),
         TemplateVar::new("bob", "name", "Bob"),
@@ -24,16 +41,23 @@ async fn main() {
         TemplateVar::new("carol", "email", "carol@example.org"),
         TemplateVar::new("carol", "plan", "team"),
     ];
-    // Bob's email never comes: after the pause his TTL has run out.
     let pause = futures::stream::once(tokio::time::sleep(Duration::from_millis(300)))
         .filter_map(|()| async { None });
-    let items = futures::stream::iter(early)
-        .chain(pause)
-        .chain(futures::stream::iter(late));
+    Box::pin(
+        futures::stream::iter(early)
+            .chain(pause)
+            .chain(futures::stream::iter(late)),
+    )
+}
 
+/// Runs the pipeline: per subject, collect `name`, `email` and `plan`; a subject silent for
+/// 100 ms is flushed partially, naming what it misses.
+async fn collect_templates(
+    items: impl futures::Stream<Item = TemplateVar> + Send + Unpin + 'static,
+) -> Vec<Envelope<TemplateResult>> {
     let mut p = PipelineBuilder::new("template-vars");
     let (sink, collected) = sinks::collect::<TemplateResult>();
-    p.source("vars", sources::stream(Box::pin(items)))
+    p.source("vars", sources::stream(items))
         .accumulate(
             "per-subject",
             TemplateVars::new(["name", "email", "plan"]),
@@ -50,17 +74,47 @@ async fn main() {
         .await;
     assert!(result.success, "{:?}", result.error);
     assert!(result.accounting.reconciles());
+    collected.take()
+}
 
-    for env in collected.take() {
-        let score = env.header("acc.completeness").unwrap_or("?").to_owned();
-        let r = env.payload;
-        if r.is_complete() {
-            println!("{}: complete {:?}", r.subject, r.values);
-        } else {
-            println!(
-                "{}: partial (completeness {score}), missing {:?}, have {:?}",
-                r.subject, r.missing, r.values
-            );
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Paused clock: the 300 ms pause and the 100 ms TTL pass at once, in order.
+    #[tokio::test(start_paused = true)]
+    async fn complete_and_partial_results() {
+        let out = collect_templates(sample_stream()).await;
+        let by_subject = |s: &str| {
+            out.iter()
+                .find(|e| e.payload.subject == s)
+                .unwrap_or_else(|| panic!("no output for {s}: {out:?}"))
+        };
+        assert_eq!(out.len(), 3, "{out:?}");
+        for subject in ["alice", "carol"] {
+            let e = by_subject(subject);
+            assert!(e.payload.is_complete(), "{:?}", e.payload);
+            assert_eq!(e.payload.values.len(), 3);
+            assert_eq!(e.header("acc.completeness"), Some("1.000"));
         }
+        assert_eq!(
+            by_subject("alice")
+                .payload
+                .values
+                .get("email")
+                .map(String::as_str),
+            Some("alice@example.org")
+        );
+        let bob = by_subject("bob");
+        assert_eq!(bob.payload.missing, vec!["email".to_owned()]);
+        assert_eq!(
+            bob.payload.values.get("plan").map(String::as_str),
+            Some("pro")
+        );
+        assert_eq!(bob.header("acc.completeness"), Some("0.667"));
+        // Bob's partial result comes out on his TTL, before Carol (who arrives after the
+        // pause) completes.
+        let pos = |s: &str| out.iter().position(|e| e.payload.subject == s);
+        assert!(pos("bob") < pos("carol"), "{out:?}");
     }
 }
