@@ -431,7 +431,6 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                 outputs.push(("out".into(), with_policies(s, c, hint)));
             }
             (Kind::Route { routes }, Some(input)) => {
-                let input = with_policies(input, c, None);
                 let mut r = Routes::new();
                 for (name, jq) in routes {
                     let program = jq.program.clone();
@@ -446,13 +445,16 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                     r = r.unmatched("_unmatched");
                 }
                 let mut branches = input.branch(c.name.clone(), r);
-                for (name, _) in routes {
-                    if let Some(s) = branches.take(name) {
-                        outputs.push((name.clone(), s));
-                    }
-                }
-                if let Some(s) = unmatched.then(|| branches.take("_unmatched")).flatten() {
-                    outputs.push(("_unmatched".into(), s));
+                let taken = routes
+                    .iter()
+                    .map(|(name, _)| name.as_str())
+                    .chain(unmatched.then_some("_unmatched"))
+                    .filter_map(|name| Some((name.to_owned(), branches.take(name)?)));
+                // The route's policies are its branch stage's: set through any of its outputs
+                // (all of them stand for that stage).
+                for (i, (name, s)) in taken.enumerate() {
+                    let s = if i == 0 { with_policies(s, c, None) } else { s };
+                    outputs.push((name, s));
                 }
             }
             (Kind::Accumulate(spec), Some(input)) => {

@@ -279,6 +279,45 @@ fn graph_formats() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("flowchart"));
 }
 
+/// A route's policies belong to its branch stage, not to the stage feeding it.
+#[test]
+fn route_policies_apply_to_the_route() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = r#"
+[sources.gen]
+type = "generate"
+count = 10
+jq = "{id: .}"
+
+[transforms.split]
+type = "route"
+inputs = ["gen"]
+error_policy = "ignore"
+buffer = { capacity = 77 }
+routes = { even = ".id % 2 == 0" }
+
+[sinks.out]
+type = "blackhole"
+inputs = ["split.even", "split._unmatched"]
+"#;
+    std::fs::write(tmp.path().join("route.toml"), config).expect("write");
+    let out = run_in(tmp.path(), &["graph", "route.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let dot = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dot.contains(r#""split" [label="split\nbranch\nignore"]"#),
+        "{dot}"
+    );
+    assert!(
+        dot.contains(r#""gen.build" -> "split" [label="77"]"#),
+        "{dot}"
+    );
+    assert!(
+        dot.contains(r#""gen.build" [label="gen.build\ntransform"]"#),
+        "the feeding stage keeps its own policies: {dot}"
+    );
+}
+
 /// Runs `validate` on `config` and returns its exit code and error output.
 fn validate(config: &str) -> (Option<i32>, String) {
     let tmp = tempfile::tempdir().expect("tempdir");
