@@ -209,6 +209,18 @@ fn graph(path: &Path, format: GraphFormat) -> ExitCode {
     }
 }
 
+/// The engine options a config asks for (batch size, memory budget), under `supervision`.
+fn execution_options(config: &Config, supervision: SupervisionMode) -> ExecutionOptions {
+    let mut options = ExecutionOptions::default().with_supervision(supervision.engine());
+    if let Some(n) = config.batch_size {
+        options = options.with_batch_size(n);
+    }
+    if let Some(bytes) = config.memory_budget {
+        options = options.with_memory_budget(pulseflow::memory::MemoryBudget::new(bytes));
+    }
+    options
+}
+
 async fn run(
     path: &Path,
     quiet: bool,
@@ -220,10 +232,7 @@ async fn run(
         Err(code) => return code,
     };
     let terminal = std::io::stderr().is_terminal() && !quiet;
-    let mut options = ExecutionOptions::default().with_supervision(supervision.engine());
-    if let Some(n) = config.batch_size {
-        options = options.with_batch_size(n);
-    }
+    let mut options = execution_options(&config, supervision);
     let mut dead_letters = None;
     let projected = build::projected_stages(&config);
     if let Some(target) = &config.dead_letter {
@@ -289,6 +298,9 @@ async fn run(
             .map(|s| report::stage_json(s, &latencies))
             .collect();
         eprint!("{}", report::table(&stages));
+        for line in report::spill_lines(&stages) {
+            eprintln!("{line}");
+        }
         let a = &result.accounting;
         eprintln!(
             "{} in, {} delivered, {} filtered, {} dropped, {} dead-lettered in {:.2?}{}",
@@ -355,5 +367,82 @@ async fn watch_signals(engine: ExecutionEngine) {
     if tokio::signal::ctrl_c().await.is_ok() {
         eprintln!("aborting");
         engine.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `text` (a config whose sink `out` writes `out.ndjson` in `dir`) and returns the
+    /// result and the sorted output lines.
+    async fn run_config(dir: &Path, text: &str) -> (PipelineResult, Vec<String>) {
+        let config = config::parse("test.toml", Arc::new(text.to_owned()), dir)
+            .unwrap_or_else(|p| panic!("config refused: {} problems", p.len()));
+        let (pipeline, _) =
+            build::build(&config).unwrap_or_else(|p| panic!("not built: {} problems", p.len()));
+        let options = execution_options(&config, SupervisionMode::Off);
+        let result = ExecutionEngine::new().run(pipeline, options).await;
+        assert!(result.success, "{:?}", result.error);
+        assert!(result.accounting.reconciles(), "{:?}", result.accounting);
+        let text = std::fs::read_to_string(dir.join("out.ndjson")).expect("output");
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        lines.sort();
+        (result, lines)
+    }
+
+    #[tokio::test]
+    async fn memory_budget_makes_accumulate_spill_with_the_same_output() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let body = r#"
+[sources.gen]
+type = "generate"
+count = 20000
+jq = "{user: (. % 5000), amount: .}"
+
+[transforms.per_user]
+type = "accumulate"
+inputs = ["gen"]
+key = ".user"
+partial_flush = true
+spill = true
+aggregates = { n = "count", total = "sum(.amount)", ids = "collect(.amount)" }
+
+[sinks.out]
+type = "file"
+inputs = ["per_user"]
+path = "out.ndjson"
+"#;
+        let spills = |r: &PipelineResult| {
+            r.stage("per_user")
+                .and_then(|s| s.metrics.get("spill.spills").copied())
+                .unwrap_or(0.0)
+        };
+        let (unlimited, expected) = run_config(dir.path(), body).await;
+        assert_eq!(spills(&unlimited), 0.0);
+        assert_eq!(expected.len(), 5000);
+        let limited = format!("memory_budget = \"64 KiB\"\n{body}");
+        let (spilled, got) = run_config(dir.path(), &limited).await;
+        assert!(spills(&spilled) > 1000.0, "{:?}", spilled.stage("per_user"));
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn memory_budget_sizes() {
+        let parse = |v: &str| {
+            let text = format!(
+                "memory_budget = {v}\n[sources.s]\ntype = \"stdin\"\n[sinks.o]\ntype = \"blackhole\"\ninputs = [\"s\"]\n"
+            );
+            config::parse("t.toml", Arc::new(text), ".".as_ref())
+                .map(|c| c.memory_budget)
+                .map_err(|p| p.len())
+        };
+        assert_eq!(parse("1000"), Ok(Some(1000)));
+        assert_eq!(parse("\"512 MiB\""), Ok(Some(512 << 20)));
+        assert_eq!(parse("\"2GB\""), Ok(Some(2_000_000_000)));
+        assert_eq!(parse("\"64k\""), Ok(Some(64_000)));
+        for bad in ["0", "-5", "\"lots\"", "\"12 parsecs\"", "true"] {
+            assert_eq!(parse(bad), Err(1), "{bad}");
+        }
     }
 }

@@ -67,6 +67,26 @@ fn dropped_cell(v: &Value) -> String {
     }
 }
 
+/// One line per stage that spilled state to disk (JSON form, as from [`stage_json`]): keys
+/// spilled and reloaded, bytes written.
+pub fn spill_lines(stages: &[Value]) -> Vec<String> {
+    stages
+        .iter()
+        .filter_map(|s| {
+            let metric = |name: &str| s["metrics"].get(name).and_then(Value::as_f64);
+            let spills = metric("spill.spills").filter(|n| *n > 0.0)?;
+            let mib = |bytes: Option<f64>| bytes.unwrap_or(0.0) / (1 << 20) as f64;
+            Some(format!(
+                "{}: {spills} keys spilled, {} reloaded, {:.1} MiB encoded, {:.1} MiB stored",
+                cell(s, "stage"),
+                metric("spill.reloads").unwrap_or(0.0),
+                mib(metric("spill.raw_bytes")),
+                mib(metric("spill.stored_bytes")),
+            ))
+        })
+        .collect()
+}
+
 /// A table of stages (JSON form, as from [`stage_json`]), aligned in columns.
 pub fn table(stages: &[Value]) -> String {
     let header = [

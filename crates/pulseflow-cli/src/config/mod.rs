@@ -28,6 +28,7 @@ const TOP_KEYS: &[&str] = &[
     "name",
     "allow_recursive_jq",
     "batch_size",
+    "memory_budget",
     "sources",
     "transforms",
     "sinks",
@@ -155,6 +156,8 @@ pub struct Config {
     pub file: String,
     pub text: Arc<String>,
     pub batch_size: Option<usize>,
+    /// Bytes the pipeline's stateful stages may hold in memory (`None`: unlimited).
+    pub memory_budget: Option<u64>,
     pub components: Vec<Component>,
     pub registry: PolicyRegistry,
     pub parallelism: BTreeMap<String, pulseflow::policy::ParallelismHint>,
@@ -271,6 +274,31 @@ fn de<T: for<'de> Deserialize<'de>>(value: Spanned<DeValue<'_>>) -> Result<T, to
     T::deserialize(ValueDeserializer::from(Spanned::new(span, v)))
 }
 
+/// The top-level `memory_budget`: a number of bytes, or a size with a unit (`"512 MiB"`,
+/// `"2GB"`, `"64k"`: decimal and binary units, as `bytesize` reads them); at least one byte.
+fn memory_budget(value: Spanned<DeValue<'_>>) -> Result<u64, String> {
+    let bytes = match value.get_ref() {
+        DeValue::Integer(_) => de::<i64>(value)
+            .map_err(|e| e.message().to_owned())
+            .and_then(|n| u64::try_from(n).map_err(|_| "must not be negative".to_owned()))?,
+        DeValue::String(s) => s
+            .trim()
+            .parse::<bytesize::ByteSize>()
+            .map_err(|e| format!("is not a size: {e}"))?
+            .as_u64(),
+        other => {
+            return Err(format!(
+                "must be a number of bytes or a size, not {}",
+                other.type_str()
+            ));
+        }
+    };
+    if bytes == 0 {
+        return Err("must be at least one byte".into());
+    }
+    Ok(bytes)
+}
+
 /// Reads and checks the config at `path`. The error is either the file's problems or a
 /// message (unreadable file).
 pub fn load(path: &Path) -> Result<Config, LoadError> {
@@ -317,6 +345,7 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
         file: name.to_owned(),
         text: text.clone(),
         batch_size: None,
+        memory_budget: None,
         components: Vec::new(),
         registry: PolicyRegistry::default(),
         parallelism: BTreeMap::new(),
@@ -353,6 +382,15 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
                 Ok(n) => config.batch_size = Some(n),
                 Err(e) => problems.add_toml(&e, value.span(), "batch_size"),
             },
+            "memory_budget" => match memory_budget(value.clone()) {
+                Ok(n) => config.memory_budget = Some(n),
+                Err(why) => problems.add(
+                    format!("`memory_budget` {why}"),
+                    Some(value.span()),
+                    "here",
+                    Some("write a number of bytes or a size such as \"512 MiB\" or \"2GB\"".into()),
+                ),
+            },
             "sources" | "transforms" | "sinks" => {
                 let role = match k {
                     "sources" => Role::Source,
@@ -370,8 +408,7 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
                 };
                 for (name, body) in table.iter() {
                     let n: String = name.get_ref().to_string();
-                    if let Some(first) = seen_names.get(&n) {
-                        let _ = first;
+                    if seen_names.contains_key(&n) {
                         problems.add(
                             format!("component name `{n}` is used twice"),
                             Some(name.span()),
