@@ -355,6 +355,41 @@ colour = "red"
 }
 
 #[test]
+fn config_errors_breaker_threshold_and_stderr_dead_letters() {
+    let base = r#"[sources.gen]
+type = "generate"
+count = 3
+
+[sinks.out]
+type = "blackhole"
+inputs = ["gen"]
+"#;
+    for threshold in ["0.0", "1.5", "-1", "nan"] {
+        let (code, err) = validate(&format!(
+            "{base}circuit_breaker = {{ error_threshold = {threshold} }}\n"
+        ));
+        assert_eq!(code, Some(2), "{threshold}: {err}");
+        assert!(err.contains("is not a fraction"), "{threshold}: {err}");
+    }
+    let (code, err) = validate(&format!(
+        "{base}circuit_breaker = {{ error_threshold = 0.25 }}\n"
+    ));
+    assert_eq!(code, Some(0), "{err}");
+    for extra in ["path = \"dead.ndjson\"", "append = true"] {
+        let (code, err) = validate(&format!(
+            "{base}\n[dead_letter]\ntype = \"stderr\"\n{extra}\n"
+        ));
+        assert_eq!(code, Some(2), "{extra}: {err}");
+        assert!(
+            err.contains("takes no `path` or `append`"),
+            "{extra}: {err}"
+        );
+    }
+    let (code, err) = validate(&format!("{base}\n[dead_letter]\ntype = \"stderr\"\n"));
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
 fn config_errors_from_the_engine() {
     let (code, err) = validate(
         r#"[sources.logs]

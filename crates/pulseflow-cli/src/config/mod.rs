@@ -242,7 +242,7 @@ struct DeadLetterCfg {
     #[serde(default)]
     path: Option<String>,
     #[serde(default)]
-    append: bool,
+    append: Option<bool>,
 }
 
 /// The keys each component type accepts besides `type`, `inputs` and the policies.
@@ -446,7 +446,7 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
                     ("file", Some(p)) => {
                         config.dead_letter = Some(DeadLetterTarget::File {
                             path: dir.join(p),
-                            append: d.append,
+                            append: d.append.unwrap_or(false),
                         })
                     }
                     ("file", None) => problems.add(
@@ -454,6 +454,12 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
                         Some(value.span()),
                         "no path",
                         None,
+                    ),
+                    ("stderr", path) if path.is_some() || d.append.is_some() => problems.add(
+                        "a `stderr` dead-letter sink takes no `path` or `append`",
+                        Some(value.span()),
+                        "here",
+                        Some("use `type = \"file\"` to write dead letters to a file".into()),
                     ),
                     ("stderr", _) => config.dead_letter = Some(DeadLetterTarget::Stderr),
                     (other, _) => problems.add(

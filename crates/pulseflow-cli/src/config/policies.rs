@@ -302,6 +302,18 @@ pub fn read_policy(
             } else {
                 match de::<BreakerCfg>(value) {
                     Ok(b) => {
+                        if let Some(t) = b.error_threshold.filter(|t| !(*t > 0.0 && *t <= 1.0)) {
+                            problems.add(
+                                format!("circuit_breaker.error_threshold {t} is not a fraction"),
+                                Some(span.clone()),
+                                "out of range",
+                                Some(
+                                    "the share of failed items in the window that opens the \
+                                     breaker: more than 0, at most 1 (0.5 = half)"
+                                        .into(),
+                                ),
+                            );
+                        }
                         let d = |t, default, what, problems: &mut Problems| {
                             duration_or(t, default, what, span.clone(), problems)
                         };
