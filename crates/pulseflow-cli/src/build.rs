@@ -459,8 +459,10 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
             }
             (Kind::Accumulate(spec), Some(input)) => {
                 let eval = spec.clone();
+                let json_sizes = spec.policy.max_bytes.is_some() && fed_by_generate(config, c);
                 let s = input.transform_with(format!("{}.eval", c.name), move || Evaluate {
                     spec: eval.clone(),
+                    json_sizes,
                 });
                 let s = with_policies(s, c, hint);
                 let acc = spec.clone();
@@ -584,6 +586,25 @@ fn with_policies<T: Send + 'static>(
         }
     }
     s
+}
+
+/// Whether a `generate` source feeds `c`, directly or through other components (its items
+/// were not read from lines, so they have no input size of their own).
+fn fed_by_generate(config: &Config, c: &Component) -> bool {
+    let mut todo: Vec<&str> = c.inputs.iter().map(|i| i.component.as_str()).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(name) = todo.pop() {
+        if !seen.insert(name) {
+            continue;
+        }
+        if let Some(up) = config.component(name) {
+            if matches!(up.kind, Kind::Generate { .. }) {
+                return true;
+            }
+            todo.extend(up.inputs.iter().map(|i| i.component.as_str()));
+        }
+    }
+    false
 }
 
 /// Decoding a file's lines (and the stages fused into it) is CPU-bound and stateless: without

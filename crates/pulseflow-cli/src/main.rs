@@ -427,6 +427,43 @@ path = "out.ndjson"
         assert_eq!(got, expected);
     }
 
+    #[tokio::test]
+    async fn max_bytes_counts_generated_items_by_their_json_text() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Each item is 70 bytes of JSON with its newline: a key reaches 500 bytes at its 8th.
+        let text = r#"
+[sources.gen]
+type = "generate"
+count = 100
+jq = "{user: (. % 2), pad: \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}"
+
+[transforms.per_user]
+type = "accumulate"
+inputs = ["gen"]
+key = ".user"
+partial_flush = true
+max_bytes = 500
+aggregates = { n = "count" }
+
+[sinks.out]
+type = "file"
+inputs = ["per_user"]
+path = "out.ndjson"
+"#;
+        let (_, lines) = run_config(dir.path(), text).await;
+        let counts: Vec<u64> = lines
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("json");
+                v["n"].as_u64().expect("n")
+            })
+            .collect();
+        // 50 items per key: six flushes of 8 on the limit, 2 left for the end of input.
+        assert_eq!(counts.iter().filter(|&&n| n == 8).count(), 12, "{lines:?}");
+        assert_eq!(counts.iter().filter(|&&n| n == 2).count(), 2, "{lines:?}");
+        assert_eq!(counts.len(), 14);
+    }
+
     #[test]
     fn memory_budget_sizes() {
         let parse = |v: &str| {

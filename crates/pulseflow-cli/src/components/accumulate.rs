@@ -40,6 +40,9 @@ pub struct Keyed {
 pub struct Evaluate {
     /// The component's settings, shared by its workers.
     pub spec: SharedSpec,
+    /// Whether an item's size (for `max_bytes`) is that of its JSON text rather than of the
+    /// line it was read from: set when a `generate` source feeds the component.
+    pub json_sizes: bool,
 }
 
 /// Why an item could not be reduced.
@@ -144,7 +147,15 @@ impl Transform for Evaluate {
     ) -> Result<(), ItemFailure<Val>> {
         match self.reduce(&item.payload) {
             Ok(keyed) => {
-                out.push(item.derive(keyed));
+                let mut keyed = item.derive(keyed);
+                if self.json_sizes {
+                    // Not read from a line (a `generate` source): its size for `max_bytes` is
+                    // that of its JSON text, newline included.
+                    let mut text = Vec::new();
+                    crate::json::write_line(&mut text, &item.payload);
+                    keyed.cost.bytes = u32::try_from(text.len()).unwrap_or(u32::MAX);
+                }
+                out.push(keyed);
                 Ok(())
             }
             Err(e) => Err(ItemFailure::new(item, StageError::from_error(e))),
