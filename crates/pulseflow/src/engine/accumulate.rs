@@ -107,6 +107,11 @@ fn figures_metrics(all: &[Arc<AccFigures>]) -> Vec<(String, f64)> {
     ]
 }
 
+/// Items whose keys are looked up together before they are folded in (see
+/// `ClockTable::prefetch`): enough loads in flight to cover a miss to memory, few enough that
+/// their lines are still in cache when used.
+const PREFETCH_GROUP: usize = 16;
+
 /// Why a key left the table.
 #[derive(Debug, Clone, Copy)]
 enum Action {
@@ -347,18 +352,25 @@ impl<A: Accumulator> AccStage<A> {
         }
     }
 
-    /// Folds one item into its key's state and emits the key if it is done.
+    /// The key of an item (a panic in the accumulator's `key` as an error).
+    fn key_of(&self, item: &Envelope<A::In>) -> Result<A::Key, StageError> {
+        catch_unwind(AssertUnwindSafe(|| self.acc.key(item)))
+            .map_err(|panic| StageError::from_panic(&*panic))
+    }
+
+    /// Folds one item into its key's state (`key`: the item's key, from [`Self::key_of`]) and
+    /// emits the key if it is done.
     fn ingest(
         &mut self,
         item: Envelope<A::In>,
+        key: Result<A::Key, StageError>,
         now: Instant,
         out: &mut Vec<Envelope<A::Out>>,
         tally: &mut Tally,
     ) {
-        let key = match catch_unwind(AssertUnwindSafe(|| self.acc.key(&item))) {
+        let key = match key {
             Ok(key) => key,
-            Err(panic) => {
-                let error = StageError::from_panic(&*panic);
+            Err(error) => {
                 self.fail(ItemFailure::new(item, error), tally);
                 return;
             }
@@ -876,9 +888,25 @@ impl<A: Accumulator> AccStage<A> {
         let now = Instant::now();
         let mut out = Vec::new();
         let mut slice = Slice::new();
-        for item in batch {
-            self.ingest(item, now, &mut out, &mut tally);
-            slice.step().await;
+        let mut items = batch.into_iter();
+        let mut group = Vec::with_capacity(PREFETCH_GROUP);
+        loop {
+            // The keys of a group first, their index entries loaded together, then the
+            // group's items folded in (see `ClockTable::prefetch`).
+            group.extend(items.by_ref().take(PREFETCH_GROUP).map(|item| {
+                let key = self.key_of(&item);
+                if let Ok(k) = &key {
+                    self.table.prefetch(k);
+                }
+                (item, key)
+            }));
+            if group.is_empty() {
+                break;
+            }
+            for (item, key) in group.drain(..) {
+                self.ingest(item, key, now, &mut out, &mut tally);
+                slice.step().await;
+            }
         }
         self.relieve(&mut tally).await;
         self.compact(&mut tally).await;
