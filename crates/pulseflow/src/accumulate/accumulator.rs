@@ -79,8 +79,8 @@ pub trait Accumulator: Send + 'static {
         Ok(())
     }
 
-    /// The key of an item. It should depend on the item alone: the stage takes the keys of a
-    /// few items at a time (to look them up together) before folding those items in.
+    /// The key of an item. It should depend on the item alone: the stage takes keys a few
+    /// items ahead of the item it folds in (to start loading their entries early).
     fn key(&self, item: &Envelope<Self::In>) -> Self::Key;
 
     /// The state of a key seen for the first time (the seed's "absent state").

@@ -107,10 +107,12 @@ fn figures_metrics(all: &[Arc<AccFigures>]) -> Vec<(String, f64)> {
     ]
 }
 
-/// Items whose keys are looked up together before they are folded in (see
-/// `ClockTable::prefetch`): enough loads in flight to cover a miss to memory, few enough that
-/// their lines are still in cache when used.
-const PREFETCH_GROUP: usize = 16;
+/// How many items ahead of the one being folded in the stage takes keys and loads their
+/// index entries (see `ClockTable::prefetch`): far enough that a miss to memory is over when
+/// the item comes, near enough that the line is still in cache. 8 to 64 measured the same
+/// (groups of 16 taken at once, then folded in, were 5-15 % slower; loading the slots too,
+/// 8 items ahead, 20-50 % slower).
+const PREFETCH_AHEAD: usize = 16;
 
 /// Why a key left the table.
 #[derive(Debug, Clone, Copy)]
@@ -889,24 +891,22 @@ impl<A: Accumulator> AccStage<A> {
         let mut out = Vec::new();
         let mut slice = Slice::new();
         let mut items = batch.into_iter();
-        let mut group = Vec::with_capacity(PREFETCH_GROUP);
+        let mut ahead = std::collections::VecDeque::with_capacity(PREFETCH_AHEAD);
         loop {
-            // The keys of a group first, their index entries loaded together, then the
-            // group's items folded in (see `ClockTable::prefetch`).
-            group.extend(items.by_ref().take(PREFETCH_GROUP).map(|item| {
+            // Keys are taken, and their index entries loaded, PREFETCH_AHEAD items early.
+            while ahead.len() < PREFETCH_AHEAD {
+                let Some(item) = items.next() else { break };
                 let key = self.key_of(&item);
                 if let Ok(k) = &key {
                     self.table.prefetch(k);
                 }
-                (item, key)
-            }));
-            if group.is_empty() {
+                ahead.push_back((item, key));
+            }
+            let Some((item, key)) = ahead.pop_front() else {
                 break;
-            }
-            for (item, key) in group.drain(..) {
-                self.ingest(item, key, now, &mut out, &mut tally);
-                slice.step().await;
-            }
+            };
+            self.ingest(item, key, now, &mut out, &mut tally);
+            slice.step().await;
         }
         self.relieve(&mut tally).await;
         self.compact(&mut tally).await;
