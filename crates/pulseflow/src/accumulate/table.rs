@@ -94,6 +94,24 @@ pub(crate) trait Keyed<K> {
     fn key(&self) -> &K;
 }
 
+/// Asks the CPU to bring the cache line holding `value` closer, without waiting for it (a
+/// hint: no value is read, nothing blocks). A plain load in its place stalls the core once
+/// its reorder buffer fills, about one item's work of the stage, so only one or two misses
+/// would overlap.
+#[inline(always)]
+fn prefetch_read<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: a prefetch is a hint with no architectural effect; it cannot fault, and
+        // the pointer comes from a live reference anyway. `sse` is part of the x86_64
+        // baseline, which `_mm_prefetch`'s `target_feature` asks for.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(value).cast()) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
 /// An empty index entry (no slot has this number: the slab stays below `u32::MAX` slots).
 const EMPTY: u64 = u64::MAX;
 /// Entries of an index shard when it gets its first key (a power of two).
@@ -299,18 +317,18 @@ impl<K: Hash + Eq, V: Keyed<K>> ClockTable<K, V> {
         Some((s, at, slot))
     }
 
-    /// Loads the index entry where `key`'s probe starts, so that a lookup of `key` a few items
-    /// later finds it in cache. The stage calls it for the key of the item 16 items ahead of
+    /// Prefetches the index entry where `key`'s probe starts, so that a lookup of `key` a few
+    /// items later finds it in cache. The stage calls it for the key of the item 16 items ahead of
     /// the one it folds in, so the loads overlap with its work: once the keys outgrow the
     /// cache, lookups miss, and the stage's per-item work is too long for the core to reach
     /// the next item's lookup while one is waiting (10 M updates over 1 M keys: 1.4-2.8 s
-    /// without, 0.87-1.3 s with).
+    /// without, 0.73-0.81 s with).
     #[inline]
     pub fn prefetch(&self, key: &K) {
         let (s, tag) = Index::split(self.index.hasher.hash_one(key));
         if let Some(shard) = self.index.shards.get(s) {
             if let Some(e) = shard.entries.get(shard.home(tag)) {
-                std::hint::black_box(*e);
+                prefetch_read(e);
             }
         }
     }

@@ -107,11 +107,11 @@ fn figures_metrics(all: &[Arc<AccFigures>]) -> Vec<(String, f64)> {
     ]
 }
 
-/// How many items ahead of the one being folded in the stage takes keys and loads their
+/// How many items ahead of the one being folded in the stage takes keys and prefetches their
 /// index entries (see `ClockTable::prefetch`): far enough that a miss to memory is over when
-/// the item comes, near enough that the line is still in cache. 8 to 64 measured the same
-/// (groups of 16 taken at once, then folded in, were 5-15 % slower; loading the slots too,
-/// 8 items ahead, 20-50 % slower).
+/// the item comes, near enough that the line is still in cache. 8 to 64 measured the same;
+/// groups of 16 taken at once, then folded in, were 5-15 % slower; prefetching the slots too,
+/// 8 items ahead, did not help.
 const PREFETCH_AHEAD: usize = 16;
 
 /// Why a key left the table.
