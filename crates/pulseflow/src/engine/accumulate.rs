@@ -890,20 +890,27 @@ impl<A: Accumulator> AccStage<A> {
         let now = Instant::now();
         let mut out = Vec::new();
         let mut slice = Slice::new();
-        let mut items = batch.into_iter();
-        let mut ahead = std::collections::VecDeque::with_capacity(PREFETCH_AHEAD);
-        loop {
-            // Keys are taken, and their index entries loaded, PREFETCH_AHEAD items early.
-            while ahead.len() < PREFETCH_AHEAD {
-                let Some(item) = items.next() else { break };
-                let key = self.key_of(&item);
-                if let Ok(k) = &key {
-                    self.table.prefetch(k);
-                }
-                ahead.push_back((item, key));
+        let mut items = batch.into_items().into_iter();
+        // Keys are taken, and their index entries prefetched, PREFETCH_AHEAD items early
+        // (the items stay in the batch: only the keys wait in the ring).
+        let mut keys = std::collections::VecDeque::with_capacity(PREFETCH_AHEAD);
+        let take_key = |stage: &Self, item: &Envelope<A::In>| {
+            let key = stage.key_of(item);
+            if let Ok(k) = &key {
+                stage.table.prefetch(k);
             }
-            let Some((item, key)) = ahead.pop_front() else {
-                break;
+            key
+        };
+        for item in items.as_slice().iter().take(PREFETCH_AHEAD) {
+            keys.push_back(take_key(self, item));
+        }
+        while let Some(item) = items.next() {
+            if let Some(ahead) = items.as_slice().get(PREFETCH_AHEAD - 1) {
+                keys.push_back(take_key(self, ahead));
+            }
+            let key = match keys.pop_front() {
+                Some(key) => key,
+                None => self.key_of(&item),
             };
             self.ingest(item, key, now, &mut out, &mut tally);
             slice.step().await;
