@@ -463,6 +463,7 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
                 let s = input.transform_with(format!("{}.eval", c.name), move || Evaluate {
                     spec: eval.clone(),
                     json_sizes,
+                    scratch: Vec::new(),
                 });
                 let s = with_policies(s, c, hint);
                 let acc = spec.clone();

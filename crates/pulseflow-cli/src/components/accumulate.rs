@@ -43,6 +43,8 @@ pub struct Evaluate {
     /// Whether an item's size (for `max_bytes`) is that of its JSON text rather than of the
     /// line it was read from: set when a `generate` source feeds the component.
     pub json_sizes: bool,
+    /// Where an item's JSON text is written to measure it (reused).
+    pub scratch: Vec<u8>,
 }
 
 /// Why an item could not be reduced.
@@ -151,9 +153,9 @@ impl Transform for Evaluate {
                 if self.json_sizes {
                     // Not read from a line (a `generate` source): its size for `max_bytes` is
                     // that of its JSON text, newline included.
-                    let mut text = Vec::new();
-                    crate::json::write_line(&mut text, &item.payload);
-                    keyed.cost.bytes = u32::try_from(text.len()).unwrap_or(u32::MAX);
+                    self.scratch.clear();
+                    crate::json::write_line(&mut self.scratch, &item.payload);
+                    keyed.cost.bytes = u32::try_from(self.scratch.len()).unwrap_or(u32::MAX);
                 }
                 out.push(keyed);
                 Ok(())
