@@ -7,15 +7,83 @@
 //! pipeline reads (see [`crate::build`]).
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
 use pulseflow::DeadLetter;
+use serde::Deserialize;
 use serde_json::{Value, json};
+use toml::Spanned;
+use toml::de::DeValue;
 
-use super::lines::RawLine;
-use crate::config::DeadLetterTarget;
+use super::sinks::ndjson::Line;
+use super::sources::lines::RawLine;
+use crate::config::Problems;
+
+/// Where dead letters go.
+#[derive(Debug, Clone)]
+pub enum DeadLetterTarget {
+    /// A file (truncated unless `append`).
+    File { path: PathBuf, append: bool },
+    /// Standard error.
+    Stderr,
+}
+
+/// The `[dead_letter]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    r#type: String,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    append: Option<bool>,
+}
+
+/// Reads the `[dead_letter]` table; relative paths are resolved against `dir`.
+pub fn read_target(
+    value: &Spanned<DeValue<'_>>,
+    dir: &Path,
+    problems: &mut Problems,
+) -> Option<DeadLetterTarget> {
+    let d = match crate::config::de::<Settings>(value.clone()) {
+        Ok(d) => d,
+        Err(e) => {
+            problems.add_toml(&e, value.span(), "dead_letter");
+            return None;
+        }
+    };
+    match (d.r#type.as_str(), d.path) {
+        ("file", Some(p)) => {
+            return Some(DeadLetterTarget::File {
+                path: dir.join(p),
+                append: d.append.unwrap_or(false),
+            });
+        }
+        ("file", None) => problems.add(
+            "a `file` dead-letter sink needs a `path`",
+            Some(value.span()),
+            "no path",
+            None,
+        ),
+        ("stderr", path) if path.is_some() || d.append.is_some() => problems.add(
+            "a `stderr` dead-letter sink takes no `path` or `append`",
+            Some(value.span()),
+            "here",
+            Some("use `type = \"file\"` to write dead letters to a file".into()),
+        ),
+        ("stderr", _) => return Some(DeadLetterTarget::Stderr),
+        (other, _) => problems.add(
+            format!("unknown dead-letter sink type `{other}`"),
+            Some(value.span()),
+            "here",
+            Some("valid types: `file`, `stderr`".into()),
+        ),
+    }
+    None
+}
 
 enum Msg {
     Line(Vec<u8>),
@@ -54,7 +122,7 @@ pub fn record(letter: &DeadLetter, projected: &[String]) -> Value {
             .map(|v| crate::jq::from_val(v.clone()))
             .or_else(|| letter.payload::<u64>().map(|i| Value::from(*i)))
             .or_else(|| {
-                let line = letter.payload::<super::sinks::Line>()?;
+                let line = letter.payload::<Line>()?;
                 serde_json::from_slice(&line.0).ok()
             })
             .unwrap_or(Value::Null);
@@ -142,7 +210,7 @@ impl DeadLetterHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::components::sinks::Line;
+    use crate::components::sinks::ndjson::Line;
 
     fn letter(payload: Box<dyn std::any::Any + Send>) -> DeadLetter {
         DeadLetter {

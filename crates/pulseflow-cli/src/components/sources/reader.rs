@@ -2,7 +2,7 @@
 //!
 //! Tokio's files and stdin hand every read to its blocking threads and wake the reading task
 //! when it is done; with the CPU-bound stages keeping both workers busy, those hops (and the
-//! writer's, see [`super::writer`]) made runs of the same file swing widely in context switches
+//! writer's, see [`crate::components::sinks::writer`]) made runs of the same file swing widely in context switches
 //! and time. Here the thread reads ahead a few [`CHUNK`]s into a bounded queue, so the source
 //! mostly finds its next chunk waiting.
 

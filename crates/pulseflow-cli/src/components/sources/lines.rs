@@ -12,8 +12,8 @@ use parking_lot::Mutex;
 use pulseflow::envelope::Cost;
 use pulseflow::prelude::*;
 
+use super::Format;
 use super::reader::ChunkReader;
-use crate::config::Format;
 
 /// Bytes of raw text kept from an over-long line, for its dead letter.
 const KEPT_OF_LONG_LINE: usize = 256;
@@ -195,7 +195,7 @@ impl Lines {
             return;
         }
         if self.format == Format::Csv && self.headers.is_none() && problem.is_none() {
-            match crate::components::csv::split(&text) {
+            match super::csv::split(&text) {
                 Ok(h) => {
                     self.headers = Some(Arc::new(h));
                     return;

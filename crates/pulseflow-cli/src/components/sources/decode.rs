@@ -12,8 +12,8 @@ use bytes::Bytes;
 use jaq_json::Val;
 use pulseflow::prelude::*;
 
+use super::Format;
 use super::lines::RawLine;
-use crate::config::Format;
 
 /// Decodes lines of one format.
 #[derive(Clone)]

@@ -1,16 +1,5 @@
 //! The `accumulate` transform's settings: the key, the aggregates by name, when a key is
 //! complete and the limits of the engine's [`AccumulatorPolicy`].
-//!
-//! ```toml
-//! [transforms.sessions]
-//! type = "accumulate"
-//! inputs = ["events"]
-//! key = ".session"
-//! aggregates = { events = "count", pages = "collect(.page)", fields = "merge" }
-//! complete_when = { required = ["user", "start", "end"] }  # or { count = 3 }, or a jq condition
-//! ttl = "30s"
-//! partial_flush = true
-//! ```
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,21 +8,8 @@ use pulseflow::accumulate::{AccumulatorPolicy, RequiredVars};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::policies::parse_duration;
-use super::{Jq, Problems, compile_jq, quoted};
-
-/// The keys an `accumulate` transform accepts besides `type`, `inputs` and the policies.
-pub const KEYS: &[&str] = &[
-    "key",
-    "aggregates",
-    "complete_when",
-    "max_items",
-    "max_bytes",
-    "max_latency",
-    "ttl",
-    "partial_flush",
-    "spill",
-];
+use crate::config::policies::parse_duration;
+use crate::config::{Jq, Problems, ReadContext, quoted};
 
 /// Output fields an aggregate cannot be named after.
 const RESERVED: &[&str] = &["key", "complete", "completeness"];
@@ -115,9 +91,10 @@ pub struct AccumulateSpec {
     pub policy: AccumulatorPolicy,
 }
 
+/// The settings table of an `accumulate` transform.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AccumulateCfg {
+pub struct Settings {
     key: Spanned<String>,
     #[serde(default)]
     aggregates: BTreeMap<Spanned<String>, Spanned<String>>,
@@ -139,110 +116,100 @@ struct AccumulateCfg {
 
 const COMPLETE_WHEN_HELP: &str = "write `complete_when = { count = N }`, `complete_when = { required = [\"field\", ...] }` or a jq condition over the output, e.g. `complete_when = '.total > 100'`";
 
-/// Reads an `accumulate` transform's settings; `None` when there were problems (added to
-/// `problems`).
-pub fn read(
-    value: Spanned<toml::de::DeValue<'_>>,
-    ctx: &str,
-    allow_recursion: bool,
-    text: &str,
-    problems: &mut Problems,
-) -> Option<AccumulateSpec> {
-    let body_span = value.span();
-    let cfg: AccumulateCfg = match super::de(value) {
-        Ok(c) => c,
-        Err(e) => {
-            problems.add_toml(&e, body_span, ctx);
+impl Settings {
+    /// Checks the settings; `None` when there were problems (added to `problems`).
+    pub fn check_spec(
+        self,
+        cx: &ReadContext<'_>,
+        problems: &mut Problems,
+    ) -> Option<AccumulateSpec> {
+        let cfg = self;
+        let ctx = cx.table.as_str();
+        let body_span = cx.span.clone();
+        let before = problems.len();
+        let key = cx.jq(&cfg.key, &format!("{ctx}.key"), problems);
+        let mut aggregates = Vec::new();
+        for (name, spec) in &cfg.aggregates {
+            let n = name.get_ref();
+            if RESERVED.contains(&n.as_str()) || n.is_empty() {
+                problems.add(
+                    format!("`{n}` cannot name an aggregate"),
+                    Some(name.span()),
+                    "reserved",
+                    Some(format!(
+                        "the output already has the fields {}",
+                        quoted(RESERVED)
+                    )),
+                );
+                continue;
+            }
+            if let Some(a) = aggregate(n, spec, cx, problems) {
+                aggregates.push(a);
+            }
+        }
+        let complete_when = match &cfg.complete_when {
+            None => Some(CompleteWhen::Never),
+            Some(v) => complete_when(v, cx, problems),
+        };
+        let mut policy = AccumulatorPolicy::default()
+            .with_partial_flush(cfg.partial_flush)
+            .with_spill(cfg.spill);
+        for (what, n) in [("max_items", &cfg.max_items), ("max_bytes", &cfg.max_bytes)] {
+            match n {
+                Some(n) if *n.get_ref() == 0 => problems.add(
+                    format!("`{what}` must be at least 1"),
+                    Some(n.span()),
+                    "zero",
+                    None,
+                ),
+                Some(n) if what == "max_items" => policy = policy.with_max_items(*n.get_ref()),
+                Some(n) => policy = policy.with_max_bytes(*n.get_ref()),
+                None => {}
+            }
+        }
+        for (what, d) in [("max_latency", &cfg.max_latency), ("ttl", &cfg.ttl)] {
+            let Some(d) = d else { continue };
+            match parse_duration(d.get_ref()).filter(|d| !d.is_zero()) {
+                Some(t) if what == "ttl" => policy = policy.with_completeness_ttl(t),
+                Some(t) => policy = policy.with_max_latency(t),
+                None => problems.add(
+                    format!("invalid duration `{}` for `{what}`", d.get_ref()),
+                    Some(d.span()),
+                    "not a positive duration",
+                    Some(
+                        "write a number with a unit: `us`, `ms`, `s`, `m` or `h`, e.g. `30s`"
+                            .into(),
+                    ),
+                ),
+            }
+        }
+        if matches!(complete_when, Some(CompleteWhen::Never)) && !cfg.partial_flush {
+            problems.add(
+                format!("{ctx}: without `complete_when` no key ever completes, and without `partial_flush` nothing would be emitted"),
+                Some(body_span),
+                "emits nothing",
+                Some("set `partial_flush = true` to emit every key when it is flushed (at the latest at the end of input), or add `complete_when`".into()),
+            );
+        }
+        if problems.len() != before {
             return None;
         }
-    };
-    let before = problems.len();
-    let key = compile_jq(
-        &cfg.key,
-        allow_recursion,
-        text,
-        &format!("{ctx}.key"),
-        problems,
-    );
-    let mut aggregates = Vec::new();
-    for (name, spec) in &cfg.aggregates {
-        let n = name.get_ref();
-        if RESERVED.contains(&n.as_str()) || n.is_empty() {
-            problems.add(
-                format!("`{n}` cannot name an aggregate"),
-                Some(name.span()),
-                "reserved",
-                Some(format!(
-                    "the output already has the fields {}",
-                    quoted(RESERVED)
-                )),
-            );
-            continue;
-        }
-        if let Some(a) = aggregate(n, spec, ctx, allow_recursion, text, problems) {
-            aggregates.push(a);
-        }
+        Some(AccumulateSpec {
+            key: key?,
+            aggregates,
+            complete_when: complete_when?,
+            policy,
+        })
     }
-    let complete_when = match &cfg.complete_when {
-        None => Some(CompleteWhen::Never),
-        Some(v) => complete_when(v, ctx, allow_recursion, text, problems),
-    };
-    let mut policy = AccumulatorPolicy::default()
-        .with_partial_flush(cfg.partial_flush)
-        .with_spill(cfg.spill);
-    for (what, n) in [("max_items", &cfg.max_items), ("max_bytes", &cfg.max_bytes)] {
-        match n {
-            Some(n) if *n.get_ref() == 0 => problems.add(
-                format!("`{what}` must be at least 1"),
-                Some(n.span()),
-                "zero",
-                None,
-            ),
-            Some(n) if what == "max_items" => policy = policy.with_max_items(*n.get_ref()),
-            Some(n) => policy = policy.with_max_bytes(*n.get_ref()),
-            None => {}
-        }
-    }
-    for (what, d) in [("max_latency", &cfg.max_latency), ("ttl", &cfg.ttl)] {
-        let Some(d) = d else { continue };
-        match parse_duration(d.get_ref()).filter(|d| !d.is_zero()) {
-            Some(t) if what == "ttl" => policy = policy.with_completeness_ttl(t),
-            Some(t) => policy = policy.with_max_latency(t),
-            None => problems.add(
-                format!("invalid duration `{}` for `{what}`", d.get_ref()),
-                Some(d.span()),
-                "not a positive duration",
-                Some("write a number with a unit: `us`, `ms`, `s`, `m` or `h`, e.g. `30s`".into()),
-            ),
-        }
-    }
-    if matches!(complete_when, Some(CompleteWhen::Never)) && !cfg.partial_flush {
-        problems.add(
-            format!("{ctx}: without `complete_when` no key ever completes, and without `partial_flush` nothing would be emitted"),
-            Some(body_span),
-            "emits nothing",
-            Some("set `partial_flush = true` to emit every key when it is flushed (at the latest at the end of input), or add `complete_when`".into()),
-        );
-    }
-    if problems.len() != before {
-        return None;
-    }
-    Some(AccumulateSpec {
-        key: key?,
-        aggregates,
-        complete_when: complete_when?,
-        policy,
-    })
 }
 
 fn aggregate(
     name: &str,
     spec: &Spanned<String>,
-    ctx: &str,
-    allow_recursion: bool,
-    text: &str,
+    cx: &ReadContext<'_>,
     problems: &mut Problems,
 ) -> Option<Aggregate> {
+    let ctx = cx.table.as_str();
     let raw = spec.get_ref();
     let (func, inner) = match raw.find('(') {
         Some(open) if raw.trim_end().ends_with(')') => {
@@ -297,18 +264,12 @@ fn aggregate(
             expr: None,
         }),
         (_, Some((offset, code))) => {
-            // `compile_jq` places error positions after the value's opening quote; shifting
+            // `cx.jq` places error positions after the value's opening quote; shifting
             // the value's span by the offset of the expression in the text points them into
             // the parentheses.
             let s = spec.span();
             let shifted = Spanned::new((s.start + offset).min(s.end)..s.end, code.to_owned());
-            let jq = compile_jq(
-                &shifted,
-                allow_recursion,
-                text,
-                &format!("{ctx}.aggregates.{name}"),
-                problems,
-            )?;
+            let jq = cx.jq(&shifted, &format!("{ctx}.aggregates.{name}"), problems)?;
             Some(Aggregate {
                 name: name.to_owned(),
                 kind: *kind,
@@ -320,11 +281,10 @@ fn aggregate(
 
 fn complete_when(
     value: &Spanned<toml::Value>,
-    ctx: &str,
-    allow_recursion: bool,
-    text: &str,
+    cx: &ReadContext<'_>,
     problems: &mut Problems,
 ) -> Option<CompleteWhen> {
+    let ctx = cx.table.as_str();
     let span = value.span();
     let what = format!("{ctx}.complete_when");
     let bad = |problems: &mut Problems, message: String, label: &str| {
@@ -337,14 +297,9 @@ fn complete_when(
         None
     };
     match value.get_ref() {
-        toml::Value::String(code) => compile_jq(
-            &Spanned::new(span.clone(), code.clone()),
-            allow_recursion,
-            text,
-            &what,
-            problems,
-        )
-        .map(CompleteWhen::Jq),
+        toml::Value::String(code) => cx
+            .jq(&Spanned::new(span.clone(), code.clone()), &what, problems)
+            .map(CompleteWhen::Jq),
         toml::Value::Table(t) if t.len() == 1 => match t.iter().next() {
             Some((k, toml::Value::Integer(n))) if k == "count" && *n > 0 => {
                 Some(CompleteWhen::Count(u64::try_from(*n).unwrap_or(u64::MAX)))

@@ -20,7 +20,7 @@ use pulseflow::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 
-use crate::config::accumulate::{AggKind, CompleteWhen, SharedSpec};
+use super::config::{AggKind, CompleteWhen, SharedSpec};
 use crate::jq::{JqRunError, from_val, to_val};
 
 /// One item reduced to what the accumulator needs: its key (as JSON text) and, per

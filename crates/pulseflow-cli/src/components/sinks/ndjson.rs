@@ -1,18 +1,32 @@
-//! Sinks: `stdout` and `file` write one JSON value per line, `blackhole` only counts.
+//! What the `stdout` and `file` sinks share: items written as one JSON value per line.
 //!
 //! Items reach `stdout` and `file` as text: each sink has an [`Encode`] stage in front of it
 //! (`x.encode`), which turns an item into its JSON line on the workers of the stage before it
-//! when those are parallel (see the `build` module), where the item was just built and is
+//! when those are parallel (see [`encoded`]), where the item was just built and is
 //! still in cache. The sink copies a batch's lines into one buffer and hands it to a writer
 //! thread at once.
 
 use std::path::PathBuf;
 
 use jaq_json::Val;
+use pulseflow::builder::SinkHandle;
 use pulseflow::prelude::*;
 use pulseflow::stage::WriteProgress;
 
 use super::writer::Writer;
+use crate::build::BuildContext;
+
+/// Adds sink `x` writing `sink`'s lines after `input`, with the stage `x.encode` that makes
+/// them: on the same workers as the stage before it when those are several (the engine then
+/// chains it behind each of them, see [`BuildContext::chain`]).
+pub fn encoded(cx: &mut BuildContext<'_>, input: Stream<Val>, sink: NdjsonSink) -> SinkHandle {
+    let s = input.transform_with(cx.stage("encode"), || Encode);
+    let s = match cx.input_workers {
+        Some(h) => s.parallelism(h).ordered(),
+        None => s,
+    };
+    s.sink(cx.name().to_owned(), sink)
+}
 
 /// Room made for a batch's text up front.
 const BUFFER: usize = 64 << 10;
@@ -146,29 +160,6 @@ impl Sink for NdjsonSink {
         match self.out.as_mut() {
             Some(out) => out.close().await,
             None => Ok(()),
-        }
-    }
-}
-
-/// Counts items and drops them.
-pub struct Blackhole;
-
-impl Sink for Blackhole {
-    type Item = Val;
-
-    async fn write(&mut self, _item: Envelope<Val>) -> Result<(), ItemFailure<Val>> {
-        Ok(())
-    }
-
-    async fn write_batch(
-        &mut self,
-        items: &mut std::vec::IntoIter<Envelope<Val>>,
-        _failed: &mut Vec<ItemFailure<Val>>,
-        progress: &mut WriteProgress,
-    ) {
-        for item in items {
-            progress.current_seq = item.seq;
-            progress.delivered += 1;
         }
     }
 }
