@@ -212,6 +212,9 @@ fn graph(path: &Path, format: GraphFormat) -> ExitCode {
 /// The engine options a config asks for (batch size, memory budget), under `supervision`.
 fn execution_options(config: &Config, supervision: SupervisionMode) -> ExecutionOptions {
     let mut options = ExecutionOptions::default().with_supervision(supervision.engine());
+    if let Some(t) = config.batch_timeout {
+        options = options.with_batch_timeout(t);
+    }
     if let Some(n) = config.batch_size {
         options = options.with_batch_size(n);
     }

@@ -31,6 +31,7 @@ const TOP_KEYS: &[&str] = &[
     "name",
     "allow_recursive_jq",
     "batch_size",
+    "batch_timeout",
     "memory_budget",
     "sources",
     "transforms",
@@ -46,6 +47,8 @@ pub struct Config {
     pub file: String,
     pub text: Arc<String>,
     pub batch_size: Option<usize>,
+    /// How long a source may hold a partial batch (`None`: the engine's default, 10 ms).
+    pub batch_timeout: Option<std::time::Duration>,
     /// Bytes the pipeline's stateful stages may hold in memory (`None`: unlimited).
     pub memory_budget: Option<u64>,
     pub components: Vec<Component>,
@@ -102,6 +105,22 @@ fn memory_budget(value: Spanned<DeValue<'_>>) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// A top-level duration: a string such as `"10ms"` (see [`policies::parse_duration`]),
+/// greater than zero.
+fn duration(value: &Spanned<DeValue<'_>>) -> Result<std::time::Duration, String> {
+    let Some(text) = value.get_ref().as_str() else {
+        return Err(format!(
+            "must be a duration such as \"10ms\", not {}",
+            value.get_ref().type_str()
+        ));
+    };
+    match policies::parse_duration(text) {
+        Some(d) if !d.is_zero() => Ok(d),
+        Some(_) => Err("must be greater than zero".into()),
+        None => Err(format!("`{text}` is not a duration")),
+    }
+}
+
 /// Reads and checks the config at `path`. The error is either the file's problems or a
 /// message (unreadable file).
 pub fn load(path: &Path) -> Result<Config, LoadError> {
@@ -148,6 +167,7 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
         file: name.to_owned(),
         text: text.clone(),
         batch_size: None,
+        batch_timeout: None,
         memory_budget: None,
         components: Vec::new(),
         registry: PolicyRegistry::default(),
@@ -184,6 +204,18 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
                 ),
                 Ok(n) => config.batch_size = Some(n),
                 Err(e) => problems.add_toml(&e, value.span(), "batch_size"),
+            },
+            "batch_timeout" => match duration(value) {
+                Ok(d) => config.batch_timeout = Some(d),
+                Err(why) => problems.add(
+                    format!("`batch_timeout` {why}"),
+                    Some(value.span()),
+                    "here",
+                    Some(
+                        "write a number with a unit: `us`, `ms`, `s`, `m` or `h`, e.g. `10ms`"
+                            .into(),
+                    ),
+                ),
             },
             "memory_budget" => match memory_budget(value.clone()) {
                 Ok(n) => config.memory_budget = Some(n),

@@ -40,7 +40,7 @@ mod wiring;
 mod workers;
 
 pub use dead_letter::{DeadLetter, DeadLetterSink};
-pub use options::{ExecutionOptions, Supervision};
+pub use options::{DEFAULT_BATCH_TIMEOUT, ExecutionOptions, Supervision};
 pub use result::PipelineResult;
 pub use tokio_pulse::Tier;
 
@@ -138,7 +138,7 @@ impl ExecutionEngine {
             stats.clone(),
             feeds,
             DeadLetters::new(options.dead_letter_sink.clone(), options.dead_letter_keep),
-            options.batch_size.max(1),
+            (options.batch_size.max(1), options.batch_timeout),
             options.cancellation.child_token(),
             options.supervision.supervisor(),
         ));

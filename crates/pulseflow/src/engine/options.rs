@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio_pulse::{Supervisor, SupervisorConfig};
 use tokio_util::sync::CancellationToken;
@@ -9,6 +10,9 @@ use tokio_util::sync::CancellationToken;
 use super::dead_letter::DeadLetterSink;
 use crate::memory::MemoryBudget;
 use crate::policy::PolicyRegistry;
+
+/// The default [`ExecutionOptions::batch_timeout`].
+pub const DEFAULT_BATCH_TIMEOUT: Duration = Duration::from_millis(10);
 
 /// Options of one run.
 ///
@@ -18,6 +22,7 @@ use crate::policy::PolicyRegistry;
 ///
 /// let options = ExecutionOptions::default()
 ///     .with_batch_size(512)
+///     .with_batch_timeout(std::time::Duration::from_millis(5))
 ///     .with_memory_budget(MemoryBudget::new(64 << 20));
 /// assert_eq!(options.batch_size, 512);
 /// ```
@@ -36,6 +41,11 @@ pub struct ExecutionOptions {
     pub policies: PolicyRegistry,
     /// Items per batch produced by sources.
     pub batch_size: usize,
+    /// How long a source may hold a partial batch: it sends what it has at most this long
+    /// after the batch's first item, so items of a live stream that trickle in (a `tail -f`,
+    /// a socket) do not wait for a full batch. A source whose input is ready fills whole
+    /// batches regardless. Default 10 ms.
+    pub batch_timeout: Duration,
     /// Where dead letters go; by default they are kept in the result.
     pub dead_letter_sink: Option<Arc<dyn DeadLetterSink>>,
     /// How many dead letters the result keeps (the rest are counted).
@@ -55,6 +65,7 @@ impl Default for ExecutionOptions {
             memory: MemoryBudget::unlimited(),
             policies: PolicyRegistry::default(),
             batch_size: 1024,
+            batch_timeout: DEFAULT_BATCH_TIMEOUT,
             dead_letter_sink: None,
             dead_letter_keep: 10_000,
             supervision: Supervision::Default,
@@ -67,6 +78,13 @@ impl ExecutionOptions {
     /// Sets the batch size of sources.
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size;
+        self
+    }
+
+    /// Sets how long a source may hold a partial batch (see
+    /// [`batch_timeout`](ExecutionOptions::batch_timeout)).
+    pub fn with_batch_timeout(mut self, timeout: Duration) -> Self {
+        self.batch_timeout = timeout;
         self
     }
 

@@ -85,6 +85,8 @@ pub(crate) struct RunShared {
     pub consumers: Vec<Vec<usize>>,
     pub dead_letters: DeadLetters,
     pub batch_size: usize,
+    /// How long a source may hold a partial batch.
+    pub batch_timeout: std::time::Duration,
     failure: Mutex<Option<PipelineError>>,
     tracker: TaskTracker,
     aborts: Mutex<Vec<AbortHandle>>,
@@ -99,7 +101,7 @@ impl RunShared {
         stages: Vec<Arc<StageStats>>,
         consumers: Vec<Vec<usize>>,
         dead_letters: DeadLetters,
-        batch_size: usize,
+        (batch_size, batch_timeout): (usize, std::time::Duration),
         stop: CancellationToken,
         supervisor: Option<Supervisor>,
     ) -> Self {
@@ -111,6 +113,7 @@ impl RunShared {
             consumers,
             dead_letters,
             batch_size,
+            batch_timeout,
             failure: Mutex::new(None),
             tracker: TaskTracker::new(),
             aborts: Mutex::new(Vec::new()),

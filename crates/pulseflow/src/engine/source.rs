@@ -1,7 +1,13 @@
 //! Runs a [`Source`]: produces batches until exhausted or told to stop.
 
-use std::time::Instant;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use tokio::time::Sleep;
 use tracing::Instrument;
 
 use super::downstream::Downstream;
@@ -24,9 +30,14 @@ pub(crate) async fn run_source<S: Source>(
     let started = out.start().await;
     if ok && started && run.gate.wait().await {
         stats.set_status(StageStatus::Running);
-        produce(&mut source, &mut failures, out.as_mut(), run.batch_size)
-            .instrument(ctx.span.clone())
-            .await;
+        produce(
+            &mut source,
+            &mut failures,
+            out.as_mut(),
+            (run.batch_size, run.batch_timeout),
+        )
+        .instrument(ctx.span.clone())
+        .await;
         stats.set_status(StageStatus::Closing);
         if let Err(e) = source.close().await {
             let mut tally = Tally::default();
@@ -43,10 +54,11 @@ async fn produce<S: Source>(
     source: &mut S,
     failures: &mut Failures,
     out: &mut dyn Downstream<S::Item>,
-    batch_size: usize,
+    (batch_size, batch_timeout): (usize, Duration),
 ) {
     let stats = failures.stats.clone();
     let stop = failures.run.stop.clone();
+    let filled = Arc::new(AtomicUsize::new(0));
     let mut seq = 0u64;
     let mut delays = failures.delays();
     loop {
@@ -65,11 +77,15 @@ async fn produce<S: Source>(
         // way between them (every 250 µs of work); downstream still gets whole batches (small ones would multiply
         // every later stage's per-batch work).
         let yielding = super::yielding(&stats, limit);
-        let mut buf = SourceOutput::new(limit, seq, now_millis());
+        let mut buf = SourceOutput::new(limit, seq, now_millis(), filled.clone());
         let status = tokio::select! {
             biased;
             _ = stop.cancelled() => None,
-            r = produce_in_steps(source, &mut buf, yielding) => Some(r),
+            r = PartialAfter::new(
+                produce_in_steps(source, &mut buf, yielding),
+                &filled,
+                batch_timeout,
+            ) => Some(r),
         };
         let (items, next_seq) = buf.finish();
         seq = next_seq;
@@ -132,5 +148,45 @@ async fn produce_in_steps<S: Source>(
             return Ok(status);
         }
         pacer.after_batch().await;
+    }
+}
+
+/// Runs a `produce` future to its end, or until `timeout` after the batch got its first item
+/// (then the batch is sent as it is, and the source carries on in the next call): a live
+/// source whose input trickles in does not hold items back waiting for a full batch. Nothing
+/// is armed while the batch is empty, so an idle source costs nothing.
+struct PartialAfter<'a, F> {
+    produce: Pin<Box<F>>,
+    filled: &'a AtomicUsize,
+    timeout: Duration,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl<'a, F> PartialAfter<'a, F> {
+    fn new(produce: F, filled: &'a AtomicUsize, timeout: Duration) -> Self {
+        Self {
+            produce: Box::pin(produce),
+            filled,
+            timeout,
+            deadline: None,
+        }
+    }
+}
+
+impl<F: Future<Output = Result<SourceStatus, StageError>>> Future for PartialAfter<'_, F> {
+    type Output = Result<SourceStatus, StageError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Poll::Ready(r) = self.produce.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        if self.deadline.is_none() && self.filled.load(Ordering::Relaxed) > 0 {
+            // The first item was pushed during this poll: the batch's clock starts now.
+            self.deadline = Some(Box::pin(tokio::time::sleep(self.timeout)));
+        }
+        match self.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Ok(SourceStatus::More)),
+            _ => Poll::Pending,
+        }
     }
 }

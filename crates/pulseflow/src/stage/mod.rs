@@ -41,6 +41,8 @@ pub use context::StageContext;
 pub use sinks::sink_fn;
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::envelope::{Cost, Envelope, Timestamp};
 use crate::error::{ItemFailure, StageError};
@@ -127,15 +129,25 @@ pub struct SourceOutput<T> {
     limit: usize,
     next_seq: u64,
     now: Timestamp,
+    /// How many items were pushed, readable by the engine while `produce` is pending (it
+    /// starts the batch timeout at the first item).
+    filled: Arc<AtomicUsize>,
 }
 
 impl<T> SourceOutput<T> {
-    pub(crate) fn new(limit: usize, next_seq: u64, now: Timestamp) -> Self {
+    pub(crate) fn new(
+        limit: usize,
+        next_seq: u64,
+        now: Timestamp,
+        filled: Arc<AtomicUsize>,
+    ) -> Self {
+        filled.store(0, Ordering::Relaxed);
         Self {
             items: Vec::with_capacity(limit),
             limit,
             next_seq,
             now,
+            filled,
         }
     }
 
@@ -181,6 +193,7 @@ impl<T> SourceOutput<T> {
                 .with_seq(seq)
                 .with_timestamp(self.now),
         );
+        self.filled.store(self.items.len(), Ordering::Relaxed);
     }
 
     /// Adds payloads from `iter` until the batch is full or the iterator ends; returns how
@@ -197,6 +210,7 @@ impl<T> SourceOutput<T> {
             env
         }));
         self.next_seq = seq;
+        self.filled.store(self.items.len(), Ordering::Relaxed);
         self.items.len() - before
     }
 
@@ -217,6 +231,7 @@ impl<T> SourceOutput<T> {
             envelope.timestamp = self.now;
         }
         self.items.push(envelope);
+        self.filled.store(self.items.len(), Ordering::Relaxed);
     }
 
     pub(crate) fn finish(self) -> (Vec<Envelope<T>>, u64) {
@@ -236,6 +251,14 @@ pub trait Source: Send + 'static {
 
     /// Pushes up to `out.remaining()` items into `out`, waiting if none is available yet.
     /// Returns [`SourceStatus::Done`] once exhausted.
+    ///
+    /// **Cancellation.** The engine sends a partial batch at most
+    /// [`batch_timeout`](crate::ExecutionOptions::batch_timeout) after its first item: when
+    /// `produce` is still waiting for more input then, its future is dropped at that await
+    /// point and the items already pushed go on. A source must therefore keep its state
+    /// consistent at every await (as Tokio's cancel-safe operations do: receiving from a
+    /// channel, reading into a buffer the source owns), and never hold an item in a local
+    /// variable across an await.
     fn produce(
         &mut self,
         out: &mut SourceOutput<Self::Item>,

@@ -257,18 +257,21 @@ impl LineSource {
     }
 
     async fn open_next(&mut self) -> Result<bool, StageError> {
-        let Some(input) = self.inputs.pop_front() else {
+        // The input leaves the queue once open: this runs inside `produce`, whose future the
+        // engine may drop at an await (batch timeout).
+        let Some(input) = self.inputs.front() else {
             return Ok(false);
         };
         let (input, origin): (Box<dyn std::io::Read + Send>, String) = match input {
             Input::Path(p) => {
-                let file = tokio::fs::File::open(&p)
+                let file = tokio::fs::File::open(p)
                     .await
                     .map_err(|e| StageError::msg(format!("cannot open {}: {e}", p.display())))?;
                 (Box::new(file.into_std().await), p.display().to_string())
             }
             Input::Stdin => (Box::new(std::io::stdin()), "-".to_owned()),
         };
+        self.inputs.pop_front();
         let reader = ChunkReader::start(input)
             .map_err(|e| StageError::msg(format!("cannot start reading {origin}: {e}")))?;
         self.reader = Some(reader);
@@ -295,7 +298,8 @@ impl Source for LineSource {
         &mut self,
         out: &mut SourceOutput<RawLine>,
     ) -> Result<SourceStatus, StageError> {
-        let mut bytes = 0u64;
+        // Cancel-safe at each await (see `Source::produce`): every line split off is pushed
+        // and its bytes counted before the next await.
         let status = loop {
             if out.is_full() {
                 break SourceStatus::More;
@@ -324,9 +328,8 @@ impl Source for LineSource {
                 !out.is_full()
             });
             reader.consume(used);
-            bytes += used as u64;
+            self.progress.fetch_add(used as u64, Ordering::Relaxed);
         };
-        self.progress.fetch_add(bytes, Ordering::Relaxed);
         Ok(status)
     }
 }
