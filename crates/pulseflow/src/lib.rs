@@ -44,6 +44,7 @@ pub mod flow;
 pub mod graph;
 pub mod memory;
 pub mod metrics;
+mod plan;
 pub mod policy;
 pub mod stage;
 

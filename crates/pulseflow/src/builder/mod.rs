@@ -45,6 +45,7 @@
 mod accumulate;
 mod ops;
 
+pub use crate::plan::Pipeline;
 pub use ops::Routes;
 
 use std::any::Any;
@@ -53,9 +54,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
 use std::rc::Rc;
 
-use crate::engine::NodeFactory;
 use crate::error::BuildError;
 use crate::graph::{ChannelDescriptor, Edge, PipelineGraph, StageNode};
+use crate::plan::NodeFactory;
 use crate::policy::{
     BackpressureStrategy, BufferPolicy, ChannelOrdering, CircuitBreakerPolicy, ErrorPolicy,
     ParallelismHint, PolicyRef, PolicyRegistry,
@@ -101,38 +102,6 @@ pub struct Stream<T> {
 pub struct SinkHandle {
     inner: Rc<RefCell<Inner>>,
     node: usize,
-}
-
-/// A built, validated pipeline, ready for [`ExecutionEngine::run`](crate::ExecutionEngine::run).
-pub struct Pipeline {
-    pub(crate) id: String,
-    pub(crate) graph: PipelineGraph,
-    pub(crate) factories: Vec<NodeFactory>,
-    /// For each node, for each output port: (consumer, input index).
-    pub(crate) consumers: Vec<Vec<(usize, usize)>>,
-    pub(crate) extras: HashMap<usize, Box<dyn Any + Send>>,
-    pub(crate) registry: PolicyRegistry,
-}
-
-impl std::fmt::Debug for Pipeline {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipeline")
-            .field("id", &self.id)
-            .field("graph", &self.graph)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Pipeline {
-    /// The pipeline's id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// The untyped graph: validated, exportable as DOT or Mermaid.
-    pub fn graph(&self) -> &PipelineGraph {
-        &self.graph
-    }
 }
 
 impl PipelineBuilder {

@@ -10,11 +10,12 @@ use tracing::Instrument;
 
 use super::{SinkHandle, Stream, add_node};
 use crate::engine::{
-    AsyncMapHandler, BranchHandler, Entry, MakeWorker, MergeHandler, NodeFactory, Pool, PoolOrder,
-    Predicate, Replica, SinkHandler, TransformHandler, Wiring, pump,
+    AsyncMapHandler, BranchHandler, Entry, MakeWorker, MergeHandler, Pool, PoolOrder, Predicate,
+    Replica, SinkHandler, TransformHandler, Wiring, pump,
 };
 use crate::error::{BoxError, PipelineError};
 use crate::graph::StageNode;
+use crate::plan::NodeFactory;
 use crate::stage::{Filter, FlatMap, Map, Sink, StageKind, Transform, TryMap};
 
 /// Named routes of a branch, each with its predicate; optionally an output for items no route

@@ -53,7 +53,7 @@ pub(crate) use guard::FlowGuard;
 pub(crate) use sink::SinkHandler;
 pub(crate) use source::run_source;
 pub(crate) use transform::TransformHandler;
-pub(crate) use wiring::{NodeFactory, Resolved, Wiring};
+pub(crate) use wiring::{Resolved, Wiring};
 pub(crate) use workers::{MakeWorker, Pool, PoolOrder, pump};
 
 use std::collections::HashMap;
@@ -64,9 +64,9 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
-use crate::builder::Pipeline;
 use crate::error::PipelineError;
 use crate::metrics::{StageRuntimeState, StageStats};
+use crate::plan::Pipeline;
 use crate::policy::{BackpressureStrategy, BufferPolicy, ChannelOrdering};
 use crate::stage::StageContext;
 use dead_letter::DeadLetters;

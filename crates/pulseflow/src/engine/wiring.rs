@@ -28,9 +28,6 @@ pub(crate) struct Resolved {
     pub flow: super::guard::FlowGuard,
 }
 
-/// Wires one node; built by the typed builder, called once per run.
-pub(crate) type NodeFactory = Box<dyn FnOnce(&mut Wiring<'_>) -> Result<(), PipelineError> + Send>;
-
 /// What a node's factory can see and do while it is wired.
 pub(crate) struct Wiring<'a> {
     pub resolved: &'a Resolved,
