@@ -34,17 +34,19 @@ impl Source for Live {
     }
 }
 
-/// A pipeline `Live` -> sink recording when each item arrived (paused-clock time since
-/// `start`), started on the current runtime.
-fn start(
-    timeout: Duration,
-    start: Instant,
-) -> (
+/// A running pipeline `Live` -> recording sink.
+type Running = (
+    // Feeds the source.
     mpsc::UnboundedSender<u64>,
+    // Each item the sink got, with when (paused-clock time since `start`).
     mpsc::UnboundedReceiver<(u64, Duration)>,
+    // The source's `produce` calls.
     Arc<AtomicUsize>,
     tokio::task::JoinHandle<PipelineResult>,
-) {
+);
+
+/// Starts a pipeline `Live` -> sink recording when each item arrived, on the current runtime.
+fn start(timeout: Duration, start: Instant) -> Running {
     let (tx, rx) = mpsc::unbounded_channel();
     let (seen_tx, seen_rx) = mpsc::unbounded_channel();
     let calls = Arc::new(AtomicUsize::new(0));
