@@ -36,6 +36,7 @@
 //! conservation law), [`memory`] (memory budget).
 
 pub mod accumulate;
+pub mod ack;
 pub mod builder;
 pub mod engine;
 pub mod envelope;

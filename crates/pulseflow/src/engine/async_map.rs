@@ -63,6 +63,7 @@ where
             ..Tally::default()
         };
         if self.failures.failed {
+            crate::ack::record_all(batch.items(), crate::ack::Outcome::Failed);
             tally.count_drop(DropReason::StageFailed, n as u64);
             self.failures.stats.add(&tally, None);
             return;
@@ -92,7 +93,7 @@ where
                 }
                 Err(error) => match original {
                     Some(item) => ItemFailure::new(item, error),
-                    None => ItemFailure::consumed(meta.seq, error),
+                    None => self.failures.consumed(&meta, error),
                 },
             };
             loop {
@@ -114,7 +115,7 @@ where
                             Err(error) => {
                                 pending = match original {
                                     Some(item) => ItemFailure::new(item, error),
-                                    None => ItemFailure::consumed(meta.seq, error),
+                                    None => self.failures.consumed(&meta, error),
                                 }
                             }
                         }

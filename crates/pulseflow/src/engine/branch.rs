@@ -81,6 +81,7 @@ impl<T: Clone + Send + 'static> BranchHandler<T> {
             ..Tally::default()
         };
         if self.failures.failed {
+            crate::ack::record_all(batch.items(), crate::ack::Outcome::Failed);
             tally.count_drop(DropReason::StageFailed, n as u64);
             self.failures.stats.add(&tally, None);
             return;

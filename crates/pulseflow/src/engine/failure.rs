@@ -8,6 +8,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use super::dead_letter::DeadLetter;
 use super::run::RunShared;
+use crate::ack::Outcome;
 use crate::envelope::Envelope;
 use crate::error::{ItemFailure, PipelineError, StageError};
 use crate::metrics::{DropReason, StageStats, Tally};
@@ -61,8 +62,28 @@ impl Failures {
             .take(max)
     }
 
+    /// How the policy settles an item for good (after its retries): what its acks record.
+    pub fn outcome(&self) -> Outcome {
+        match self.policy {
+            ErrorPolicy::Retry { .. } | ErrorPolicy::DeadLetter => Outcome::DeadLettered,
+            ErrorPolicy::Ignore => Outcome::Dropped,
+            ErrorPolicy::Fail => Outcome::Failed,
+        }
+    }
+
+    /// The failure of an item that no longer exists, whose metadata (`meta`) is still here:
+    /// its acks record how the policy settles it.
+    pub fn consumed<T, M>(&self, meta: &Envelope<M>, error: StageError) -> ItemFailure<T> {
+        if let Some(acks) = meta.acks() {
+            acks.iter().for_each(|a| a.record(self.outcome(), 1));
+        }
+        ItemFailure::consumed(meta.seq, error)
+    }
+
     /// Counts one failure and decides its fate. `attempts` is how many tries were made;
-    /// `delays` yields the next wait while retries remain.
+    /// `delays` yields the next wait while retries remain. A settled item's acks record the
+    /// outcome (an item that no longer exists has its acks recorded by the caller, with
+    /// [`Failures::outcome`]).
     pub fn settle<T: Send + 'static>(
         &mut self,
         failure: ItemFailure<T>,
@@ -72,6 +93,7 @@ impl Failures {
     ) -> Next<T> {
         tally.errors += 1;
         let ItemFailure { item, seq, error } = failure;
+
         self.stats.record_error(format!("item {seq}: {error}"));
         tracing::debug!(stage = %self.stats.id, seq, attempts, %error, "item failed");
         match self.policy {
@@ -81,19 +103,23 @@ impl Failures {
                     Next::Retry(item, wait, attempts + 1)
                 }
                 (item, _) => {
+                    record(&item, Outcome::DeadLettered);
                     self.dead_letter(item, seq, error, attempts, tally);
                     Next::Done
                 }
             },
             ErrorPolicy::DeadLetter => {
+                record(&item, Outcome::DeadLettered);
                 self.dead_letter(item, seq, error, attempts, tally);
                 Next::Done
             }
             ErrorPolicy::Ignore => {
+                record(&item, Outcome::Dropped);
                 tally.count_drop(DropReason::Ignored, 1);
                 Next::Done
             }
             ErrorPolicy::Fail => {
+                record(&item, Outcome::Failed);
                 tally.count_drop(DropReason::StageFailed, 1);
                 self.failed = true;
                 self.stats.set_status(crate::metrics::StageStatus::Failed);
@@ -167,5 +193,12 @@ impl Failures {
                 source: error,
             });
         }
+    }
+}
+
+/// Records how an item left the pipeline on its acks.
+fn record<T>(item: &Option<Envelope<T>>, outcome: Outcome) {
+    if let Some(acks) = item.as_ref().and_then(Envelope::acks) {
+        acks.iter().for_each(|a| a.record(outcome, 1));
     }
 }

@@ -90,6 +90,8 @@ pub(crate) struct RunShared {
     failure: Mutex<Option<PipelineError>>,
     tracker: TaskTracker,
     aborts: Mutex<Vec<AbortHandle>>,
+    /// Whether items carry acks, and whether the run was aborted (they then report failure).
+    pub acks: Arc<crate::ack::RunAcks>,
     pub aborted: AtomicBool,
     /// Supervises every task of the run, when supervision is on.
     supervisor: Option<Supervisor>,
@@ -117,6 +119,7 @@ impl RunShared {
             failure: Mutex::new(None),
             tracker: TaskTracker::new(),
             aborts: Mutex::new(Vec::new()),
+            acks: Arc::default(),
             aborted: AtomicBool::new(false),
             supervisor,
         }
@@ -167,6 +170,7 @@ impl RunShared {
 
     pub fn abort_all(&self) {
         self.aborted.store(true, Relaxed);
+        self.acks.abort();
         self.stop.cancel();
         for h in self.aborts.lock().iter() {
             h.abort();

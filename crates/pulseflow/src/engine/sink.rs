@@ -9,6 +9,7 @@ use tracing::Instrument;
 
 use super::downstream::Downstream;
 use super::failure::{Failures, Next};
+use crate::ack::{AckTally, Outcome};
 use crate::envelope::{Batch, Envelope};
 use crate::error::{ItemFailure, StageError};
 use crate::metrics::{DropReason, StageStatus, Tally};
@@ -18,6 +19,10 @@ pub(crate) struct SinkHandler<S: Sink> {
     sink: S,
     ctx: StageContext,
     failures: Failures,
+    /// Items written since the last flush, delivered once it succeeds.
+    unflushed: u64,
+    /// Their acks.
+    unflushed_acks: AckTally,
 }
 
 impl<S: Sink> SinkHandler<S> {
@@ -27,17 +32,30 @@ impl<S: Sink> SinkHandler<S> {
             sink,
             ctx,
             failures,
+            unflushed: 0,
+            unflushed_acks: AckTally::default(),
         }
     }
 
+    /// Writes `items`; failures go to `failed`. Returns how many were delivered and the acks
+    /// of the items (each failed item's removed: its acks record its own outcome), to be
+    /// recorded as delivered once the sink's flush succeeded.
     async fn write_all(
         &mut self,
         items: Vec<Envelope<S::Item>>,
         failed: &mut Vec<ItemFailure<S::Item>>,
-        tally: &mut Tally,
-    ) {
+    ) -> (u64, AckTally) {
+        let mut acks = AckTally::default();
+        if self.failures.run.acks.seen() {
+            for item in &items {
+                if let Some(a) = item.acks() {
+                    acks.add(a);
+                }
+            }
+        }
         let mut items = items.into_iter();
         let mut progress = WriteProgress::default();
+        let failed_before = failed.len();
         loop {
             let sink = &mut self.sink;
             let run =
@@ -52,7 +70,18 @@ impl<S: Sink> SinkHandler<S> {
                 )),
             }
         }
-        tally.delivered += progress.delivered;
+        if !acks.is_empty() {
+            for f in &failed[failed_before..] {
+                match f.item.as_ref().and_then(Envelope::acks) {
+                    Some(item_acks) => acks.remove(item_acks),
+                    // An item lost in a panic: which ack was its is not known any more, so
+                    // every ack of the batch learns of a dead letter (the source may offer
+                    // its items again: at least once).
+                    None => acks.mark_all(self.failures.outcome()),
+                }
+            }
+        }
+        (progress.delivered, acks)
     }
 
     /// Writes a batch (at Yield, in chunks with a `yield_now` between them), then flushes.
@@ -81,29 +110,44 @@ impl<S: Sink> SinkHandler<S> {
             ..Tally::default()
         };
         if self.failures.failed {
+            crate::ack::record_all(batch.items(), crate::ack::Outcome::Failed);
             tally.count_drop(DropReason::StageFailed, n);
             self.failures.stats.add(&tally, None);
             return;
         }
         let mut failed = Vec::new();
-        self.write_all(batch.into_items(), &mut failed, &mut tally)
-            .await;
+        let (mut delivered, mut acks) = self.write_all(batch.into_items(), &mut failed).await;
         for failure in failed {
             let mut delays = self.failures.delays();
             let mut next = self.failures.settle(failure, 1, &mut delays, &mut tally);
             while let Next::Retry(item, wait, attempt) = next {
                 tokio::time::sleep(wait).await;
                 let mut again = Vec::new();
-                self.write_all(vec![item], &mut again, &mut tally).await;
+                let (n, more) = self.write_all(vec![item], &mut again).await;
+                delivered += n;
+                acks.append(more);
                 next = match again.pop() {
                     Some(f) => self.failures.settle(f, attempt, &mut delays, &mut tally),
                     None => Next::Done,
                 };
             }
         }
+        // Delivered once flushed: a sink that buffers may still fail to write them.
+        self.unflushed += delivered;
+        self.unflushed_acks.append(acks);
         if flush {
-            if let Err(e) = self.sink.flush().await {
-                self.failures.stage_error(e, &mut tally);
+            match self.sink.flush().await {
+                Ok(()) => {
+                    tally.delivered += std::mem::take(&mut self.unflushed);
+                    std::mem::take(&mut self.unflushed_acks).settle(Outcome::Delivered);
+                }
+                Err(e) => {
+                    // What the failed flush held is lost: counted as dropped with the stage's
+                    // failure, its acks told so.
+                    tally.count_drop(DropReason::StageFailed, std::mem::take(&mut self.unflushed));
+                    std::mem::take(&mut self.unflushed_acks).settle(Outcome::Failed);
+                    self.failures.stage_error(e, &mut tally);
+                }
             }
         }
         self.failures.stats.add(&tally, Some(started.elapsed()));

@@ -77,7 +77,13 @@ async fn produce<S: Source>(
         // way between them (every 250 µs of work); downstream still gets whole batches (small ones would multiply
         // every later stage's per-batch work).
         let yielding = super::yielding(&stats, limit);
-        let mut buf = SourceOutput::new(limit, seq, now_millis(), filled.clone());
+        let mut buf = SourceOutput::new(
+            limit,
+            seq,
+            now_millis(),
+            filled.clone(),
+            Some(failures.run.acks.clone()),
+        );
         let status = tokio::select! {
             biased;
             _ = stop.cancelled() => None,

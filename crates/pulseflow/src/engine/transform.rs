@@ -10,6 +10,7 @@ use tracing::Instrument;
 
 use super::downstream::Downstream;
 use super::failure::{Failures, Next};
+use crate::ack::AckTally;
 use crate::envelope::{Batch, Envelope};
 use crate::error::{ItemFailure, StageError};
 use crate::metrics::{DropReason, StageStats, StageStatus, Tally};
@@ -54,6 +55,16 @@ impl<X: Transform> TransformHandler<X> {
         let consumed = items.len();
         let out_before = out.len();
         let failed_before = failed.len();
+        // An item lost in a panic takes its acks with it: when items carry acks, the batch's
+        // are kept aside to learn of it.
+        let mut acks = AckTally::default();
+        if self.failures.run.acks.seen() {
+            for item in &items {
+                if let Some(a) = item.acks() {
+                    acks.add(a);
+                }
+            }
+        }
         let mut items = items.into_iter();
         let mut counts = BatchCounts::default();
         loop {
@@ -65,6 +76,9 @@ impl<X: Transform> TransformHandler<X> {
             }));
             let Err(panic) = run else { break };
             let error = StageError::from_panic(&*panic);
+            // Which items were lost is not known: every ack of the batch learns of the
+            // failure (the source may offer its items again: at least once).
+            acks.mark_all(self.failures.outcome());
             if self.stage.at_most_one_output() {
                 // A batch fast path may have consumed several items before the panic: every
                 // one of them that produced no output is an error of this batch.
@@ -138,6 +152,7 @@ impl<X: Transform> TransformHandler<X> {
             ..Tally::default()
         };
         if self.failures.failed {
+            crate::ack::record_all(batch.items(), crate::ack::Outcome::Failed);
             tally.count_drop(DropReason::StageFailed, n as u64);
             self.stats().add(&tally, None);
             self.next.push(Batch::default()).await;

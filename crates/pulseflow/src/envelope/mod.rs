@@ -27,6 +27,8 @@ pub use trace::TraceContext;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use crate::ack::Ack;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch.
@@ -70,6 +72,8 @@ struct Extras {
     trace: Option<TraceContext>,
     headers: BTreeMap<String, String>,
     attrs: BTreeMap<String, AttrValue>,
+    /// The acknowledgements of the source items this one derives from.
+    acks: Vec<Ack>,
 }
 
 /// One payload travelling through a pipeline, with its sequence number, timestamp and cost.
@@ -206,6 +210,43 @@ impl<T> Envelope<T> {
     /// Sets an attribute, allocating the extras on first use.
     pub fn set_attr(&mut self, name: impl Into<String>, value: AttrValue) {
         self.extras_mut().attrs.insert(name.into(), value);
+    }
+
+    /// Attaches an acknowledgement (see [`crate::ack`]): it resolves once this item and every
+    /// item derived from it are handled.
+    pub fn with_ack(mut self, ack: Ack) -> Self {
+        self.add_ack(ack);
+        self
+    }
+
+    /// Attaches an acknowledgement, besides those it has.
+    pub fn add_ack(&mut self, ack: Ack) {
+        self.extras_mut().acks.push(ack);
+    }
+
+    /// The acknowledgements the item carries, if any.
+    #[inline]
+    pub fn acks(&self) -> Option<&[Ack]> {
+        self.extras
+            .as_ref()
+            .map(|e| e.acks.as_slice())
+            .filter(|a| !a.is_empty())
+    }
+
+    /// Takes the item's acknowledgements out (an accumulator keeps them with the key's state
+    /// until its output leaves).
+    pub(crate) fn take_acks(&mut self) -> Vec<Ack> {
+        if self.acks().is_none() {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.extras_mut().acks)
+    }
+
+    /// Gives the item these acknowledgements, besides those it has.
+    pub(crate) fn extend_acks(&mut self, acks: Vec<Ack>) {
+        if !acks.is_empty() {
+            self.extras_mut().acks.extend(acks);
+        }
     }
 
     /// Whether headers, attributes or a trace context were ever allocated.

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::ack::Outcome;
 use crate::envelope::Batch;
 use crate::flow::BackpressureController;
 use crate::metrics::{DropReason, EdgeStats};
@@ -149,7 +150,9 @@ impl<T> Drop for EdgeReceiver<T> {
                 return;
             }
             let n = st.items;
-            st.queue.clear();
+            for batch in st.queue.drain(..) {
+                crate::ack::record_all(batch.items(), Outcome::Failed);
+            }
             st.items = 0;
             n
         };
@@ -222,6 +225,7 @@ impl<T> EdgeSender<T> {
                 let mut st = shared.state.lock();
                 if st.receivers == 0 {
                     drop(st);
+                    crate::ack::record_all(batch.items(), Outcome::Failed);
                     shared.stats.count_drop(DropReason::Closed, n as u64);
                     return;
                 }
@@ -235,6 +239,7 @@ impl<T> EdgeSender<T> {
                     DropPolicy::DropNewest => {
                         if n > room {
                             let refused = batch.split_off(room);
+                            crate::ack::record_all(refused.items(), Outcome::Dropped);
                             shared
                                 .stats
                                 .count_drop(DropReason::DropNewest, refused.len() as u64);
@@ -253,12 +258,15 @@ impl<T> EdgeSender<T> {
                             };
                             if front.len() <= excess {
                                 let gone = front.len();
-                                st.queue.pop_front();
+                                if let Some(b) = st.queue.pop_front() {
+                                    crate::ack::record_all(b.items(), Outcome::Dropped);
+                                }
                                 st.items -= gone;
                                 excess -= gone;
                                 evicted += gone;
                             } else {
-                                front.split_front(excess);
+                                let gone = front.split_front(excess);
+                                crate::ack::record_all(gone.items(), Outcome::Dropped);
                                 st.items -= excess;
                                 evicted += excess;
                                 excess = 0;

@@ -44,6 +44,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::ack::{Ack, RunAcks};
 use crate::envelope::{Cost, Envelope, Timestamp};
 use crate::error::{ItemFailure, StageError};
 
@@ -132,6 +133,8 @@ pub struct SourceOutput<T> {
     /// How many items were pushed, readable by the engine while `produce` is pending (it
     /// starts the batch timeout at the first item).
     filled: Arc<AtomicUsize>,
+    /// The run's abort flag, which acks of pushed items are tied to.
+    run: Option<Arc<RunAcks>>,
 }
 
 impl<T> SourceOutput<T> {
@@ -140,6 +143,7 @@ impl<T> SourceOutput<T> {
         next_seq: u64,
         now: Timestamp,
         filled: Arc<AtomicUsize>,
+        run: Option<Arc<RunAcks>>,
     ) -> Self {
         filled.store(0, Ordering::Relaxed);
         Self {
@@ -148,6 +152,7 @@ impl<T> SourceOutput<T> {
             next_seq,
             now,
             filled,
+            run,
         }
     }
 
@@ -230,7 +235,28 @@ impl<T> SourceOutput<T> {
         if envelope.timestamp == 0 {
             envelope.timestamp = self.now;
         }
+        if let (Some(acks), Some(run)) = (envelope.acks(), &self.run) {
+            acks.iter().for_each(|a| a.bind(run));
+        }
         self.items.push(envelope);
+        self.filled.store(self.items.len(), Ordering::Relaxed);
+    }
+
+    /// Adds one payload carrying an acknowledgement (see [`crate::ack`]): the ack resolves
+    /// once the item and everything derived from it are handled. Several items may share one
+    /// ack (clone it).
+    pub fn push_acked(&mut self, payload: T, ack: Ack) {
+        if let Some(run) = &self.run {
+            ack.bind(run);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.items.push(
+            Envelope::new(payload)
+                .with_seq(seq)
+                .with_timestamp(self.now)
+                .with_ack(ack),
+        );
         self.filled.store(self.items.len(), Ordering::Relaxed);
     }
 

@@ -11,6 +11,7 @@ use super::worker::Slice;
 use super::{AccStage, Resident};
 use crate::accumulate::table::Shards;
 use crate::accumulate::{Accumulator, RecordRef, SpillError, block_records};
+use crate::ack::Outcome;
 use crate::engine::downstream::Downstream;
 use crate::error::StageError;
 use crate::metrics::{DropReason, Tally};
@@ -29,6 +30,7 @@ impl<A: Accumulator> AccStage<A> {
         for r in residents {
             if self.failures.failed {
                 tally.count_drop(DropReason::StageFailed, r.acc.items);
+                self.settle_held(&r.acc.key, Outcome::Failed);
             } else {
                 self.flush_entry(r, Action::PartialFlush, &mut out, &mut tally);
             }
@@ -80,6 +82,7 @@ impl<A: Accumulator> AccStage<A> {
                 };
                 if self.failures.failed {
                     tally.count_drop(DropReason::StageFailed, sp.items);
+                    self.settle_held(&acc.key, Outcome::Failed);
                     continue;
                 }
                 self.figures.reloads.fetch_add(1, Relaxed);
@@ -98,6 +101,7 @@ impl<A: Accumulator> AccStage<A> {
         for (key, sp) in left.into_entries() {
             if self.failures.failed {
                 tally.count_drop(DropReason::StageFailed, sp.items);
+                self.settle_held(&key, Outcome::Failed);
                 continue;
             }
             let reason = unreadable
@@ -114,7 +118,7 @@ impl<A: Accumulator> AccStage<A> {
                 offset: self.store.as_ref().map_or(0, |s| s.offset_of(sp.at)),
                 reason,
             };
-            self.lost(sp.items, sp.last_seq, None, error, &mut tally);
+            self.lost(&key, sp.items, sp.last_seq, None, error, &mut tally);
             slice.step().await;
         }
         self.ship(&mut out, &mut tally, next).await;

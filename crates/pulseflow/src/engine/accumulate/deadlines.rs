@@ -69,7 +69,7 @@ impl<A: Accumulator> AccStage<A> {
                         let (items, seq) = (sp.items, sp.last_seq);
                         match self.reload(&key, sp, times, now) {
                             Ok(r) => self.flush_entry(r, action, out, tally),
-                            Err(e) => self.lost(items, seq, None, e, tally),
+                            Err(e) => self.lost(&key, items, seq, None, e, tally),
                         }
                     }
                 }

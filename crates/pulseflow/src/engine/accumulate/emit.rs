@@ -6,6 +6,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use super::{AccStage, Resident};
 use crate::accumulate::{Accumulator, AccumulatorState};
+use crate::ack::{Ack, Outcome};
 use crate::engine::downstream::Downstream;
 use crate::envelope::{Batch, Cost, Envelope, Timestamp};
 use crate::error::{ItemFailure, StageError};
@@ -77,15 +78,21 @@ impl<A: Accumulator> AccStage<A> {
         tally: &mut Tally,
     ) {
         let meta = Meta::of(&r.acc);
+        let acks = self.held_acks(&r.acc.key);
         if !self.policy.partial_flush {
             tally.count_drop(DropReason::Discarded, meta.items);
+            settle(acks, Outcome::Dropped);
             return;
         }
         match catch_unwind(AssertUnwindSafe(|| self.acc.flush(r.acc))) {
-            Ok(Some(o)) => self.emit(o, meta, action, out, tally),
-            Ok(None) => tally.count_drop(DropReason::Discarded, meta.items),
+            Ok(Some(o)) => self.emit(o, meta, action, acks, out, tally),
+            Ok(None) => {
+                tally.count_drop(DropReason::Discarded, meta.items);
+                settle(acks, Outcome::Dropped);
+            }
             Err(panic) => {
                 let error = StageError::from_panic(&*panic);
+                settle(acks, self.failures.outcome());
                 self.fail(ItemFailure::consumed(meta.last_seq, error), tally);
                 tally.absorbed += meta.items.saturating_sub(1);
             }
@@ -97,6 +104,7 @@ impl<A: Accumulator> AccStage<A> {
         output: A::Out,
         meta: Meta,
         action: Action,
+        acks: Vec<Ack>,
         out: &mut Vec<Envelope<A::Out>>,
         tally: &mut Tally,
     ) {
@@ -110,6 +118,8 @@ impl<A: Accumulator> AccStage<A> {
         if let Some(headers) = self.headers.get(meta.score, meta.spilled) {
             env.share_extras(headers);
         }
+        // The output carries the acks of the items it folded: they resolve when it leaves.
+        env.extend_acks(acks);
         out.push(env);
         tally.absorbed += meta.items.saturating_sub(1);
         match action {
@@ -131,5 +141,12 @@ impl<A: Accumulator> AccStage<A> {
         if !out.is_empty() {
             next.push(Batch::from_items(std::mem::take(out))).await;
         }
+    }
+}
+
+/// Records one outcome for every item `acks` stand for.
+fn settle(acks: Vec<Ack>, outcome: Outcome) {
+    for ack in acks {
+        ack.record(outcome, 1);
     }
 }

@@ -10,6 +10,7 @@ use super::emit::{Action, Meta};
 use super::worker::Slice;
 use super::{AccStage, Resident, Times};
 use crate::accumulate::{Accumulator, AccumulatorState, CompletenessResult};
+use crate::ack::Outcome;
 use crate::engine::downstream::Downstream;
 use crate::envelope::{Batch, Envelope};
 use crate::error::{ItemFailure, StageError};
@@ -35,6 +36,7 @@ impl<A: Accumulator> AccStage<A> {
         tally: &mut Tally,
     ) {
         let items = self.take_slot(key, slot).map_or(1, |r| r.acc.items);
+        self.settle_held(key, self.failures.outcome());
         self.fail(ItemFailure::consumed(seq, error), tally);
         tally.absorbed += items.saturating_sub(1);
     }
@@ -87,6 +89,8 @@ impl<A: Accumulator> AccStage<A> {
             t.touched = now;
         }
         let seq = item.seq;
+        let mut item = item;
+        let acks = item.take_acks();
         let user = &mut self.acc;
         let run = catch_unwind(AssertUnwindSafe(|| {
             let before = user.state_size(&a.state) as u64;
@@ -100,10 +104,13 @@ impl<A: Accumulator> AccStage<A> {
                 verdict
             }
             Err(panic) => {
+                let outcome = self.failures.outcome();
+                acks.iter().for_each(|a| a.record(outcome, 1));
                 self.poisoned(&key, slot, seq, StageError::from_panic(&*panic), tally);
                 return;
             }
         };
+        self.hold(&key, &acks);
         let Some(a) = self.table.get_mut(slot).map(|r| &mut r.acc) else {
             return;
         };
@@ -127,7 +134,8 @@ impl<A: Accumulator> AccStage<A> {
                 };
                 let mut meta = Meta::of(&r.acc);
                 meta.score = 1.0;
-                self.emit(output, meta, Action::Completed, out, tally);
+                let acks = self.held_acks(&key);
+                self.emit(output, meta, Action::Completed, acks, out, tally);
             }
             CompletenessResult::Expired(output) => {
                 let Some(r) = self.take_slot(&key, slot) else {
@@ -136,9 +144,13 @@ impl<A: Accumulator> AccStage<A> {
                 let meta = Meta::of(&r.acc);
                 match output {
                     Some(o) if self.policy.partial_flush => {
-                        self.emit(o, meta, Action::PartialFlush, out, tally)
+                        let acks = self.held_acks(&key);
+                        self.emit(o, meta, Action::PartialFlush, acks, out, tally)
                     }
-                    _ => tally.count_drop(DropReason::Discarded, meta.items),
+                    _ => {
+                        tally.count_drop(DropReason::Discarded, meta.items);
+                        self.settle_held(&key, Outcome::Dropped);
+                    }
                 }
             }
         }
@@ -155,7 +167,7 @@ impl<A: Accumulator> AccStage<A> {
                 match self.reload(&key, sp, times, now) {
                     Ok(r) => Some(r),
                     Err(e) => {
-                        self.lost(items, last_seq, timer, e, tally);
+                        self.lost(&key, items, last_seq, timer, e, tally);
                         None
                     }
                 }
@@ -214,6 +226,7 @@ impl<A: Accumulator> AccStage<A> {
             ..Tally::default()
         };
         if self.failures.failed {
+            crate::ack::record_all(batch.items(), Outcome::Failed);
             tally.count_drop(DropReason::StageFailed, n);
             self.failures.stats.add(&tally, None);
             return;

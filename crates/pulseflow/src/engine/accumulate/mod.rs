@@ -24,6 +24,7 @@ mod worker;
 
 pub(crate) use wiring::{AccInstances, wire_accumulator};
 
+use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
@@ -33,6 +34,7 @@ use tokio_util::time::{DelayQueue, delay_queue};
 use super::failure::Failures;
 use crate::accumulate::table::{ClockTable, Keyed, Shards};
 use crate::accumulate::{Accumulator, AccumulatorPolicy, AccumulatorState, RecordRef, SpillStore};
+use crate::ack::{Ack, AckTally, Outcome};
 use crate::error::ItemFailure;
 use crate::memory::{MemoryBudget, Reservation};
 use crate::metrics::Tally;
@@ -96,6 +98,9 @@ pub(crate) struct AccStage<A: Accumulator> {
     ops: Ops,
     buf: Vec<u8>,
     headers: Headers,
+    /// The acks of the items each key absorbed, until its output leaves (or the key is
+    /// discarded). Empty when items carry no acks.
+    held: HashMap<A::Key, AckTally>,
 }
 
 impl<A: Accumulator> AccStage<A> {
@@ -129,6 +134,7 @@ impl<A: Accumulator> AccStage<A> {
             figures,
             buf: Vec::new(),
             headers: Headers::default(),
+            held: HashMap::new(),
         }
     }
 
@@ -148,6 +154,34 @@ impl<A: Accumulator> AccStage<A> {
         let _ = self
             .failures
             .settle(failure, 1, &mut std::iter::empty(), tally);
+    }
+
+    /// Keeps the acks of an item `key` absorbed.
+    fn hold(&mut self, key: &A::Key, acks: &[Ack]) {
+        if !acks.is_empty() {
+            self.held.entry(key.clone()).or_default().add(acks);
+        }
+    }
+
+    /// The acks `key`'s items brought, for its output.
+    fn held_acks(&mut self, key: &A::Key) -> Vec<Ack> {
+        if self.held.is_empty() {
+            return Vec::new();
+        }
+        self.held
+            .remove(key)
+            .map(AckTally::into_acks)
+            .unwrap_or_default()
+    }
+
+    /// `key` left without an output: its items' acks learn how.
+    fn settle_held(&mut self, key: &A::Key, outcome: Outcome) {
+        if self.held.is_empty() {
+            return;
+        }
+        if let Some(t) = self.held.remove(key) {
+            t.settle(outcome);
+        }
     }
 
     /// Removes a resident key, with its reservation and deadline.

@@ -63,6 +63,7 @@ impl<A: Accumulator> AccStage<A> {
     /// the state's other items absorbed into it.
     pub(super) fn lost(
         &mut self,
+        key: &A::Key,
         items: u64,
         seq: u64,
         timer: Option<delay_queue::Key>,
@@ -73,6 +74,7 @@ impl<A: Accumulator> AccStage<A> {
             self.timers.remove(&t);
         }
         tracing::warn!(stage = %self.ctx.stage_id, %error, "spilled state lost");
+        self.settle_held(key, self.failures.outcome());
         self.fail(
             ItemFailure::consumed(seq, StageError::from_error(error)),
             tally,
@@ -151,7 +153,7 @@ impl<A: Accumulator> AccStage<A> {
                 }
                 Err(e) => {
                     let timer = r.times.and_then(|t| t.timer);
-                    self.lost(r.acc.items, r.acc.last_seq, timer, e, tally);
+                    self.lost(&r.acc.key, r.acc.items, r.acc.last_seq, timer, e, tally);
                     break;
                 }
             }
