@@ -279,6 +279,14 @@ async fn run(
     let bar = (terminal && progress.total > 0).then(|| progress_bar(&progress));
     let result = engine.run(pipeline, options).await;
     signals.abort();
+    // The last checkpoints: where every line below is handled, now that nothing is in flight.
+    let mut checkpoints_written = true;
+    for checkpoints in &progress.checkpoints {
+        if let Err(e) = checkpoints.write() {
+            eprintln!("error: {e}");
+            checkpoints_written = false;
+        }
+    }
     if let Some(task) = server {
         task.abort();
     }
@@ -287,13 +295,28 @@ async fn run(
         bar.set_position(progress.bytes.load(std::sync::atomic::Ordering::Relaxed));
         bar.finish();
     }
-    let mut ok = result.success;
+    let mut ok = result.success && checkpoints_written;
     if let Some(handle) = dead_letters {
         if let Err(e) = handle.finish() {
             eprintln!("error: writing dead letters failed: {e}");
             ok = false;
         }
     }
+    let a = &result.accounting;
+    let summary = format!(
+        "{} in, {} delivered, {} filtered, {} dropped, {} dead-lettered in {:.2?}{}",
+        a.items_in(),
+        a.delivered,
+        a.filtered,
+        a.dropped,
+        a.dead_lettered,
+        result.duration,
+        if a.reconciles() {
+            ""
+        } else {
+            " (counts do not reconcile)"
+        }
+    );
     if terminal {
         let stages: Vec<serde_json::Value> = engine
             .inspect_all()
@@ -304,21 +327,10 @@ async fn run(
         for line in report::spill_lines(&stages) {
             eprintln!("{line}");
         }
-        let a = &result.accounting;
-        eprintln!(
-            "{} in, {} delivered, {} filtered, {} dropped, {} dead-lettered in {:.2?}{}",
-            a.items_in(),
-            a.delivered,
-            a.filtered,
-            a.dropped,
-            a.dead_lettered,
-            result.duration,
-            if a.reconciles() {
-                ""
-            } else {
-                " (counts do not reconcile)"
-            }
-        );
+        eprintln!("{summary}");
+    } else if !quiet {
+        // Scripts and logs see the outcome in one line.
+        eprintln!("pulseflow: {summary}");
     }
     if config.dead_letter.is_none() && !result.dead_letters.is_empty() && !quiet {
         let n = result.dead_letters.len() as u64 + result.dead_letters_not_kept;
@@ -359,17 +371,49 @@ fn progress_bar(
     (bar, task)
 }
 
-/// First Ctrl-C: drain within 30 s; second: abort.
+/// First Ctrl-C or SIGTERM: drain within 30 s; a second signal: abort.
 async fn watch_signals(engine: ExecutionEngine) {
-    if tokio::signal::ctrl_c().await.is_err() {
-        return;
-    }
+    let mut signals = match Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("warning: cannot watch for signals: {e}");
+            return;
+        }
+    };
+    signals.next().await;
     eprintln!("stopping: draining the pipeline (Ctrl-C again to abort)");
     let stopper = engine.clone();
     tokio::spawn(async move { stopper.stop(Duration::from_secs(30)).await });
-    if tokio::signal::ctrl_c().await.is_ok() {
-        eprintln!("aborting");
-        engine.abort();
+    signals.next().await;
+    eprintln!("aborting");
+    engine.abort();
+}
+
+/// Ctrl-C (SIGINT) and, on Unix, SIGTERM.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
+    }
+
+    /// The next signal (waits for ever if signals cannot be received).
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => if r.is_err() { std::future::pending::<()>().await },
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -11,7 +11,8 @@ use pulseflow::policy::ParallelismHint;
 use pulseflow::{PipelineBuilder, Stream};
 
 use super::{Progress, Readers, projection};
-use crate::config::{Component, Config};
+use crate::components::sources::checkpoint::Checkpoints;
+use crate::config::{Component, Config, Problems};
 
 /// `$s` (a stream or a sink) with the policies `$p` set (those not set keep the engine's
 /// defaults): the same methods on both.
@@ -47,7 +48,8 @@ pub struct BuildContext<'a> {
     pub(super) config: &'a Config,
     pub(super) component: &'a Component,
     pub(super) readers: &'a Readers,
-    pub(super) progress: &'a Progress,
+    pub(super) progress: &'a mut Progress,
+    pub(super) problems: &'a mut Problems,
     pub(super) chained: &'a mut HashMap<(String, String), ParallelismHint>,
 }
 
@@ -127,6 +129,22 @@ impl BuildContext<'_> {
             }
         }
         false
+    }
+
+    /// The config being built.
+    pub fn config(&self) -> &Config {
+        self.config
+    }
+
+    /// Reports a problem found while building, at the component.
+    pub fn problem(&mut self, message: impl Into<String>, help: Option<String>) {
+        self.problems
+            .add(message, Some(self.component.span.clone()), "here", help);
+    }
+
+    /// Keeps checkpoints that the run writes a last time when it ends.
+    pub fn keep_checkpoints(&mut self, checkpoints: Arc<Checkpoints>) {
+        self.progress.checkpoints.push(checkpoints);
     }
 
     /// The counter of bytes read that file sources update.

@@ -42,18 +42,22 @@ pub use graph::{validate_components, validation_problems};
 pub use projection::projected_stages;
 
 use crate::components::Kind;
+use crate::components::sources::checkpoint::Checkpoints;
 use crate::config::{Component, Config, ParallelismSetting, Problem, Problems};
 
 /// Who reads each output: (component, port) -> readers in config order.
 pub(crate) type Readers = BTreeMap<(String, String), Vec<String>>;
 
-/// Shared figures the running pipeline updates (bytes read by file sources).
+/// What the running pipeline shares with the command: bytes read by file sources, and their
+/// checkpoints (written a last time when the run ends).
 #[derive(Clone, Default)]
 pub struct Progress {
     /// Bytes read so far by file sources.
     pub bytes: Arc<AtomicU64>,
     /// Total size of the files file sources will read.
     pub total: u64,
+    /// The checkpoints of file sources (with a `data_dir`).
+    pub checkpoints: Vec<Arc<Checkpoints>>,
 }
 
 fn parallelism(config: &Config, c: &Component) -> Option<ParallelismHint> {
@@ -90,7 +94,8 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
         all.extend(validation_problems(config, &errors));
         return Err(all);
     }
-    let progress = Progress {
+    let mut progress = Progress {
+        checkpoints: Vec::new(),
         bytes: Arc::new(AtomicU64::new(0)),
         total: config
             .components
@@ -101,6 +106,7 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
             })
             .sum(),
     };
+    let mut problems = Problems::new(&config.file, config.text.clone());
     let mut p = PipelineBuilder::new(config.name.clone());
     p.policies(config.registry.clone());
     p.metadata("config", config.file.clone());
@@ -138,7 +144,8 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
             config,
             component: c,
             readers: &readers,
-            progress: &progress,
+            progress: &mut progress,
+            problems: &mut problems,
             chained: &mut chained,
         };
         let outputs = match (&c.kind, input) {
@@ -163,6 +170,9 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
         }
     }
     drop(pending);
+    if !problems.is_empty() {
+        return Err(problems.into_vec());
+    }
     match p.build() {
         Ok(pipeline) => Ok((pipeline, progress)),
         Err(BuildError { errors }) => Err(validation_problems(config, &errors)),

@@ -33,6 +33,8 @@ const TOP_KEYS: &[&str] = &[
     "batch_size",
     "batch_timeout",
     "memory_budget",
+    "data_dir",
+    "checkpoint_interval",
     "sources",
     "transforms",
     "sinks",
@@ -49,6 +51,10 @@ pub struct Config {
     pub batch_size: Option<usize>,
     /// How long a source may hold a partial batch (`None`: the engine's default, 10 ms).
     pub batch_timeout: Option<std::time::Duration>,
+    /// Where `file` sources keep their checkpoints (`None`: no checkpoints).
+    pub data_dir: Option<PathBuf>,
+    /// How often checkpoints are written while they move.
+    pub checkpoint_interval: std::time::Duration,
     /// Bytes the pipeline's stateful stages may hold in memory (`None`: unlimited).
     pub memory_budget: Option<u64>,
     pub components: Vec<Component>,
@@ -104,6 +110,9 @@ fn memory_budget(value: Spanned<DeValue<'_>>) -> Result<u64, String> {
     }
     Ok(bytes)
 }
+
+/// How often checkpoints are written by default.
+pub const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A top-level duration: a string such as `"10ms"` (see [`policies::parse_duration`]),
 /// greater than zero.
@@ -168,6 +177,8 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
         text: text.clone(),
         batch_size: None,
         batch_timeout: None,
+        data_dir: None,
+        checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
         memory_budget: None,
         components: Vec::new(),
         registry: PolicyRegistry::default(),
@@ -205,10 +216,11 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
                 Ok(n) => config.batch_size = Some(n),
                 Err(e) => problems.add_toml(&e, value.span(), "batch_size"),
             },
-            "batch_timeout" => match duration(value) {
-                Ok(d) => config.batch_timeout = Some(d),
+            "batch_timeout" | "checkpoint_interval" => match duration(value) {
+                Ok(d) if k == "batch_timeout" => config.batch_timeout = Some(d),
+                Ok(d) => config.checkpoint_interval = d,
                 Err(why) => problems.add(
-                    format!("`batch_timeout` {why}"),
+                    format!("`{k}` {why}"),
                     Some(value.span()),
                     "here",
                     Some(
@@ -216,6 +228,16 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
                             .into(),
                     ),
                 ),
+            },
+            "data_dir" => match de::<String>(value.clone()) {
+                Ok(d) if d.trim().is_empty() => problems.add(
+                    "`data_dir` is empty",
+                    Some(value.span()),
+                    "here",
+                    Some("name a directory, e.g. `data_dir = \"state\"`".into()),
+                ),
+                Ok(d) => config.data_dir = Some(dir.join(d)),
+                Err(e) => problems.add_toml(&e, value.span(), "data_dir"),
             },
             "memory_budget" => match memory_budget(value.clone()) {
                 Ok(n) => config.memory_budget = Some(n),

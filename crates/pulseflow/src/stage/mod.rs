@@ -135,6 +135,9 @@ pub struct SourceOutput<T> {
     filled: Arc<AtomicUsize>,
     /// The run's abort flag, which acks of pushed items are tied to.
     run: Option<Arc<RunAcks>>,
+    /// The latest ack pushed, and extras carrying it that the next items with the same ack
+    /// share.
+    acked: Option<(Ack, Envelope<()>)>,
 }
 
 impl<T> SourceOutput<T> {
@@ -153,6 +156,7 @@ impl<T> SourceOutput<T> {
             now,
             filled,
             run,
+            acked: None,
         }
     }
 
@@ -246,17 +250,34 @@ impl<T> SourceOutput<T> {
     /// once the item and everything derived from it are handled. Several items may share one
     /// ack (clone it).
     pub fn push_acked(&mut self, payload: T, ack: Ack) {
-        if let Some(run) = &self.run {
-            ack.bind(run);
-        }
+        let cost = Cost {
+            bytes: std::mem::size_of::<T>() as u32,
+            cpu_hint: 0.0,
+        };
+        self.push_acked_with_cost(payload, cost, ack);
+    }
+
+    /// [`push_acked`](SourceOutput::push_acked) with a known cost. Consecutive items sharing
+    /// an ack share one allocation for it.
+    pub fn push_acked_with_cost(&mut self, payload: T, cost: Cost, ack: Ack) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.items.push(
-            Envelope::new(payload)
-                .with_seq(seq)
-                .with_timestamp(self.now)
-                .with_ack(ack),
-        );
+        let mut env = Envelope::new(payload)
+            .with_seq(seq)
+            .with_timestamp(self.now)
+            .with_cost(cost);
+        match &self.acked {
+            Some((last, template)) if *last == ack => env.share_extras(template),
+            _ => {
+                if let Some(run) = &self.run {
+                    ack.bind(run);
+                }
+                let template = Envelope::new(()).with_ack(ack.clone());
+                env.share_extras(&template);
+                self.acked = Some((ack, template));
+            }
+        }
+        self.items.push(env);
         self.filled.store(self.items.len(), Ordering::Relaxed);
     }
 

@@ -1,5 +1,7 @@
 //! The `file` sink: items as JSON lines in a file, truncated when the run starts unless
-//! `append = true`. Missing folders are created.
+//! `append = true` (what a pipeline that restarts from a checkpoint uses). Missing folders are
+//! created. An item is delivered once its line is written to the OS; with `fsync = true`, once
+//! it is on the disk (each batch's write is followed by an `fsync`, which costs throughput).
 //!
 //! ```toml
 //! [sinks.archive]
@@ -7,6 +9,7 @@
 //! inputs = ["events"]
 //! path = "out/events.ndjson" # relative to the config's folder
 //! append = false
+//! fsync = false
 //! ```
 
 use std::path::PathBuf;
@@ -32,6 +35,8 @@ pub struct Settings {
     path: String,
     #[serde(default)]
     append: bool,
+    #[serde(default)]
+    fsync: bool,
 }
 
 impl Declare for Settings {
@@ -41,6 +46,7 @@ impl Declare for Settings {
         Some(Arc::new(FileSink {
             path: cx.path(&self.path),
             append: self.append,
+            fsync: self.fsync,
         }))
     }
 }
@@ -49,10 +55,15 @@ impl Declare for Settings {
 pub struct FileSink {
     path: PathBuf,
     append: bool,
+    fsync: bool,
 }
 
 impl SinkComponent for FileSink {
     fn build(&self, cx: &mut BuildContext<'_>, input: Stream<Val>) -> SinkHandle {
-        encoded(cx, input, NdjsonSink::file(self.path.clone(), self.append))
+        encoded(
+            cx,
+            input,
+            NdjsonSink::file(self.path.clone(), self.append, self.fsync),
+        )
     }
 }

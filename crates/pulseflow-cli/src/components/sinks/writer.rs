@@ -8,6 +8,10 @@
 //! thread takes everything queued meanwhile when it is done with the last. So nothing waits in the buffer while the thread is idle, and the thread
 //! wakes once per stretch of work, not once per batch. Past [`LIMIT`] bytes waiting the sink
 //! waits for room, which is its backpressure.
+//!
+//! Each buffer sent gets a ticket; [`Writer::written`] waits until the thread has written it
+//! (to the OS, and with `sync` also to the disk): a sink counts its items delivered only
+//! then.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -31,6 +35,9 @@ struct State {
     closed: bool,
     /// The first write error, which ends the thread.
     failed: Option<String>,
+    /// Buffers sent, and buffers written (in order): a buffer's ticket is its number.
+    sent: u64,
+    written: u64,
 }
 
 #[derive(Default)]
@@ -40,6 +47,8 @@ struct Shared {
     work: Condvar,
     /// Tells a waiting sink there is room.
     room: Notify,
+    /// Tells a sink waiting for its ticket that buffers were written (or the thread failed).
+    progress: Notify,
 }
 
 impl Shared {
@@ -57,8 +66,14 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the thread writing to `out` (`name` says what it is, in errors).
-    pub fn start(mut out: Box<dyn Write + Send>, name: String) -> Result<Self, StageError> {
+    /// Starts the thread writing to `out` (`name` says what it is, in errors). With `sync`,
+    /// the thread makes every stretch of writes durable (`fsync` of that file) before it
+    /// counts them written.
+    pub fn start(
+        mut out: Box<dyn Write + Send>,
+        name: String,
+        sync: Option<std::fs::File>,
+    ) -> Result<Self, StageError> {
         let shared = Arc::new(Shared::default());
         let (done_tx, done) = oneshot::channel();
         let theirs = shared.clone();
@@ -66,12 +81,13 @@ impl Writer {
             .name("pulseflow-writer".into())
             .spawn(move || {
                 batch_priority();
-                let result = write_loop(&theirs, &mut *out).and_then(|()| out.flush());
+                let result = write_loop(&theirs, &mut *out, sync).and_then(|()| out.flush());
                 if let Err(e) = result {
                     theirs.lock().failed = Some(e.to_string());
                 }
-                // A sink waiting for room must not wait forever.
+                // A sink waiting for room, or for its ticket, must not wait forever.
                 theirs.room.notify_one();
+                theirs.progress.notify_waiters();
                 let _ = done_tx.send(());
             })
             .map_err(|e| StageError::msg(format!("cannot start the writer of {name}: {e}")))?;
@@ -91,9 +107,10 @@ impl Writer {
     }
 
     /// Queues `text` for the thread to write, waiting while [`LIMIT`] bytes are waiting; gives
-    /// back an empty buffer to fill next (a written one when there is one). The lock is held
-    /// only to move buffers, never to copy bytes.
-    pub async fn send(&mut self, text: Vec<u8>) -> Result<Vec<u8>, StageError> {
+    /// back an empty buffer to fill next (a written one when there is one) and the ticket of
+    /// `text` (see [`Writer::written`]). The lock is held only to move buffers, never to copy
+    /// bytes.
+    pub async fn send(&mut self, text: Vec<u8>) -> Result<(Vec<u8>, u64), StageError> {
         loop {
             let room = self.shared.room.notified();
             {
@@ -106,13 +123,37 @@ impl Writer {
                 if state.queued < LIMIT {
                     state.queued += text.len();
                     state.queue.push(text);
+                    state.sent += 1;
                     if !state.writing {
                         self.shared.work.notify_one();
                     }
-                    return Ok(state.spare.pop().unwrap_or_default());
+                    let ticket = state.sent;
+                    return Ok((state.spare.pop().unwrap_or_default(), ticket));
                 }
             }
             room.await;
+        }
+    }
+
+    /// Waits until the buffer with this ticket is written; an error when the thread failed
+    /// before.
+    pub async fn written(&self, ticket: u64) -> Result<(), StageError> {
+        loop {
+            let progress = self.shared.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            {
+                let state = self.shared.lock();
+                if state.written >= ticket {
+                    return Ok(());
+                }
+                if let Some(why) = &state.failed {
+                    let why = why.clone();
+                    drop(state);
+                    return Err(self.error(Some(why)));
+                }
+            }
+            progress.await;
         }
     }
 
@@ -157,7 +198,11 @@ fn batch_priority() {
 }
 
 /// The thread: writes what is queued until the writer is closed and everything is written.
-fn write_loop(shared: &Shared, out: &mut dyn Write) -> std::io::Result<()> {
+fn write_loop(
+    shared: &Shared,
+    out: &mut dyn Write,
+    sync: Option<std::fs::File>,
+) -> std::io::Result<()> {
     let mut taken: Vec<Vec<u8>> = Vec::new();
     let mut state = shared.lock();
     loop {
@@ -176,7 +221,13 @@ fn write_loop(shared: &Shared, out: &mut dyn Write) -> std::io::Result<()> {
         for buf in &taken {
             out.write_all(buf)?;
         }
+        out.flush()?;
+        if let Some(file) = &sync {
+            file.sync_data()?;
+        }
         state = shared.lock();
+        state.written += taken.len() as u64;
+        shared.progress.notify_waiters();
         for mut buf in taken.drain(..) {
             buf.clear();
             if state.spare.len() < 4 {
@@ -195,7 +246,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("out.txt");
         let file = std::fs::File::create(&path).expect("create");
-        let mut w = Writer::start(Box::new(file), "out.txt".into()).expect("start");
+        let mut w = Writer::start(Box::new(file), "out.txt".into(), None).expect("start");
         let mut expected = Vec::new();
         for i in 0..100u32 {
             let line = format!("line {i}\n").into_bytes();
@@ -225,7 +276,7 @@ mod tests {
         let path = dir.path().join("out.txt");
         let file = std::fs::File::create(&path).expect("create");
         let done = {
-            let mut w = Writer::start(Box::new(file), "out.txt".into()).expect("start");
+            let mut w = Writer::start(Box::new(file), "out.txt".into(), None).expect("start");
             w.send(b"kept\n".to_vec()).await.expect("send");
             w.done.take().expect("done signal")
             // The writer is dropped here without `close`: its thread must end on its own.
@@ -252,8 +303,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_ticket_is_written_once_its_buffer_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out.txt");
+        let file = std::fs::File::create(&path).expect("create");
+        let sync = file.try_clone().expect("clone");
+        let mut w = Writer::start(Box::new(file), "out.txt".into(), Some(sync)).expect("start");
+        let (_, first) = w.send(b"one\n".to_vec()).await.expect("send");
+        let (_, second) = w.send(b"two\n".to_vec()).await.expect("send");
+        assert_eq!((first, second), (1, 2));
+        w.written(second).await.expect("written");
+        assert_eq!(std::fs::read(&path).expect("read"), b"one\ntwo\n");
+        w.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_fails_its_ticket() {
+        let mut w = Writer::start(Box::new(Broken), "broken.txt".into(), None).expect("start");
+        let (_, ticket) = w.send(b"x\n".to_vec()).await.expect("queued");
+        let err = w.written(ticket).await.expect_err("not written");
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+    }
+
+    #[tokio::test]
     async fn a_write_error_is_reported_with_the_target() {
-        let mut w = Writer::start(Box::new(Broken), "broken.txt".into()).expect("start");
+        let mut w = Writer::start(Box::new(Broken), "broken.txt".into(), None).expect("start");
         // The first buffer is accepted (queued); the error shows at close at the latest.
         let _ = w.send(b"x\n".to_vec()).await;
         let err = w.close().await.expect_err("fails");

@@ -11,6 +11,11 @@
 //!
 //! Decoding is CPU-bound and stateless: without a `parallelism` policy, a file source decodes
 //! on one worker per core, in order, when the machine has more than one.
+//!
+//! With a top-level `data_dir`, the source keeps a checkpoint per file (see [`checkpoint`]):
+//! a rerun resumes each file after its last line known to be handled.
+//!
+//! [`checkpoint`]: super::checkpoint
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +25,7 @@ use pulseflow::Stream;
 use pulseflow::policy::ParallelismHint;
 use serde::Deserialize;
 
+use super::checkpoint::Checkpoints;
 use super::lines::{Input, LineSource};
 use super::{Format, LineSettings};
 use crate::build::BuildContext;
@@ -93,13 +99,29 @@ pub struct FileSource {
 
 impl SourceComponent for FileSource {
     fn build(&self, cx: &mut BuildContext<'_>) -> Stream<Val> {
-        let source = LineSource::new(
+        let mut source = LineSource::new(
             self.paths.iter().cloned().map(Input::Path).collect(),
             Some(self.pattern.clone()),
             self.lines.format,
             self.lines.max_line_bytes,
             cx.progress_bytes(),
         );
+        if let Some(data_dir) = cx.config().data_dir.clone() {
+            let interval = cx.config().checkpoint_interval;
+            let loaded = Checkpoints::check_dir(&data_dir)
+                .and_then(|()| Checkpoints::load(&data_dir, cx.name(), &self.paths));
+            match loaded {
+                Ok(checkpoints) => {
+                    let checkpoints = Arc::new(checkpoints);
+                    cx.keep_checkpoints(checkpoints.clone());
+                    source = source.with_checkpoints(checkpoints, interval);
+                }
+                Err(e) => cx.problem(
+                    e.to_string(),
+                    Some("`data_dir` holds the checkpoints of file sources".into()),
+                ),
+            }
+        }
         let workers = cx.hint.or_else(default_decode_parallelism);
         self.lines.build(cx, source, workers)
     }

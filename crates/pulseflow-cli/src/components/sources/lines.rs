@@ -3,16 +3,20 @@
 //! decoding stage dead-letters it with its file and line number.
 
 use std::collections::{HashSet, VecDeque};
-use std::path::PathBuf;
+use std::io::{BufRead, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use pulseflow::ack::Ack;
 use pulseflow::envelope::Cost;
 use pulseflow::prelude::*;
 
 use super::Format;
+use super::checkpoint::{self, Checkpoints, Position};
 use super::reader::ChunkReader;
 
 /// Bytes of raw text kept from an over-long line, for its dead letter.
@@ -168,13 +172,38 @@ struct Lines {
     format: Format,
     max_line_bytes: usize,
     line: u64,
+    /// Bytes of the current input before the next line.
+    offset: u64,
     headers: Option<Arc<Vec<String>>>,
+    /// With checkpoints: the current file's, and the batch its lines go into.
+    acked: Option<Acked>,
+}
+
+/// The checkpoints of the file being read, and the batch of the current `produce` call.
+struct Acked {
+    checkpoints: Arc<Checkpoints>,
+    /// The file's index among the source's files.
+    index: usize,
+    batch: Option<(Arc<checkpoint::Batch>, Ack)>,
 }
 
 impl Lines {
     /// Pushes `line` as an item, unless it is blank (JSON, CSV) or a CSV header.
     fn push(&mut self, line: Line<'_>, out: &mut SourceOutput<RawLine>) {
+        let start = Position {
+            offset: self.offset,
+            line: self.line,
+        };
         self.line += 1;
+        self.offset += line.consumed;
+        let end = Position {
+            offset: self.offset,
+            line: self.line,
+        };
+        // A line that gives no item still belongs to the batch being read.
+        if let Some((batch, _)) = self.acked.as_ref().and_then(|a| a.batch.as_ref()) {
+            batch.extend_to(end);
+        }
         let mut bytes = line.bytes;
         if !line.too_long {
             if let [head @ .., b'\r'] = bytes {
@@ -207,16 +236,23 @@ impl Lines {
             bytes: line.consumed.min(u32::MAX as u64) as u32,
             ..Cost::default()
         };
-        out.push_with_cost(
-            RawLine {
-                origin: self.origin,
-                line: self.line,
-                text,
-                problem,
-                headers: self.headers.clone(),
-            },
-            cost,
-        );
+        let raw = RawLine {
+            origin: self.origin,
+            line: self.line,
+            text,
+            problem,
+            headers: self.headers.clone(),
+        };
+        match &mut self.acked {
+            None => out.push_with_cost(raw, cost),
+            Some(a) => {
+                let (batch, ack) = a
+                    .batch
+                    .get_or_insert_with(|| a.checkpoints.batch(a.index, start));
+                batch.extend_to(end);
+                out.push_acked_with_cost(raw, cost, ack.clone());
+            }
+        }
     }
 }
 
@@ -228,6 +264,10 @@ pub struct LineSource {
     splitter: Splitter,
     lines: Lines,
     progress: Arc<AtomicU64>,
+    /// Checkpoints of the files, written every so often.
+    checkpoints: Option<(Arc<Checkpoints>, Duration)>,
+    /// Files opened so far.
+    opened: usize,
 }
 
 impl LineSource {
@@ -250,10 +290,21 @@ impl LineSource {
                 format,
                 max_line_bytes,
                 line: 0,
+                offset: 0,
                 headers: None,
+                acked: None,
             },
             progress,
+            checkpoints: None,
+            opened: 0,
         }
+    }
+
+    /// Resumes each file where `checkpoints` say the previous run left it, and keeps them
+    /// (written every `interval` while they move).
+    pub fn with_checkpoints(mut self, checkpoints: Arc<Checkpoints>, interval: Duration) -> Self {
+        self.checkpoints = Some((checkpoints, interval));
+        self
     }
 
     async fn open_next(&mut self) -> Result<bool, StageError> {
@@ -262,30 +313,72 @@ impl LineSource {
         let Some(input) = self.inputs.front() else {
             return Ok(false);
         };
+        let mut start = Position::default();
+        let mut headers = None;
         let (input, origin): (Box<dyn std::io::Read + Send>, String) = match input {
             Input::Path(p) => {
-                let file = tokio::fs::File::open(p)
+                let cannot = |e: std::io::Error| {
+                    StageError::msg(format!("cannot open {}: {e}", p.display()))
+                };
+                let mut file = tokio::fs::File::open(p)
                     .await
-                    .map_err(|e| StageError::msg(format!("cannot open {}: {e}", p.display())))?;
-                (Box::new(file.into_std().await), p.display().to_string())
+                    .map_err(cannot)?
+                    .into_std()
+                    .await;
+                if let Some((checkpoints, _)) = &self.checkpoints {
+                    start = checkpoints.open(self.opened, p).map_err(cannot)?;
+                    if start.offset > 0 {
+                        // Resuming a CSV file: its field names are on its first line.
+                        if self.lines.format == Format::Csv {
+                            headers = csv_headers(p).map_err(cannot)?;
+                        }
+                        file.seek(SeekFrom::Start(start.offset)).map_err(cannot)?;
+                        self.progress.fetch_add(start.offset, Ordering::Relaxed);
+                    }
+                }
+                (Box::new(file), p.display().to_string())
             }
             Input::Stdin => (Box::new(std::io::stdin()), "-".to_owned()),
         };
         self.inputs.pop_front();
+        let index = self.opened;
+        self.opened += 1;
         let reader = ChunkReader::start(input)
             .map_err(|e| StageError::msg(format!("cannot start reading {origin}: {e}")))?;
         self.reader = Some(reader);
         self.lines.origin = origin_name(origin);
-        self.lines.line = 0;
-        self.lines.headers = None;
+        self.lines.line = start.line;
+        self.lines.offset = start.offset;
+        self.lines.headers = headers;
+        self.lines.acked = self.checkpoints.as_ref().map(|(c, _)| Acked {
+            checkpoints: c.clone(),
+            index,
+            batch: None,
+        });
         Ok(true)
     }
+}
+
+/// The field names on the first line of the CSV file at `path` (`None` when it has no line).
+fn csv_headers(path: &Path) -> std::io::Result<Option<Arc<Vec<String>>>> {
+    let mut first = String::new();
+    std::io::BufReader::new(std::fs::File::open(path)?).read_line(&mut first)?;
+    let first = first.trim_end_matches(['\n', '\r']);
+    if first.is_empty() {
+        return Ok(None);
+    }
+    super::csv::split(first)
+        .map(|h| Some(Arc::new(h)))
+        .map_err(|e| std::io::Error::other(format!("invalid CSV header: {e}")))
 }
 
 impl Source for LineSource {
     type Item = RawLine;
 
     async fn init(&mut self, _ctx: &StageContext) -> Result<(), StageError> {
+        if let Some((checkpoints, interval)) = &self.checkpoints {
+            checkpoints.keep_written(*interval);
+        }
         if self.inputs.is_empty() {
             if let Some(p) = &self.pattern {
                 return Err(StageError::msg(format!("no file matches `{p}`")));
@@ -300,6 +393,10 @@ impl Source for LineSource {
     ) -> Result<SourceStatus, StageError> {
         // Cancel-safe at each await (see `Source::produce`): every line split off is pushed
         // and its bytes counted before the next await.
+        // Each call's lines form a batch of their own (one ack), for the checkpoints.
+        if let Some(a) = &mut self.lines.acked {
+            a.batch = None;
+        }
         let status = loop {
             if out.is_full() {
                 break SourceStatus::More;

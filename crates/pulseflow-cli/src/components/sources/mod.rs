@@ -1,6 +1,7 @@
 //! Sources: `file` and `stdin` read lines (JSON, CSV or plain text) and decode them in a stage
 //! of their own; `generate` makes items from a counter.
 
+pub mod checkpoint;
 pub mod csv;
 pub mod decode;
 pub mod file;
