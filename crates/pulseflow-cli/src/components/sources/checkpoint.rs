@@ -140,8 +140,8 @@ pub struct Checkpoints {
     path: PathBuf,
     /// The source's name.
     source: String,
-    /// Its files, in reading order.
-    paths: Vec<PathBuf>,
+    /// Its files, in reading order, as the checkpoint names them (absolute paths).
+    keys: Vec<String>,
     files: Mutex<Vec<File>>,
     /// Whether an offset moved since the last write.
     moved: AtomicBool,
@@ -207,23 +207,30 @@ impl Checkpoints {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(source) => return Err(CheckpointError::Io { path, source }),
         };
-        let files = paths
+        // Absolute paths, so that the same file is found whatever the working directory.
+        let keys: Vec<String> = paths
             .iter()
             .map(|p| {
-                let key = p.display().to_string();
-                File {
-                    resume: saved
-                        .iter()
-                        .find(|s| s.path == key)
-                        .map(|s| (s.fingerprint, s.handled)),
-                    ..File::default()
-                }
+                std::fs::canonicalize(p)
+                    .unwrap_or_else(|_| p.clone())
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        let files = keys
+            .iter()
+            .map(|key| File {
+                resume: saved
+                    .iter()
+                    .find(|s| &s.path == key)
+                    .map(|s| (s.fingerprint, s.handled)),
+                ..File::default()
             })
             .collect();
         Ok(Self {
             path,
             source: source.to_owned(),
-            paths: paths.to_vec(),
+            keys,
             files: Mutex::new(files),
             moved: AtomicBool::new(false),
             writing: Mutex::new(()),
@@ -306,8 +313,8 @@ impl Checkpoints {
         let files = self.files.lock();
         let saved = files
             .iter()
-            .zip(&self.paths)
-            .filter_map(|(f, path)| {
+            .zip(&self.keys)
+            .filter_map(|(f, key)| {
                 let (fingerprint, handled) = match (f.fingerprint, f.handled()) {
                     (Some(fp), Some(at)) => (fp, at),
                     // Not opened in this run: what the previous run said still holds.
@@ -315,7 +322,7 @@ impl Checkpoints {
                     (Some(_), None) => return None,
                 };
                 Some(Saved {
-                    path: path.display().to_string(),
+                    path: key.clone(),
                     fingerprint,
                     handled,
                 })
