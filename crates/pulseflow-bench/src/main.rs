@@ -57,6 +57,9 @@ enum Scenario {
     /// `pulseflow run` on a file of JSON lines (filter + map to a file) against a serde_json
     /// read-parse-write loop and `jq -c`.
     Ndjson(CommonOpts),
+    /// The `ndjson` pipeline with and without a `data_dir` (checkpoints), and the latency of
+    /// one line through a live stdin -> stdout pipeline.
+    Checkpoint(CommonOpts),
     /// Cost per poll of Tokio-Pulse supervision against bare, TaskMonitor and a CPU-clock wrapper.
     PulseOverhead(CommonOpts),
     /// Latency of light tasks next to CPU hogs: none, unsupervised, supervised (isolated).
@@ -75,6 +78,7 @@ fn main() -> std::process::ExitCode {
         Scenario::Linear(opts) => scenarios::linear::run(&opts),
         Scenario::Backpressure(opts) => scenarios::backpressure::run(&opts),
         Scenario::Ndjson(opts) => scenarios::ndjson::run(&opts),
+        Scenario::Checkpoint(opts) => scenarios::checkpoint::run(&opts),
         Scenario::PulseOverhead(opts) => scenarios::pulse_overhead::run(&opts),
         Scenario::Isolation(opts) => scenarios::isolation::run(&opts),
         Scenario::Accumulate(opts) => scenarios::accumulate::run(&opts),

@@ -1,5 +1,6 @@
 pub mod accumulate;
 pub mod backpressure;
+pub mod checkpoint;
 pub mod isolation;
 pub mod linear;
 pub mod ndjson;

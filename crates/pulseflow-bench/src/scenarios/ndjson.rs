@@ -19,10 +19,10 @@ use crate::report::{Report, median};
 const FILTER: &str = ".ok";
 const MAP: &str = "{id, user, amount: (.amount * 2)}";
 
-type BoxError = Box<dyn std::error::Error>;
+pub(crate) type BoxError = Box<dyn std::error::Error>;
 
 /// Writes JSON lines until the file holds `bytes` bytes; returns the line count.
-fn generate(path: &Path, bytes: u64) -> Result<u64, BoxError> {
+pub(crate) fn generate(path: &Path, bytes: u64) -> Result<u64, BoxError> {
     let mut out = BufWriter::new(File::create(path)?);
     let (mut written, mut lines) = (0u64, 0u64);
     while written < bytes {
@@ -44,7 +44,7 @@ fn generate(path: &Path, bytes: u64) -> Result<u64, BoxError> {
     Ok(lines)
 }
 
-fn pulseflow_binary() -> Result<PathBuf, BoxError> {
+pub(crate) fn pulseflow_binary() -> Result<PathBuf, BoxError> {
     let bin = std::env::current_exe()?
         .parent()
         .ok_or("no directory for this executable")?
@@ -60,12 +60,14 @@ fn pulseflow_binary() -> Result<PathBuf, BoxError> {
     }
 }
 
-fn run_pulseflow(
+/// Runs the scenario's pipeline (`settings`: more top-level keys of its config).
+pub(crate) fn run_pulseflow(
     dir: &Path,
     input: &Path,
     output: &Path,
     unsupervised: bool,
     decode_workers: usize,
+    settings: &str,
 ) -> Result<Duration, BoxError> {
     let config = dir.join("bench.toml");
     let parallelism = if decode_workers > 1 {
@@ -76,7 +78,7 @@ fn run_pulseflow(
     std::fs::write(
         &config,
         format!(
-            "name = \"ndjson-bench\"\n\n\
+            "name = \"ndjson-bench\"\n{settings}\n\
              [sources.lines]\ntype = \"file\"\npath = {input:?}\n{parallelism}\n\
              [transforms.keep]\ntype = \"filter\"\ninputs = [\"lines\"]\ncondition = {FILTER:?}\n\n\
              [transforms.shape]\ntype = \"map\"\ninputs = [\"keep\"]\njq = {MAP:?}\n\n\
@@ -190,6 +192,7 @@ fn measure(dir: &Path, megabytes: u64, opts: &CommonOpts) -> Result<Report, BoxE
             &pf_out,
             opts.unsupervised,
             decode_workers,
+            "",
         )?);
         loops.push(run_parse_loop(&input, &loop_out)?);
         if let Some(d) = run_jq(&input, &jq_out).transpose()? {

@@ -70,7 +70,9 @@ impl Transform for Decode {
     ) -> Result<(), ItemFailure<RawLine>> {
         match decode(self.format, self.fields.as_deref(), &item.payload) {
             Ok(v) => {
-                out.push(item.derive(v));
+                // The line's metadata moves to the value (its ack, if any, is not counted up
+                // and down).
+                out.push(item.map(|_| v));
                 Ok(())
             }
             Err(e) => {

@@ -93,7 +93,7 @@ impl Transform for JqTransform {
                 let mut item = item;
                 // The item is dropped after this stage: its values may move into the output.
                 if let Some(v) = self.program.direct_consuming(&mut item.payload) {
-                    out.push(item.derive(v));
+                    out.push(item.map(|_| v));
                     return Ok(());
                 }
                 if let Err(e) = self
