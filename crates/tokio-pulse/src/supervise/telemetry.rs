@@ -15,9 +15,17 @@
 //!
 //! Only tasks spawned with [`Supervisor::spawn_named`](super::Supervisor::spawn_named) get a
 //! `tokio_pulse_task_tier` series: a label per anonymous task would grow without bound in a
-//! program that spawns many; those are counted in `tokio_pulse_tasks` by tier.
+//! program that spawns many; those are counted in `tokio_pulse_tasks` by tier. A metrics
+//! recorder keeps a series once it has seen its label, so the names that get one are bounded
+//! too: the first [`MAX_TASK_GAUGES`] distinct names (a task that reuses a name, like the
+//! stages of a pipeline run again, reuses its series); tasks named after that are counted by
+//! tier only.
+
+use std::collections::HashSet;
+use std::sync::OnceLock;
 
 use metrics::{Counter, Histogram};
+use parking_lot::Mutex;
 
 use crate::tier::{Tier, Transition};
 
@@ -64,17 +72,53 @@ impl Handles {
     }
 }
 
+/// How many distinct task names get a `tokio_pulse_task_tier` series of their own.
+pub const MAX_TASK_GAUGES: usize = 512;
+
+/// The task names that have a gauge, at most `max`.
+struct Names {
+    max: usize,
+    names: Mutex<HashSet<String>>,
+}
+
+impl Names {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            names: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Whether `name` has (or may now get) a gauge.
+    fn admit(&self, name: &str) -> bool {
+        let mut names = self.names.lock();
+        if names.contains(name) {
+            return true;
+        }
+        if names.len() >= self.max {
+            return false;
+        }
+        names.insert(name.to_owned());
+        true
+    }
+}
+
+fn task_gauges() -> &'static Names {
+    static NAMES: OnceLock<Names> = OnceLock::new();
+    NAMES.get_or_init(|| Names::new(MAX_TASK_GAUGES))
+}
+
 pub(crate) fn transition(task: &TaskShared, change: Transition) {
     metrics::counter!(TRANSITIONS, "from" => change.from.as_str(), "to" => change.to.as_str())
         .increment(1);
-    if task.named {
+    if task.named && task_gauges().admit(&task.label) {
         metrics::gauge!(TASK_TIER, "task" => task.label.clone()).set(f64::from(change.to as u8));
     }
 }
 
 /// A named task that ended above Monitor leaves its gauge at 0, not at its last tier.
 pub(crate) fn task_gone(task: &TaskShared, tier: Tier) {
-    if task.named && tier != Tier::Monitor {
+    if task.named && tier != Tier::Monitor && task_gauges().admit(&task.label) {
         metrics::gauge!(TASK_TIER, "task" => task.label.clone()).set(0.0);
     }
 }
@@ -92,4 +136,18 @@ pub(crate) fn tier_counts(counts: [u64; 4]) {
 pub(crate) fn isolation_cpu(total_ns: u64, percent: f32) {
     metrics::gauge!(ISOLATION_CPU_SECONDS).set(total_ns as f64 / 1e9);
     metrics::gauge!(ISOLATION_CPU_PERCENT).set(f64::from(percent));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_names_with_a_gauge_are_bounded_and_reused() {
+        let names = Names::new(3);
+        assert!(names.admit("a") && names.admit("b") && names.admit("c"));
+        assert!(!names.admit("d"), "a fourth name gets no series");
+        assert!(names.admit("a"), "a known name keeps its series");
+        assert_eq!(names.names.lock().len(), 3);
+    }
 }
