@@ -42,7 +42,14 @@ fn measure(dir: &Path, megabytes: u64, opts: &CommonOpts) -> Result<Report, BoxE
     let rounds = if opts.quick { 5 } else { 3 };
     let (mut plain, mut with) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        plain.push(run_pulseflow(dir, &input, &output, opts.unsupervised, 1, "")?);
+        plain.push(run_pulseflow(
+            dir,
+            &input,
+            &output,
+            opts.unsupervised,
+            1,
+            "",
+        )?);
         // A fresh data_dir each time: with the last run's checkpoint there would be nothing
         // left to read.
         let _ = std::fs::remove_dir_all(&state);

@@ -19,6 +19,11 @@ pub(crate) trait Downstream<T>: Send {
     fn start(&mut self) -> BoxFuture<'_, bool>;
     /// Takes one batch (possibly empty).
     fn push(&mut self, batch: Batch<T>) -> BoxFuture<'_, ()>;
+    /// Takes one piece of a batch (`last`: the batch's last piece). A stage handed a batch in
+    /// pieces (a chain's worker, a stage at Yield) records one batch time for all of them.
+    fn push_piece(&mut self, piece: Batch<T>, _last: bool) -> BoxFuture<'_, ()> {
+        self.push(piece)
+    }
     /// End of input: close what runs in this task and release the edges.
     fn finish(&mut self) -> BoxFuture<'_, ()>;
 

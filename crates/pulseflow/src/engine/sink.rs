@@ -23,6 +23,8 @@ pub(crate) struct SinkHandler<S: Sink> {
     unflushed: u64,
     /// Their acks.
     unflushed_acks: AckTally,
+    /// Processing time of the batch handled in pieces so far.
+    busy: std::time::Duration,
 }
 
 impl<S: Sink> SinkHandler<S> {
@@ -34,6 +36,7 @@ impl<S: Sink> SinkHandler<S> {
             failures,
             unflushed: 0,
             unflushed_acks: AckTally::default(),
+            busy: std::time::Duration::ZERO,
         }
     }
 
@@ -85,18 +88,18 @@ impl<S: Sink> SinkHandler<S> {
     }
 
     /// Writes a batch (at Yield, in chunks with a `yield_now` between them), then flushes.
-    async fn handle(&mut self, batch: Batch<S::Item>) {
+    async fn handle(&mut self, batch: Batch<S::Item>, last: bool) {
         if super::yielding(&self.failures.stats, batch.len()) {
             let mut rest = batch;
             let mut pacer = super::workers::Pacer::new();
             while !rest.is_empty() {
                 let chunk = rest.split_front(super::YIELD_CHUNK);
-                let last = rest.is_empty();
-                self.handle_chunk(chunk, last).await;
+                let end = last && rest.is_empty();
+                self.handle_chunk(chunk, end).await;
                 pacer.after_batch().await;
             }
         } else {
-            self.handle_chunk(batch, true).await;
+            self.handle_chunk(batch, last).await;
         }
     }
 
@@ -150,7 +153,12 @@ impl<S: Sink> SinkHandler<S> {
                 }
             }
         }
-        self.failures.stats.add(&tally, Some(started.elapsed()));
+        self.busy += started.elapsed();
+        self.failures.stats.add(&tally, None);
+        if flush {
+            let busy = std::mem::take(&mut self.busy);
+            self.failures.stats.add_batch_time(busy);
+        }
     }
 }
 
@@ -164,7 +172,12 @@ impl<S: Sink> Downstream<S::Item> for SinkHandler<S> {
 
     fn push(&mut self, batch: Batch<S::Item>) -> BoxFuture<'_, ()> {
         let span = tracing::trace_span!(parent: &self.ctx.span, "batch", items = batch.len());
-        Box::pin(self.handle(batch).instrument(span))
+        Box::pin(self.handle(batch, true).instrument(span))
+    }
+
+    fn push_piece(&mut self, piece: Batch<S::Item>, last: bool) -> BoxFuture<'_, ()> {
+        let span = tracing::trace_span!(parent: &self.ctx.span, "batch", items = piece.len());
+        Box::pin(self.handle(piece, last).instrument(span))
     }
 
     fn finish(&mut self) -> BoxFuture<'_, ()> {

@@ -21,6 +21,8 @@ pub(crate) struct TransformHandler<X: Transform> {
     ctx: StageContext,
     failures: Failures,
     next: Box<dyn Downstream<X::Out>>,
+    /// Processing time of the batch handled in pieces so far.
+    busy: std::time::Duration,
 }
 
 impl<X: Transform> TransformHandler<X> {
@@ -36,6 +38,7 @@ impl<X: Transform> TransformHandler<X> {
             ctx,
             failures,
             next,
+            busy: std::time::Duration::ZERO,
         }
     }
 
@@ -128,23 +131,25 @@ impl<X: Transform> TransformHandler<X> {
         }
     }
 
-    /// Processes a batch; a stage that Tokio-Pulse moved to Yield does it in small chunks and
-    /// gives way between them.
-    async fn handle(&mut self, batch: Batch<X::In>) {
+    /// Processes a batch (or a piece of one, `last` saying whether it is the last); a stage
+    /// that Tokio-Pulse moved to Yield does it in small chunks and gives way between them.
+    async fn handle(&mut self, batch: Batch<X::In>, last: bool) {
         if super::yielding(self.stats(), batch.len()) {
             let mut rest = batch;
             let mut pacer = super::workers::Pacer::new();
             while !rest.is_empty() {
                 let chunk = rest.split_front(super::YIELD_CHUNK);
-                self.handle_chunk(chunk).await;
+                let end = last && rest.is_empty();
+                self.handle_chunk(chunk, end).await;
                 pacer.after_batch().await;
             }
         } else {
-            self.handle_chunk(batch).await;
+            self.handle_chunk(batch, last).await;
         }
     }
 
-    async fn handle_chunk(&mut self, batch: Batch<X::In>) {
+    /// Processes a chunk; its time counts towards its batch's, recorded with the last chunk.
+    async fn handle_chunk(&mut self, batch: Batch<X::In>, last: bool) {
         let started = Instant::now();
         let n = batch.len();
         let mut tally = Tally {
@@ -155,7 +160,7 @@ impl<X: Transform> TransformHandler<X> {
             crate::ack::record_all(batch.items(), crate::ack::Outcome::Failed);
             tally.count_drop(DropReason::StageFailed, n as u64);
             self.stats().add(&tally, None);
-            self.next.push(Batch::default()).await;
+            self.next.push_piece(Batch::default(), last).await;
             return;
         }
         let mut out = Vec::with_capacity(n);
@@ -165,8 +170,13 @@ impl<X: Transform> TransformHandler<X> {
             self.settle(failed, &mut out, &mut tally).await;
         }
         tally.emitted = out.len() as u64;
-        self.stats().add(&tally, Some(started.elapsed()));
-        self.next.push(Batch::from_items(out)).await;
+        self.busy += started.elapsed();
+        self.stats().add(&tally, None);
+        if last {
+            let busy = std::mem::take(&mut self.busy);
+            self.stats().add_batch_time(busy);
+        }
+        self.next.push_piece(Batch::from_items(out), last).await;
     }
 }
 
@@ -184,7 +194,12 @@ impl<X: Transform> Downstream<X::In> for TransformHandler<X> {
 
     fn push(&mut self, batch: Batch<X::In>) -> BoxFuture<'_, ()> {
         let span = tracing::trace_span!(parent: &self.ctx.span, "batch", items = batch.len());
-        Box::pin(self.handle(batch).instrument(span))
+        Box::pin(self.handle(batch, true).instrument(span))
+    }
+
+    fn push_piece(&mut self, piece: Batch<X::In>, last: bool) -> BoxFuture<'_, ()> {
+        let span = tracing::trace_span!(parent: &self.ctx.span, "batch", items = piece.len());
+        Box::pin(self.handle(piece, last).instrument(span))
     }
 
     fn finish(&mut self) -> BoxFuture<'_, ()> {

@@ -256,9 +256,9 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
                 let mut rest = batch;
                 while rest.len() > CHAIN_CHUNK {
                     let chunk = rest.split_front(CHAIN_CHUNK);
-                    d.push(chunk).await;
+                    d.push_piece(chunk, false).await;
                 }
-                d.push(rest).await;
+                d.push_piece(rest, true).await;
                 lane.end(index).await;
             }
         }

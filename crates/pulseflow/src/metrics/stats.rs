@@ -467,13 +467,18 @@ impl StageStats {
             m.dead_lettered.increment(t.dead_lettered);
         }
         if let Some(busy) = busy {
-            self.batches.fetch_add(1, Relaxed);
-            self.busy_nanos.fetch_add(busy.as_nanos() as u64, Relaxed);
-            m.batch_seconds.record(busy.as_secs_f64());
+            self.add_batch_time(busy);
         }
         if let Some(input) = self.input.lock().as_ref() {
             m.queue_depth.set(input.depth.load(Relaxed) as f64);
         }
+    }
+
+    /// Records one batch's processing time (for a batch handled in pieces, their sum).
+    pub fn add_batch_time(&self, busy: Duration) {
+        self.batches.fetch_add(1, Relaxed);
+        self.busy_nanos.fetch_add(busy.as_nanos() as u64, Relaxed);
+        self.metrics.batch_seconds.record(busy.as_secs_f64());
     }
 
     pub fn snapshot(&self, outputs: Vec<EdgeSnapshot>) -> StageRuntimeState {
