@@ -92,48 +92,61 @@ fn kill_and_rerun(dir: &Path, config: &str, out: &str, expected_bytes: u64) -> V
         .collect()
 }
 
-#[test]
-fn a_run_killed_with_sigkill_and_rerun_delivers_every_line_at_least_once() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    write_input(&dir.path().join("in.ndjson"));
+/// Writes the input (`in.ndjson`) and config `name`: a file source `lines` with checkpoints
+/// every 50 ms, the transforms `middle`, and a file sink appending what `from` gives to
+/// `out.ndjson`.
+fn restartable(dir: &Path, name: &str, middle: &str, from: &str) {
+    write_input(&dir.join("in.ndjson"));
     std::fs::write(
-        dir.path().join("copy.toml"),
-        r#"
+        dir.join(name),
+        format!(
+            r#"
 data_dir = "state"
 checkpoint_interval = "50ms"
 
 [sources.lines]
 type = "file"
 path = "in.ndjson"
-
+{middle}
 [sinks.out]
 type = "file"
-inputs = ["lines"]
+inputs = ["{from}"]
 path = "out.ndjson"
 append = true
-"#,
+"#
+        ),
     )
     .expect("config");
+}
+
+/// The JSON values of `lines`; at most one may be broken (the line being written when the
+/// process was killed may be cut short).
+fn values(lines: &[String]) -> Vec<serde_json::Value> {
+    let values: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let broken = lines.len() - values.len();
+    assert!(broken <= 1, "{broken} broken lines");
+    values
+}
+
+#[test]
+fn a_run_killed_with_sigkill_and_rerun_delivers_every_line_at_least_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    restartable(dir.path(), "copy.toml", "", "lines");
     let size = std::fs::metadata(dir.path().join("in.ndjson"))
         .expect("input")
         .len();
     let lines = kill_and_rerun(dir.path(), "copy.toml", "out.ndjson", size);
+    let values = values(&lines);
     let mut seen = vec![0u32; LINES as usize];
-    let mut broken = 0;
-    for line in &lines {
-        match serde_json::from_str::<serde_json::Value>(line)
-            .ok()
-            .and_then(|v| v["n"].as_u64())
-        {
-            Some(n) => seen[n as usize] += 1,
-            // The line being written when the process was killed may be cut short.
-            None => broken += 1,
-        }
+    for v in &values {
+        seen[v["n"].as_u64().expect("n") as usize] += 1;
     }
-    assert!(broken <= 1, "{broken} broken lines");
     let missing = seen.iter().filter(|c| **c == 0).count();
     assert_eq!(missing, 0, "lines never delivered");
-    let duplicates = lines.len() as u64 - broken - LINES;
+    let duplicates = values.len() as u64 - LINES;
     eprintln!("{duplicates} duplicates");
     assert!(
         duplicates <= MAX_DUPLICATES,
@@ -144,42 +157,20 @@ append = true
 #[test]
 fn an_accumulating_run_killed_and_rerun_emits_every_complete_key_correctly() {
     let dir = tempfile::tempdir().expect("temp dir");
-    write_input(&dir.path().join("in.ndjson"));
-    std::fs::write(
-        dir.path().join("keys.toml"),
-        r#"
-data_dir = "state"
-checkpoint_interval = "50ms"
-
-[sources.lines]
-type = "file"
-path = "in.ndjson"
-
+    let triples = r#"
 [transforms.triples]
 type = "accumulate"
 inputs = ["lines"]
 key = ".k"
 aggregates = { items = "count", ns = "collect(.n)" }
 complete_when = { count = 3 }
-
-[sinks.out]
-type = "file"
-inputs = ["triples"]
-path = "out.ndjson"
-append = true
-"#,
-    )
-    .expect("config");
+"#;
+    restartable(dir.path(), "keys.toml", triples, "triples");
     let keys = LINES.div_ceil(3);
     // About 50 bytes per output line.
     let lines = kill_and_rerun(dir.path(), "keys.toml", "out.ndjson", keys * 50);
     let mut seen: HashMap<u64, u32> = HashMap::new();
-    let mut broken = 0;
-    for line in &lines {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            broken += 1;
-            continue;
-        };
+    for v in values(&lines) {
         let k = v["key"].as_u64().expect("a key");
         let ns: Vec<u64> = v["ns"]
             .as_array()
@@ -187,7 +178,7 @@ append = true
             .iter()
             .filter_map(serde_json::Value::as_u64)
             .collect();
-        assert_eq!(v["complete"], serde_json::Value::Bool(true), "{line}");
+        assert_eq!(v["complete"], serde_json::Value::Bool(true), "{v}");
         assert_eq!(
             ns,
             [3 * k, 3 * k + 1, 3 * k + 2],
@@ -195,7 +186,6 @@ append = true
         );
         *seen.entry(k).or_default() += 1;
     }
-    assert!(broken <= 1, "{broken} broken lines");
     // The last key has fewer than three items: it never completes.
     let complete = LINES / 3;
     let missing = (0..complete).filter(|k| !seen.contains_key(k)).count();

@@ -49,6 +49,7 @@
 //!
 //! [`SourceOutput::push_acked`]: crate::stage::SourceOutput::push_acked
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -348,6 +349,128 @@ pub(crate) fn record_all<'a, T: 'a>(
     tally.settle(outcome);
 }
 
+/// How far a source's input is handled, from acks that resolve out of order: the position
+/// below which everything is handled, for a source that checkpoints (a file offset, a
+/// sequence number) and resumes there after a restart.
+///
+/// The source [`track`](Watermark::track)s each batch it reads from its start position (the
+/// returned ack goes on the batch's items) and tells how far reading got with
+/// [`advance`](Watermark::advance). [`handled`](Watermark::handled) is the start of the oldest
+/// batch still in the pipeline, or how far reading got when none is. A batch whose ack reports
+/// [`AckOutcome::Failed`] holds it back for good: a restart reads that batch again.
+///
+/// ```
+/// use pulseflow::ack::Watermark;
+///
+/// let offsets = Watermark::new(0u64);
+/// let first = offsets.track(0); // lines at bytes 0..100
+/// let second = offsets.track(100); // lines at bytes 100..250
+/// offsets.advance(250);
+/// drop(second); // the second batch is handled first
+/// assert_eq!(offsets.handled(), 0);
+/// drop(first);
+/// assert_eq!(offsets.handled(), 250);
+/// ```
+pub struct Watermark<P> {
+    state: Arc<Mutex<Marks<P>>>,
+}
+
+impl<P> Clone for Watermark<P> {
+    fn clone(&self) -> Self {
+        Self {
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<P: std::fmt::Debug> std::fmt::Debug for Watermark<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.state.lock();
+        f.debug_struct("Watermark")
+            .field("read", &m.read)
+            .field("pending", &m.pending.len())
+            .field("failed", &m.failed)
+            .finish()
+    }
+}
+
+struct Marks<P> {
+    /// Batches not handled yet, by start (with how many started there).
+    pending: BTreeMap<P, usize>,
+    /// How far reading got.
+    read: P,
+    /// The start of the earliest batch that failed.
+    failed: Option<P>,
+    /// Whether `handled` may have changed since the last [`Watermark::take_moved`].
+    moved: bool,
+}
+
+impl<P: Copy + Ord + Send + 'static> Watermark<P> {
+    /// A watermark at `start` (where reading begins: 0, or where a previous run left off).
+    pub fn new(start: P) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(Marks {
+                pending: BTreeMap::new(),
+                read: start,
+                failed: None,
+                moved: false,
+            })),
+        }
+    }
+
+    /// A batch starting at `start` is read: the ack to put on its items.
+    pub fn track(&self, start: P) -> Ack {
+        {
+            let mut m = self.state.lock();
+            *m.pending.entry(start).or_default() += 1;
+            if start > m.read {
+                m.read = start;
+            }
+        }
+        let state = Arc::downgrade(&self.state);
+        Ack::on_resolved(move |report| {
+            let Some(state) = state.upgrade() else { return };
+            let mut m = state.lock();
+            if let Some(n) = m.pending.get_mut(&start) {
+                *n -= 1;
+                if *n == 0 {
+                    m.pending.remove(&start);
+                }
+            }
+            if report.outcome() == AckOutcome::Failed && m.failed.is_none_or(|f| start < f) {
+                m.failed = Some(start);
+            }
+            m.moved = true;
+        })
+    }
+
+    /// Reading got to `to` (everything before it belongs to a tracked batch, or needed none).
+    pub fn advance(&self, to: P) {
+        let mut m = self.state.lock();
+        if to > m.read {
+            m.read = to;
+            m.moved = true;
+        }
+    }
+
+    /// The position below which everything is handled.
+    pub fn handled(&self) -> P {
+        let m = self.state.lock();
+        let oldest = m.pending.keys().next().copied();
+        match (oldest, m.failed) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => m.read,
+        }
+    }
+
+    /// Whether [`handled`](Watermark::handled) may have moved since the last call (for a
+    /// source that persists it only when it moved).
+    pub fn take_moved(&self) -> bool {
+        std::mem::take(&mut self.state.lock().moved)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,6 +519,31 @@ mod tests {
         let report = seen.lock().take().expect("resolved");
         assert!(report.abandoned);
         assert_eq!(report.outcome(), AckOutcome::Failed);
+    }
+
+    #[test]
+    fn a_watermark_holds_at_the_oldest_pending_batch_and_for_good_at_a_failed_one() {
+        let marks = Watermark::new(10u64);
+        assert_eq!(marks.handled(), 10);
+        let a = marks.track(10);
+        let b = marks.track(20);
+        let c = marks.track(30);
+        marks.advance(40);
+        drop(b);
+        assert_eq!(marks.handled(), 10);
+        drop(a);
+        assert_eq!(marks.handled(), 30);
+        assert!(marks.take_moved());
+        assert!(!marks.take_moved());
+        // `c`'s items were lost: the watermark stays before them, whatever comes after.
+        let run = Arc::new(RunAcks::default());
+        c.bind(&run);
+        run.abort();
+        drop(c);
+        let d = marks.track(40);
+        marks.advance(50);
+        drop(d);
+        assert_eq!(marks.handled(), 30);
     }
 
     #[test]

@@ -3,26 +3,25 @@
 //! the same `data_dir` resumes there.
 //!
 //! The source attaches one acknowledgement to the lines of each batch it reads; a batch is
-//! handled when its ack resolves. The handled offset of a file is the start of its oldest
-//! batch still in the pipeline (or where reading got to when none is); a batch that failed
-//! (its stage failed, the run was aborted) holds it back for good, so that a rerun reads that
-//! batch again. The file is identified by its path and a checksum of its first bytes, so a
-//! rotated or replaced file starts from its beginning.
+//! handled when its ack resolves. The handled offset of a file is its
+//! [`Watermark`](pulseflow::ack::Watermark): the start of its oldest batch still in the
+//! pipeline (or where reading got to when none is); a batch that failed (its stage failed,
+//! the run was aborted) holds it back for good, so that a rerun reads that batch again. The
+//! file is identified by its path and a checksum of its first bytes, so a rotated or replaced
+//! file starts from its beginning.
 //!
 //! The checkpoint (`DATA_DIR/NAME.checkpoint.json`) is written atomically (a temporary file,
 //! synced, then renamed over the old one) every `checkpoint_interval` while the offsets moved,
 //! and once more when the run ends. After a crash, the lines read again are those handled
 //! since the last write, plus those that were in the pipeline: at-least-once delivery.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use pulseflow::ack::{Ack, AckOutcome};
+use pulseflow::ack::{Ack, Watermark};
 use serde::{Deserialize, Serialize};
 
 /// Bytes at the start of a file its checksum covers.
@@ -31,8 +30,8 @@ const FINGERPRINT_BYTES: u64 = 1024;
 /// Version of the file's format.
 const VERSION: u32 = 1;
 
-/// A place in a file: a byte offset and the number of lines before it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A place in a file: a byte offset and the number of lines before it (ordered by offset).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Position {
     /// Bytes before it.
     pub offset: u64,
@@ -81,30 +80,6 @@ struct SavedFile {
     files: Vec<Saved>,
 }
 
-/// The lines of one batch: where they start, and where the last one ends (moved forward as
-/// lines are read, without a lock).
-pub struct Batch {
-    start: Position,
-    end_offset: AtomicU64,
-    end_line: AtomicU64,
-}
-
-impl Batch {
-    /// Marks where the batch's last line ends.
-    #[inline]
-    pub fn extend_to(&self, end: Position) {
-        self.end_offset.store(end.offset, Ordering::Relaxed);
-        self.end_line.store(end.line, Ordering::Relaxed);
-    }
-
-    fn end(&self) -> Position {
-        Position {
-            offset: self.end_offset.load(Ordering::Relaxed),
-            line: self.end_line.load(Ordering::Relaxed),
-        }
-    }
-}
-
 /// A file of the source, as this run knows it.
 #[derive(Default)]
 struct File {
@@ -112,26 +87,8 @@ struct File {
     fingerprint: Option<Fingerprint>,
     /// Where the previous run left it (when the fingerprint matches).
     resume: Option<(Fingerprint, Position)>,
-    /// Batches read and not handled yet, by start offset.
-    pending: BTreeMap<u64, Arc<Batch>>,
-    /// The latest batch read (where reading got to).
-    last: Option<Arc<Batch>>,
-    /// The earliest batch that failed: nothing from there on is known to be handled.
-    failed: Option<Position>,
-}
-
-impl File {
-    /// The offset below which every line is handled.
-    fn handled(&self) -> Option<Position> {
-        self.fingerprint?;
-        let oldest = self.pending.values().next().map(|b| b.start);
-        let read = self.last.as_ref().map(|b| b.end());
-        let limit = match (oldest, self.failed) {
-            (Some(a), Some(b)) => Some(if a.offset <= b.offset { a } else { b }),
-            (a, b) => a.or(b),
-        };
-        limit.or(read).or(self.resume.map(|(_, p)| p))
-    }
+    /// How far it is handled, once opened.
+    marks: Option<Watermark<Position>>,
 }
 
 /// The checkpoints of one `file` source.
@@ -143,8 +100,6 @@ pub struct Checkpoints {
     /// Its files, in reading order, as the checkpoint names them (absolute paths).
     keys: Vec<String>,
     files: Mutex<Vec<File>>,
-    /// Whether an offset moved since the last write.
-    moved: AtomicBool,
     /// Serialises writes (periodic and final).
     writing: Mutex<()>,
 }
@@ -232,7 +187,6 @@ impl Checkpoints {
             source: source.to_owned(),
             keys,
             files: Mutex::new(files),
-            moved: AtomicBool::new(false),
             writing: Mutex::new(()),
         })
     }
@@ -268,44 +222,36 @@ impl Checkpoints {
             file.resume = None;
         }
         file.fingerprint = Some(now);
+        file.marks = Some(Watermark::new(start));
         Ok(start)
     }
 
-    /// A new batch of file `index` starting at `start`, and the ack its lines carry.
-    pub fn batch(self: &Arc<Self>, index: usize, start: Position) -> (Arc<Batch>, Ack) {
-        let batch = Arc::new(Batch {
-            start,
-            end_offset: AtomicU64::new(start.offset),
-            end_line: AtomicU64::new(start.line),
-        });
-        {
-            let mut files = self.files.lock();
-            if let Some(file) = files.get_mut(index) {
-                file.pending.insert(start.offset, batch.clone());
-                file.last = Some(batch.clone());
-            }
+    /// The ack for a batch of file `index` starting at `start`.
+    pub fn track(&self, index: usize, start: Position) -> Ack {
+        let files = self.files.lock();
+        match files.get(index).and_then(|f| f.marks.as_ref()) {
+            Some(marks) => marks.track(start),
+            // Not opened through `open`: nothing to record.
+            None => Ack::on_resolved(|_| {}),
         }
-        let me = Arc::downgrade(self);
-        let start_offset = start.offset;
-        let ack = Ack::on_resolved(move |report| {
-            if let Some(me) = me.upgrade() {
-                me.resolved(index, start_offset, report.outcome() == AckOutcome::Failed);
-            }
-        });
-        (batch, ack)
     }
 
-    fn resolved(&self, index: usize, start: u64, failed: bool) {
-        let mut files = self.files.lock();
-        let Some(file) = files.get_mut(index) else {
-            return;
-        };
-        if let Some(batch) = file.pending.remove(&start) {
-            if failed && file.failed.is_none_or(|f| batch.start.offset < f.offset) {
-                file.failed = Some(batch.start);
-            }
+    /// Reading file `index` got to `to`.
+    pub fn advance(&self, index: usize, to: Position) {
+        if let Some(marks) = self.files.lock().get(index).and_then(|f| f.marks.as_ref()) {
+            marks.advance(to);
         }
-        self.moved.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a file's handled offset may have moved since the last call.
+    fn take_moved(&self) -> bool {
+        let files = self.files.lock();
+        let mut moved = false;
+        // Every file's flag is taken (no short cut).
+        for marks in files.iter().filter_map(|f| f.marks.as_ref()) {
+            moved |= marks.take_moved();
+        }
+        moved
     }
 
     /// What the checkpoint file would say now.
@@ -315,11 +261,10 @@ impl Checkpoints {
             .iter()
             .zip(&self.keys)
             .filter_map(|(f, key)| {
-                let (fingerprint, handled) = match (f.fingerprint, f.handled()) {
-                    (Some(fp), Some(at)) => (fp, at),
+                let (fingerprint, handled) = match (f.fingerprint, &f.marks) {
+                    (Some(fp), Some(marks)) => (fp, marks.handled()),
                     // Not opened in this run: what the previous run said still holds.
-                    (None, _) => f.resume?,
-                    (Some(_), None) => return None,
+                    _ => f.resume?,
                 };
                 Some(Saved {
                     path: key.clone(),
@@ -338,7 +283,6 @@ impl Checkpoints {
     /// Writes the checkpoint file atomically (temporary file, synced, renamed).
     pub fn write(&self) -> Result<(), CheckpointError> {
         let _one_at_a_time = self.writing.lock();
-        self.moved.store(false, Ordering::Relaxed);
         let snapshot = self.snapshot();
         let io = |source| CheckpointError::Io {
             path: self.path.clone(),
@@ -366,7 +310,7 @@ impl Checkpoints {
             loop {
                 tick.tick().await;
                 let Some(me) = me.upgrade() else { return };
-                if me.moved.load(Ordering::Relaxed) {
+                if me.take_moved() {
                     let writer = me.clone();
                     let written = tokio::task::spawn_blocking(move || writer.write()).await;
                     if let Ok(Err(e)) = written {
@@ -388,54 +332,46 @@ mod tests {
         p
     }
 
+    const AT_4: Position = Position { offset: 4, line: 2 };
+    const AT_8: Position = Position { offset: 8, line: 4 };
+
     #[test]
     fn the_handled_offset_waits_for_the_oldest_batch_and_survives_a_reload() {
         let dir = tempfile::tempdir().expect("dir");
         let a = file(dir.path(), "a.log", "1\n2\n3\n4\n");
         let paths = vec![a.clone()];
-        let cp = Arc::new(Checkpoints::load(dir.path(), "src", &paths).expect("load"));
+        let cp = Checkpoints::load(dir.path(), "src", &paths).expect("load");
         assert_eq!(cp.open(0, &a).expect("open"), Position::default());
-        let (b1, ack1) = cp.batch(0, Position::default());
-        b1.extend_to(Position { offset: 4, line: 2 });
-        let (b2, ack2) = cp.batch(0, Position { offset: 4, line: 2 });
-        b2.extend_to(Position { offset: 8, line: 4 });
+        let first = cp.track(0, Position::default());
+        let second = cp.track(0, AT_4);
+        cp.advance(0, AT_8);
         // The second batch is handled first: nothing moves past the first.
-        drop(ack2);
+        drop(second);
         cp.write().expect("write");
         let again = Checkpoints::load(dir.path(), "src", &paths).expect("reload");
         assert_eq!(again.open(0, &a).expect("open"), Position::default());
-        drop(ack1);
+        drop(first);
         cp.write().expect("write");
         let again = Checkpoints::load(dir.path(), "src", &paths).expect("reload");
-        assert_eq!(
-            again.open(0, &a).expect("open"),
-            Position { offset: 8, line: 4 }
-        );
+        assert_eq!(again.open(0, &a).expect("open"), AT_8);
     }
 
     #[test]
-    fn a_failed_batch_holds_the_offset_back() {
+    fn a_file_not_read_in_this_run_keeps_its_checkpoint() {
         let dir = tempfile::tempdir().expect("dir");
-        let a = file(dir.path(), "a.log", "1\n2\n");
-        let paths = vec![a.clone()];
-        let cp = Arc::new(Checkpoints::load(dir.path(), "src", &paths).expect("load"));
+        let a = file(dir.path(), "a.log", "1\n2\n3\n4\n");
+        let b = file(dir.path(), "b.log", "5\n");
+        let cp = Checkpoints::load(dir.path(), "src", std::slice::from_ref(&a)).expect("load");
         cp.open(0, &a).expect("open");
-        let (b1, ack1) = cp.batch(0, Position::default());
-        b1.extend_to(Position { offset: 2, line: 1 });
-        let (b2, ack2) = cp.batch(0, Position { offset: 2, line: 1 });
-        b2.extend_to(Position { offset: 4, line: 2 });
-        drop(ack1);
-        // The second batch failed (as its ack reports when a stage failed or the run was
-        // aborted): it is read again next time, whatever comes after it.
-        cp.resolved(0, 2, true);
-        drop(ack2);
-        let (b3, ack3) = cp.batch(0, Position { offset: 4, line: 2 });
-        b3.extend_to(Position { offset: 6, line: 3 });
-        drop(ack3);
-        assert_eq!(
-            cp.files.lock()[0].handled(),
-            Some(Position { offset: 2, line: 1 })
-        );
+        cp.advance(0, AT_8);
+        cp.write().expect("write");
+        // Now two files; the run is stopped before it gets to `a`.
+        let both = vec![b.clone(), a.clone()];
+        let cp = Checkpoints::load(dir.path(), "src", &both).expect("reload");
+        cp.open(0, &b).expect("open");
+        cp.write().expect("write");
+        let again = Checkpoints::load(dir.path(), "src", &both).expect("reload");
+        assert_eq!(again.open(1, &a).expect("open"), AT_8);
     }
 
     #[test]
@@ -443,14 +379,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let a = file(dir.path(), "a.log", "old 1\nold 2\n");
         let paths = vec![a.clone()];
-        let cp = Arc::new(Checkpoints::load(dir.path(), "src", &paths).expect("load"));
+        let cp = Checkpoints::load(dir.path(), "src", &paths).expect("load");
         cp.open(0, &a).expect("open");
-        let (b, ack) = cp.batch(0, Position::default());
-        b.extend_to(Position {
-            offset: 12,
-            line: 2,
-        });
-        drop(ack);
+        drop(cp.track(0, Position::default()));
+        cp.advance(
+            0,
+            Position {
+                offset: 12,
+                line: 2,
+            },
+        );
         cp.write().expect("write");
         // Appended to: the same file, resumed.
         std::fs::write(&a, "old 1\nold 2\nnew 3\n").expect("append");

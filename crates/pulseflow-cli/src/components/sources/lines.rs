@@ -16,7 +16,7 @@ use pulseflow::envelope::Cost;
 use pulseflow::prelude::*;
 
 use super::Format;
-use super::checkpoint::{self, Checkpoints, Position};
+use super::checkpoint::{Checkpoints, Position};
 use super::reader::ChunkReader;
 
 /// Bytes of raw text kept from an over-long line, for its dead letter.
@@ -179,31 +179,20 @@ struct Lines {
     acked: Option<Acked>,
 }
 
-/// The checkpoints of the file being read, and the batch of the current `produce` call.
+/// The checkpoints of the file being read, and the ack of the current `produce` call's lines.
 struct Acked {
     checkpoints: Arc<Checkpoints>,
     /// The file's index among the source's files.
     index: usize,
-    batch: Option<(Arc<checkpoint::Batch>, Ack)>,
+    ack: Option<Ack>,
 }
 
 impl Lines {
     /// Pushes `line` as an item, unless it is blank (JSON, CSV) or a CSV header.
     fn push(&mut self, line: Line<'_>, out: &mut SourceOutput<RawLine>) {
-        let start = Position {
-            offset: self.offset,
-            line: self.line,
-        };
+        let start = self.position();
         self.line += 1;
         self.offset += line.consumed;
-        let end = Position {
-            offset: self.offset,
-            line: self.line,
-        };
-        // A line that gives no item still belongs to the batch being read.
-        if let Some((batch, _)) = self.acked.as_ref().and_then(|a| a.batch.as_ref()) {
-            batch.extend_to(end);
-        }
         let mut bytes = line.bytes;
         if !line.too_long {
             if let [head @ .., b'\r'] = bytes {
@@ -246,12 +235,27 @@ impl Lines {
         match &mut self.acked {
             None => out.push_with_cost(raw, cost),
             Some(a) => {
-                let (batch, ack) = a
-                    .batch
-                    .get_or_insert_with(|| a.checkpoints.batch(a.index, start));
-                batch.extend_to(end);
+                let ack = a
+                    .ack
+                    .get_or_insert_with(|| a.checkpoints.track(a.index, start));
                 out.push_acked_with_cost(raw, cost, ack.clone());
             }
+        }
+    }
+
+    /// Where the next line starts.
+    fn position(&self) -> Position {
+        Position {
+            offset: self.offset,
+            line: self.line,
+        }
+    }
+
+    /// Tells the checkpoints how far the current file is read (every line before is pushed,
+    /// and so tracked, or needed no item).
+    fn advance(&self) {
+        if let Some(a) = &self.acked {
+            a.checkpoints.advance(a.index, self.position());
         }
     }
 }
@@ -353,7 +357,7 @@ impl LineSource {
         self.lines.acked = self.checkpoints.as_ref().map(|(c, _)| Acked {
             checkpoints: c.clone(),
             index,
-            batch: None,
+            ack: None,
         });
         Ok(true)
     }
@@ -395,7 +399,7 @@ impl Source for LineSource {
         // and its bytes counted before the next await.
         // Each call's lines form a batch of their own (one ack), for the checkpoints.
         if let Some(a) = &mut self.lines.acked {
-            a.batch = None;
+            a.ack = None;
         }
         let status = loop {
             if out.is_full() {
@@ -413,6 +417,7 @@ impl Source for LineSource {
                 .map_err(|e| StageError::msg(format!("cannot read {}: {e}", self.lines.origin)))?;
             if available.is_empty() {
                 self.splitter.finish(|line| self.lines.push(line, out));
+                self.lines.advance();
                 self.reader = None;
                 // Give what we have before opening the next file.
                 if !out.is_empty() {
@@ -425,6 +430,7 @@ impl Source for LineSource {
                 !out.is_full()
             });
             reader.consume(used);
+            self.lines.advance();
             self.progress.fetch_add(used as u64, Ordering::Relaxed);
         };
         Ok(status)
