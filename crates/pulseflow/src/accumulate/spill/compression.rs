@@ -42,12 +42,14 @@ pub(super) struct CostModel {
 }
 
 impl CostModel {
+    #[inline]
     pub(super) fn blend(old: Option<f64>, new: f64) -> f64 {
         old.map_or(new, |o| 0.75 * o + 0.25 * new)
     }
 
     /// Whether to compress the next block: a probe every so many blocks (and the first
     /// block), otherwise what the estimates say.
+    #[inline]
     pub(super) fn should_compress(&mut self) -> bool {
         self.since_probe += 1;
         if self.lz4_ns.is_none() || self.since_probe >= self.interval.max(PROBE_EVERY) {
@@ -59,6 +61,7 @@ impl CostModel {
 
     /// Whether compressing saves more write time than it costs, by the latest estimates.
     /// Until the first write has measured the write time, blocks go raw (except the probes).
+    #[inline]
     fn pays(&self) -> bool {
         match (self.write_ns, self.lz4_ns) {
             (Some(w), Some(c)) => c < w * self.saved,
@@ -69,6 +72,7 @@ impl CostModel {
     /// After a probe: probes come less often while compression does not pay (or cannot be
     /// judged yet: before the first write is timed, blocks go raw whatever LZ4 costs, and the
     /// first timed write is weighed against the latest probe at once).
+    #[inline]
     pub(super) fn probed(&mut self) {
         self.interval = if self.pays() {
             PROBE_EVERY

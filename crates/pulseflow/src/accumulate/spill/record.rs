@@ -81,6 +81,7 @@ fn copy_ends<const N: usize>(room: &mut [u8], raw: &[u8]) {
 }
 
 /// Appends `n` as LEB128.
+#[inline]
 pub(super) fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         out.push((n as u8) | 0x80);
@@ -90,6 +91,7 @@ pub(super) fn put_varint(out: &mut Vec<u8>, mut n: u64) {
 }
 
 /// Reads a LEB128 number at `at`: the number and the bytes it took.
+#[inline]
 pub(super) fn get_varint(bytes: &[u8], at: usize) -> Option<(u64, usize)> {
     let mut n = 0u64;
     for (i, b) in bytes.get(at..)?.iter().take(10).enumerate() {

@@ -54,17 +54,20 @@ impl Segment {
     }
 
     /// Its sealed blocks' numbers.
+    #[inline]
     pub(super) fn block_range(&self) -> Range<u32> {
         self.first..self.first + self.blocks.len() as u32
     }
 
     /// Offset and stored size of `block`, when the segment holds it.
+    #[inline]
     pub(super) fn block(&self, block: u32) -> Option<(u64, u32)> {
         let i = block.checked_sub(self.first)?;
         self.blocks.get(i as usize).copied()
     }
 
     /// Whether so few of its records are live that copying them out is worth it.
+    #[inline]
     pub(super) fn due(&self, below: f64) -> bool {
         !self.kept && (self.live as f64) < self.records as f64 * below
     }
@@ -73,6 +76,7 @@ impl Segment {
 impl SpillStore {
     /// The index in `sealed` of the segment holding `block`, or `None` when that is the
     /// current segment (or none).
+    #[inline]
     pub(super) fn sealed_index(&self, block: u32) -> Option<usize> {
         if block >= self.current.first {
             return None;
@@ -83,6 +87,7 @@ impl SpillStore {
     }
 
     /// The segment holding `block` (sealed or not yet).
+    #[inline]
     pub(super) fn segment(&self, block: u32) -> Option<&Segment> {
         match self.sealed_index(block) {
             Some(i) => self.sealed.get(i).filter(|s| s.block(block).is_some()),
