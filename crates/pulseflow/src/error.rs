@@ -183,7 +183,9 @@ pub struct BuildError {
 
 impl fmt::Display for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid pipeline ({} problems)", self.errors.len())?;
+        let n = self.errors.len();
+        let s = if n == 1 { "" } else { "s" };
+        write!(f, "invalid pipeline ({n} problem{s})")?;
         for e in &self.errors {
             write!(f, "\n  - {e}")?;
         }

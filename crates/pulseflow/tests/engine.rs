@@ -756,3 +756,35 @@ fn stages_publish_counters_through_the_metrics_facade() {
         Some(DebugValue::Histogram(h)) if !h.is_empty()
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn map_async_retries_run_inside_the_concurrency_window() {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    let failed_once = Arc::new(Mutex::new(HashSet::new()));
+    let mut p = PipelineBuilder::new("retries");
+    let (sink, got) = sinks::collect();
+    let seen = failed_once.clone();
+    p.source("src", sources::iter(0u64..320))
+        .map_async("call", 32, move |n: u64| {
+            let first = seen.lock().map(|mut s| s.insert(n)).unwrap_or(false);
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                if first { Err("busy") } else { Ok(n) }
+            }
+        })
+        .error_policy(ErrorPolicy::retry(3, Duration::from_millis(10)))
+        .sink("out", sink);
+    let pipeline = p.build().expect("valid");
+    let started = tokio::time::Instant::now();
+    let r = ExecutionEngine::new().run(pipeline, paused()).await;
+    let took = started.elapsed();
+    assert!(r.success, "{:?}", r.error);
+    assert_eq!(got.len(), 320);
+    let call = r.stage("call").expect("stage");
+    assert_eq!((call.errors, call.counts.retries), (320, 320));
+    // Ten rounds of 32 calls, each 5 ms, a backoff of at most 20 ms and 5 ms again: about
+    // 0.3 s of the paused clock. Retries one after the other in the stage's task would take
+    // at least 320 x 15 ms = 4.8 s.
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}

@@ -154,7 +154,7 @@ pub enum LoadError {
         source: std::io::Error,
     },
     /// The file has problems.
-    #[error("invalid config ({} problems)", .0.len())]
+    #[error("invalid config ({} problem{})", .0.len(), if .0.len() == 1 { "" } else { "s" })]
     Invalid(Vec<Problem>),
 }
 

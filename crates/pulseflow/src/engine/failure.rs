@@ -80,6 +80,14 @@ impl Failures {
         ItemFailure::consumed(meta.seq, error)
     }
 
+    /// Counts a failed attempt that is retried (by a stage that retries on its own, such as
+    /// `map_async` inside its concurrency window).
+    pub fn retried(&self, seq: u64, error: &StageError, tally: &mut Tally) {
+        tally.errors += 1;
+        tally.retries += 1;
+        self.stats.record_error(format!("item {seq}: {error}"));
+    }
+
     /// Counts one failure and decides its fate. `attempts` is how many tries were made;
     /// `delays` yields the next wait while retries remain. A settled item's acks record the
     /// outcome (an item that no longer exists has its acks recorded by the caller, with

@@ -14,9 +14,11 @@ impl PipelineGraph {
     pub fn validate(&self, registry: &PolicyRegistry) -> Vec<ValidationError> {
         let mut errors = Vec::new();
         let mut seen = BTreeSet::new();
+        let mut duplicated = BTreeSet::new();
         for node in &self.nodes {
             if !seen.insert(node.id.as_str()) {
                 errors.push(ValidationError::DuplicateStageId(node.id.clone()));
+                duplicated.insert(node.id.as_str());
             }
         }
         for edge in &self.edges {
@@ -36,7 +38,7 @@ impl PipelineGraph {
             check_parallelism(node, &mut errors);
             check_policy_names(node, registry, &mut errors);
         }
-        if let Some(cycle) = self.find_cycle() {
+        if let Some(cycle) = self.find_cycle(&duplicated) {
             errors.push(ValidationError::Cycle(cycle));
         }
         errors
@@ -61,11 +63,19 @@ impl PipelineGraph {
         }
     }
 
-    /// Stages on a cycle, if there is one (Kahn's algorithm: what cannot be ordered).
-    fn find_cycle(&self) -> Option<Vec<String>> {
+    /// Stages on a cycle, if there is one (Kahn's algorithm: what cannot be ordered). An edge
+    /// from a `duplicated` id to itself joins two stages that share the id, not a stage to
+    /// itself: it is left out (the duplicate is the problem reported), where it would look like
+    /// a loop.
+    fn find_cycle(&self, duplicated: &BTreeSet<&str>) -> Option<Vec<String>> {
         let mut indegree: BTreeMap<&str, usize> =
             self.nodes.iter().map(|n| (n.id.as_str(), 0)).collect();
-        for e in &self.edges {
+        let edges: Vec<&super::Edge> = self
+            .edges
+            .iter()
+            .filter(|e| !(e.from == e.to && duplicated.contains(e.from.as_str())))
+            .collect();
+        for e in &edges {
             if let Some(d) = indegree.get_mut(e.to.as_str()) {
                 *d += 1;
             }
@@ -76,7 +86,7 @@ impl PipelineGraph {
             .map(|(id, _)| *id)
             .collect();
         while let Some(id) = ready.pop_front() {
-            for e in self.edges.iter().filter(|e| e.from == id) {
+            for e in edges.iter().filter(|e| e.from == id) {
                 if let Some(d) = indegree.get_mut(e.to.as_str()) {
                     *d -= 1;
                     if *d == 0 {
@@ -97,8 +107,7 @@ impl PipelineGraph {
                 .iter()
                 .copied()
                 .filter(|id| {
-                    !self
-                        .edges
+                    !edges
                         .iter()
                         .any(|e| e.from == *id && stuck.contains(e.to.as_str()))
                 })
@@ -326,6 +335,26 @@ mod tests {
     }
 
     #[test]
+    fn two_stages_sharing_an_id_are_a_duplicate_not_a_cycle() {
+        let graph = PipelineGraph {
+            nodes: vec![
+                StageNode::new("dup", StageKind::Source),
+                StageNode::new("dup", StageKind::Sink),
+            ],
+            edges: vec![edge("dup", "dup")],
+            metadata: Default::default(),
+        };
+        let errors = graph.validate(&PolicyRegistry::default());
+        assert_eq!(
+            errors,
+            vec![ValidationError::DuplicateStageId("dup".into())],
+            "{errors:?}"
+        );
+        let one = crate::error::BuildError { errors }.to_string();
+        assert!(one.starts_with("invalid pipeline (1 problem)\n"), "{one}");
+    }
+
+    #[test]
     fn reports_every_problem_with_stage_ids() {
         let mut a = StageNode::new("a", StageKind::Transform);
         a.parallelism = ParallelismHint::Fixed(0);
@@ -381,7 +410,7 @@ mod tests {
             ],
             metadata: Default::default(),
         };
-        let cycle = graph.find_cycle().expect("a cycle");
+        let cycle = graph.find_cycle(&BTreeSet::new()).expect("a cycle");
         assert_eq!(cycle, vec!["a".to_owned(), "b".to_owned()]);
     }
 
