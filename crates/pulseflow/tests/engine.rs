@@ -403,30 +403,6 @@ async fn a_panic_in_try_map_fails_only_that_item() {
 }
 
 #[tokio::test]
-async fn a_panic_in_map_fails_the_rest_of_its_batch() {
-    let mut p = PipelineBuilder::new("batch-panic");
-    let (sink, got) = sinks::collect();
-    p.source("src", sources::iter(0u32..200))
-        .map("boom", |x| {
-            assert!(x != 70, "cannot handle {x}");
-            x
-        })
-        .sink("out", sink);
-    // Batches of 64: the batch holding item 70 (64..128) is the one that fails.
-    let r = run(p).await;
-    assert!(r.success);
-    assert_eq!(got.len(), 200 - 64);
-    assert_eq!(r.accounting.dead_lettered, 64);
-    assert!(
-        r.dead_letters
-            .iter()
-            .all(|d| d.error.contains("cannot handle 70"))
-    );
-    assert!(r.dead_letters.iter().all(|d| d.payload.is_none()));
-    assert!(got.items().iter().all(|x| !(64..128).contains(x)));
-}
-
-#[tokio::test]
 async fn sink_panics_and_errors_follow_the_policy() {
     let mut p = PipelineBuilder::new("sink-errors");
     p.source("src", sources::iter(0u32..10))
@@ -787,4 +763,40 @@ async fn map_async_retries_run_inside_the_concurrency_window() {
     // 0.3 s of the paused clock. Retries one after the other in the stage's task would take
     // at least 320 x 15 ms = 4.8 s.
     assert!(took < Duration::from_secs(1), "took {took:?}");
+}
+
+#[tokio::test]
+async fn a_panic_in_map_or_filter_fails_that_item_alone() {
+    for in_filter in [false, true] {
+        let mut p = PipelineBuilder::new("panics");
+        let (sink, got) = sinks::collect();
+        let src = p.source("src", sources::iter(0u64..3000));
+        let stage = if in_filter {
+            src.filter("step", |n: &u64| {
+                assert!(*n != 1500, "boom at {n}");
+                true
+            })
+        } else {
+            src.map("step", |n: u64| {
+                assert!(n != 1500, "boom at {n}");
+                n
+            })
+        };
+        stage
+            .error_policy(ErrorPolicy::DeadLetter)
+            .sink("out", sink);
+        let r = run(p).await;
+        assert!(r.success, "{:?}", r.error);
+        assert_eq!(got.len(), 2999, "in_filter {in_filter}");
+        assert_eq!(r.dead_letters.len(), 1, "in_filter {in_filter}");
+        let letter = &r.dead_letters[0];
+        assert_eq!(letter.seq, 1500, "in_filter {in_filter}");
+        assert!(letter.error.contains("boom at 1500"), "{}", letter.error);
+        // A filter's closure borrows the item: it is dead-lettered whole. A map's takes it.
+        assert_eq!(
+            letter.payload::<u64>().copied(),
+            in_filter.then_some(1500),
+            "in_filter {in_filter}"
+        );
+    }
 }

@@ -82,6 +82,7 @@ impl<X: Transform> TransformHandler<X> {
             // Which items were lost is not known: every ack of the batch learns of the
             // failure (the source may offer its items again: at least once).
             acks.mark_all(self.failures.outcome());
+            acks = AckTally::default();
             if self.stage.at_most_one_output() {
                 // A batch fast path may have consumed several items before the panic: every
                 // one of them that produced no output is an error of this batch.
@@ -99,6 +100,11 @@ impl<X: Transform> TransformHandler<X> {
                 out.truncate(counts.output_mark.max(out_mark));
                 failed.push(ItemFailure::consumed(counts.current_seq, error));
             }
+        }
+        // An item that failed without being given back (its closure took it) carries its
+        // acks away: the batch's acks learn of the failure.
+        if !acks.is_empty() && failed[failed_before..].iter().any(|f| f.item.is_none()) {
+            acks.mark_all(self.failures.outcome());
         }
         if self.stage.at_most_one_output() {
             let produced = out.len() - out_before;

@@ -1,6 +1,7 @@
 //! Closures adapted into [`Transform`]s. They are stateless: cloned per worker and fusable.
 
 use std::marker::PhantomData;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use super::{BatchCounts, Transform};
 use crate::envelope::Envelope;
@@ -29,16 +30,6 @@ pub struct FlatMap<F, I, O> {
 pub struct TryMap<F, I, O> {
     f: F,
     _types: PhantomData<fn(I) -> O>,
-}
-
-/// Moves `local` into `out`, without copying when `out` is empty (the usual case).
-#[inline]
-fn append<T>(out: &mut Vec<T>, mut local: Vec<T>) {
-    if out.is_empty() {
-        *out = local;
-    } else {
-        out.append(&mut local);
-    }
 }
 
 macro_rules! clone_impl {
@@ -84,17 +75,31 @@ where
         &mut self,
         items: &mut std::vec::IntoIter<Envelope<I>>,
         out: &mut Vec<Envelope<O>>,
-        _failed: &mut Vec<ItemFailure<I>>,
+        failed: &mut Vec<ItemFailure<I>>,
         counts: &mut BatchCounts,
     ) {
         if let Some(first) = items.as_slice().first() {
             counts.current_seq = first.seq;
         }
+        out.reserve(items.len());
         let f = &mut self.f;
-        let local: Vec<Envelope<O>> = std::mem::take(items)
-            .map(|item| item.map(&mut *f))
-            .collect();
-        append(out, local);
+        // A panic fails the item in progress alone (its payload went into the closure: its
+        // sequence number identifies it); the batch goes on after it.
+        loop {
+            let mut seq = counts.current_seq;
+            let run = catch_unwind(AssertUnwindSafe(|| {
+                out.extend(items.by_ref().map(|item| {
+                    seq = item.seq;
+                    item.map(&mut *f)
+                }));
+            }));
+            match run {
+                Ok(()) => break,
+                Err(panic) => {
+                    failed.push(ItemFailure::consumed(seq, StageError::from_panic(&*panic)))
+                }
+            }
+        }
     }
 
     fn at_most_one_output(&self) -> bool {
@@ -130,17 +135,47 @@ where
         &mut self,
         items: &mut std::vec::IntoIter<Envelope<T>>,
         out: &mut Vec<Envelope<T>>,
-        _failed: &mut Vec<ItemFailure<T>>,
+        failed: &mut Vec<ItemFailure<T>>,
         counts: &mut BatchCounts,
     ) {
         if let Some(first) = items.as_slice().first() {
             counts.current_seq = first.seq;
         }
         let f = &mut self.f;
-        let local: Vec<Envelope<T>> = std::mem::take(items)
-            .filter(|item| f(&item.payload))
-            .collect();
-        append(out, local);
+        // In place: kept items are swapped to the front. A panic leaves every item where it
+        // is: the one in progress fails alone, payload and all, and the batch goes on after it.
+        let mut batch: Vec<Envelope<T>> = std::mem::take(items).collect();
+        loop {
+            let (mut kept, mut at) = (0, 0);
+            let run = catch_unwind(AssertUnwindSafe(|| {
+                while at < batch.len() {
+                    if f(&batch[at].payload) {
+                        batch.swap(kept, at);
+                        kept += 1;
+                    }
+                    at += 1;
+                }
+            }));
+            let rest = match run {
+                Ok(()) => None,
+                Err(panic) => {
+                    let mut rest = batch.split_off(at);
+                    let failing = rest.remove(0);
+                    failed.push(ItemFailure::new(failing, StageError::from_panic(&*panic)));
+                    Some(rest)
+                }
+            };
+            batch.truncate(kept);
+            if out.is_empty() {
+                *out = std::mem::take(&mut batch);
+            } else {
+                out.append(&mut batch);
+            }
+            match rest {
+                Some(rest) => batch = rest,
+                None => break,
+            }
+        }
     }
 
     fn at_most_one_output(&self) -> bool {

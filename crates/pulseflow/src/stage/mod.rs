@@ -350,7 +350,7 @@ pub trait Transform: Send + 'static {
     /// item in progress and the batch resumes after it) or declare
     /// [`at_most_one_output`](Transform::at_most_one_output), in which case a panic fails
     /// every item the call consumed without an output (the closure adapters `map` and
-    /// `filter` work this way: they process a batch in place).
+    /// `filter` declare it, and catch a panic themselves: only the item in progress fails).
     fn process_batch(
         &mut self,
         items: &mut std::vec::IntoIter<Envelope<Self::In>>,
