@@ -4,7 +4,11 @@
 //! [`Batch`]es, from sources through transforms, branches and merges to sinks. Every stage has
 //! a bounded input buffer with a drop policy, an error policy (retry, dead-letter, fail,
 //! ignore) and live counters; at the end of every run the counts reconcile:
-//! `in = out + filtered + dropped + dead_lettered` (see [`metrics`]).
+//! `ingested + created = delivered + filtered + dropped + dead_lettered + absorbed`, where
+//! `created` counts items a stage made besides its inputs (branch copies, `flat_map` outputs)
+//! and `absorbed` the inputs an accumulator folded into an output with others (see
+//! [`metrics`]). Sources may attach acknowledgements that resolve once everything derived
+//! from an item is handled ([`ack`]).
 //!
 //! ```
 //! use pulseflow::prelude::*;
@@ -49,15 +53,17 @@ mod plan;
 pub mod policy;
 pub mod stage;
 
-pub use builder::{Pipeline, PipelineBuilder, Routes, Stream};
+pub use builder::{Branches, Pipeline, PipelineBuilder, Routes, Stream};
 pub use engine::{DeadLetter, ExecutionEngine, ExecutionOptions, PipelineResult};
 pub use envelope::{Batch, Envelope};
 pub use error::{BuildError, ItemFailure, PipelineError, StageError, ValidationError};
 pub use graph::PipelineGraph;
+/// The token of [`ExecutionOptions::cancellation`]: cancelling it stops a run gracefully.
+pub use tokio_util::sync::CancellationToken;
 
 /// The names most pipelines need.
 pub mod prelude {
-    pub use crate::builder::{Pipeline, PipelineBuilder, Routes, Stream};
+    pub use crate::builder::{Branches, Pipeline, PipelineBuilder, Routes, Stream};
     pub use crate::engine::{ExecutionEngine, ExecutionOptions, PipelineResult};
     pub use crate::envelope::{Batch, Envelope};
     pub use crate::error::{ItemFailure, PipelineError, StageError};

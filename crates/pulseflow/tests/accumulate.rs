@@ -141,6 +141,7 @@ async fn ttl_expiry_emits_partial_with_missing_vars() {
     for e in &out[..2] {
         assert_eq!(e.payload.missing, vec!["email".to_owned()]);
         assert_eq!(e.header("acc.completeness"), Some("0.500"));
+        assert_eq!(pulseflow::accumulate::completeness(e), Some(0.5));
         assert_eq!(e.header("acc.spilled"), Some("false"));
     }
     assert!(out[2].payload.is_complete());

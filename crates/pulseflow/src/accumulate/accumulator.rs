@@ -70,8 +70,14 @@ pub trait Accumulator: Send + 'static {
     /// Output payload.
     type Out: Send + 'static;
     /// The key items are grouped by.
+    ///
+    /// Keys and states are `Serialize` and `DeserializeOwned` whether or not the stage
+    /// spills: spilling is decided at run time, by the policy's `spill` and the run's memory
+    /// budget, not by the type, and a bound that depended on it would need a second trait
+    /// (and a second stage type) for the same accumulator. For types that never spill, the
+    /// derives cost nothing at run time (`#[derive(Serialize, Deserialize)]`).
     type Key: Clone + Eq + Hash + Debug + Send + Serialize + DeserializeOwned + 'static;
-    /// The state kept per key.
+    /// The state kept per key (see [`Key`](Accumulator::Key) for why it is serializable).
     type State: Send + Serialize + DeserializeOwned + 'static;
 
     /// Called once per instance before any item; an error fails the run.

@@ -11,8 +11,10 @@
 //!   [`MemoryBudget`](crate::memory::MemoryBudget).
 //! - [`TemplateVars`]: the seed's template-variable accumulator.
 //!
-//! Emitted envelopes carry the headers `acc.completeness` (the key's score, `1.000` when
-//! complete) and `acc.spilled` (whether the key's state was ever on disk). Each stage counts
+//! Emitted envelopes carry the key's completeness score (`1.0` when complete) as a number,
+//! read with [`completeness`], and as the header `acc.completeness` (`"1.000"`), and the
+//! header `acc.spilled` (whether the key's state was ever on disk). A key that completed and
+//! then receives more items starts again, as a new key. Each stage counts
 //! `accumulator_operations{stage, action}` with actions `completed`, `partial_flush`,
 //! `ttl_flush`, `spilled` and `reloaded`, and shows its table and spill figures in
 //! [`inspect`](crate::ExecutionEngine::inspect) (`accumulator.*`, `spill.*`).
@@ -67,6 +69,7 @@
 //! let out = got.take();
 //! assert_eq!(out[0].payload, (0, 3, 0 + 2 + 4));
 //! assert_eq!(out[0].header("acc.completeness"), Some("1.000"));
+//! assert_eq!(pulseflow::accumulate::completeness(&out[0]), Some(1.0));
 //! assert_eq!(out.len(), 4); // two complete, two flushed at the end
 //! assert_eq!(result.accounting.absorbed, 8 - 4);
 //! # }
@@ -81,6 +84,16 @@ pub(crate) mod table;
 mod template_vars;
 
 pub use accumulator::{Accumulator, AccumulatorState, CompletenessResult};
+
+/// The completeness score an accumulator's output carries: `1.0` for a complete key, the
+/// key's score (between 0 and 1) for one flushed before it completed; `None` for an item that
+/// did not come out of an accumulator.
+pub fn completeness<T>(output: &crate::Envelope<T>) -> Option<f64> {
+    match output.attr("acc.completeness") {
+        Some(crate::envelope::AttrValue::Float(score)) => Some(*score),
+        _ => None,
+    }
+}
 pub use completeness::{
     CompletenessEvaluator, CountThreshold, Hybrid, Observed, Progress, RequiredVars, SizeThreshold,
     VarSet,

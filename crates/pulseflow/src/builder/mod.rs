@@ -46,7 +46,7 @@ mod accumulate;
 mod ops;
 
 pub use crate::plan::Pipeline;
-pub use ops::Routes;
+pub use ops::{Branches, Routes};
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -85,6 +85,11 @@ struct Inner {
 }
 
 /// Builds a pipeline stage by stage.
+///
+/// The builder and its [`Stream`]s share one graph through `Rc`, so they are not `Send`:
+/// build the pipeline on one thread (inside an `async` block, before an `.await` that could
+/// move the task to another thread), then hand the [`Pipeline`], which is `Send`, to
+/// [`ExecutionEngine::run`](crate::ExecutionEngine::run).
 pub struct PipelineBuilder {
     inner: Rc<RefCell<Inner>>,
 }
@@ -249,6 +254,9 @@ fn add_node(
 macro_rules! policy_setters {
     () => {
         /// The stage's input buffer (capacity in items, drop policy), inline or by name.
+        ///
+        /// On a [`Stream`] this is the buffer in front of the stage that produced it:
+        /// `.map("m", f).buffer(b)` sets `m`'s input buffer, not one after `m`.
         pub fn buffer(self, policy: impl Into<PolicyRef<BufferPolicy>>) -> Self {
             let policy = policy.into();
             self.configure(|n| n.buffer = Some(policy))

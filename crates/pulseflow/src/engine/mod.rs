@@ -309,6 +309,11 @@ impl ExecutionEngine {
 
     /// Stops gracefully: sources stop producing, items in flight finish, stages close. If the
     /// run has not ended within `deadline`, it is aborted. Returns once the run has ended.
+    ///
+    /// Draining goes through every buffer (up to 8,192 items per stage by default, see
+    /// [`BufferPolicy`](crate::policy::BufferPolicy)): the deadline must cover processing
+    /// what they hold, or the rest is aborted (counted, and its acknowledgements report
+    /// failure).
     pub async fn stop(&self, deadline: Duration) {
         let Some(run) = self.control.current.lock().clone() else {
             return;

@@ -151,3 +151,80 @@ impl<T: Send + 'static> Sink for CollectSink<T> {
         Ok(())
     }
 }
+
+/// A sink that hands each payload to a bounded channel, and the [`Output`] that receives
+/// them: the pipeline's output as a `futures::Stream` (or with [`Output::recv`]) for code
+/// that consumes it as it comes. A full channel holds the sink back, and so the pipeline
+/// (backpressure); an item is delivered once it is in the channel. When the receiver is
+/// dropped, the items that still come fail (and go to the sink's error policy).
+///
+/// ```
+/// use futures::StreamExt;
+/// use pulseflow::prelude::*;
+///
+/// # tokio::runtime::Runtime::new().expect("runtime").block_on(async {
+/// let (sink, mut output) = sinks::channel::<u64>(16);
+/// let mut p = PipelineBuilder::new("queue");
+/// p.source("numbers", sources::iter(1..=100u64))
+///     .map("double", |n| n * 2)
+///     .sink("out", sink);
+/// let pipeline = p.build().expect("valid");
+/// let run = tokio::spawn(async move {
+///     ExecutionEngine::new().run(pipeline, ExecutionOptions::default()).await
+/// });
+/// let mut total = 0;
+/// while let Some(n) = output.next().await {
+///     total += n;
+/// }
+/// assert_eq!(total, 10_100);
+/// assert!(run.await.expect("run").success);
+/// # });
+/// ```
+pub fn channel<T: Send + 'static>(capacity: usize) -> (ChannelSink<T>, Output<T>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+    (ChannelSink { tx }, Output { rx })
+}
+
+/// The sink of [`channel`].
+pub struct ChannelSink<T> {
+    tx: tokio::sync::mpsc::Sender<T>,
+}
+
+/// The receiving end of [`channel`]: a `futures::Stream` of the payloads, ending when the
+/// run is over.
+pub struct Output<T> {
+    rx: tokio::sync::mpsc::Receiver<T>,
+}
+
+impl<T> Output<T> {
+    /// The next payload; `None` once the sink has closed (the run ended).
+    pub async fn recv(&mut self) -> Option<T> {
+        self.rx.recv().await
+    }
+}
+
+impl<T> futures::Stream for Output<T> {
+    type Item = T;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl<T: Send + 'static> Sink for ChannelSink<T> {
+    type Item = T;
+
+    async fn write(&mut self, item: Envelope<T>) -> Result<(), ItemFailure<T>> {
+        let (payload, meta) = item.into_parts();
+        match self.tx.send(payload).await {
+            Ok(()) => Ok(()),
+            Err(tokio::sync::mpsc::error::SendError(payload)) => Err(ItemFailure::new(
+                meta.map(|()| payload),
+                StageError::msg("the receiver of the output is gone"),
+            )),
+        }
+    }
+}

@@ -8,7 +8,7 @@ use super::{AccStage, Resident};
 use crate::accumulate::{Accumulator, AccumulatorState};
 use crate::ack::{Ack, Outcome};
 use crate::engine::downstream::Downstream;
-use crate::envelope::{Batch, Cost, Envelope, Timestamp};
+use crate::envelope::{AttrValue, Batch, Cost, Envelope, Timestamp};
 use crate::error::{ItemFailure, StageError};
 use crate::metrics::{DropReason, Tally};
 
@@ -60,6 +60,7 @@ impl Headers {
         if slot.as_ref().is_none_or(|(b, _)| *b != bits) {
             let mut env = Envelope::new(());
             env.set_header("acc.completeness", format!("{score:.3}"));
+            env.set_attr("acc.completeness", AttrValue::Float(score));
             env.set_header("acc.spilled", if spilled { "true" } else { "false" });
             *slot = Some((bits, env));
         }
