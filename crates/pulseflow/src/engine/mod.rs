@@ -311,7 +311,7 @@ impl ExecutionEngine {
     /// run has not ended within `deadline`, it is aborted. Returns once the run has ended.
     ///
     /// Draining goes through every buffer (up to 8,192 items per stage by default, see
-    /// [`BufferPolicy`](crate::policy::BufferPolicy)): the deadline must cover processing
+    /// [`BufferPolicy`]): the deadline must cover processing
     /// what they hold, or the rest is aborted (counted, and its acknowledgements report
     /// failure).
     pub async fn stop(&self, deadline: Duration) {
