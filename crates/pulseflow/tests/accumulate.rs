@@ -208,6 +208,34 @@ async fn max_latency_flushes_a_busy_key() {
     assert_eq!(out.iter().map(|(_, n, _)| n).sum::<u64>(), 10);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_key_kept_closed_drops_its_later_items_until_its_closed_ttl_is_over() {
+    // Key 1 completes at two items; one more comes at once (dropped: the key is closed), then
+    // two after the closed TTL (a new key, complete again).
+    let items = with_gap(
+        vec![(1u32, 1u64), (1, 2), (1, 4)],
+        Duration::from_secs(20),
+        vec![(1, 8), (1, 16)],
+    );
+    let mut p = PipelineBuilder::new("closed");
+    let (sink, got) = sinks::collect();
+    p.source("in", sources::stream(items))
+        .accumulate(
+            "sum",
+            CountSum::at(2),
+            AccumulatorPolicy::default().with_closed_ttl(Duration::from_secs(10)),
+        )
+        .sink("out", sink);
+    let result = ExecutionEngine::new()
+        .run(p.build().expect("valid"), paused().with_batch_size(1))
+        .await;
+    assert!(result.success, "{:?}", result.error);
+    checked(&result);
+    assert_eq!(got.items(), vec![(1, 2, 3), (1, 2, 24)]);
+    let s = stage(&result, "sum");
+    assert_eq!(s.counts.dropped.get("discarded_by_policy"), Some(&1));
+}
+
 #[tokio::test]
 async fn end_of_input_flush_and_limits() {
     let mut p = PipelineBuilder::new("eoi");

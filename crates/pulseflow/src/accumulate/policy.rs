@@ -13,6 +13,9 @@ use crate::policy::ParallelismHint;
 /// - `completeness_ttl`: a key that received nothing for this long expires (TTL flush).
 /// - `partial_flush`: a key flushed before it is complete emits what it has (with its
 ///   completeness score); without it, the key's items are dropped as `discarded_by_policy`.
+/// - `closed_ttl`: a key that completed stays closed this long: its later items are dropped
+///   as `discarded_by_policy` (one output per key, as for a template filled once), instead of
+///   starting the key again.
 /// - `spill_allowed`: over the memory budget, the coldest keys go to disk (in `spill_dir`,
 ///   a temporary directory removed at the end by default), in segment files of
 ///   `spill_segment_bytes`; a full segment is compacted once fewer than
@@ -42,6 +45,8 @@ pub struct AccumulatorPolicy {
     pub completeness_ttl: Option<Duration>,
     /// Emit incomplete keys when they are flushed early instead of discarding them.
     pub partial_flush: bool,
+    /// How long a completed key stays closed (its later items dropped).
+    pub closed_ttl: Option<Duration>,
     /// Spill cold keys to disk when the memory budget is exceeded.
     pub spill_allowed: bool,
     /// Where spill files go; a temporary directory (removed at the end) when `None`.
@@ -76,6 +81,13 @@ impl AccumulatorPolicy {
     /// Sets `completeness_ttl`.
     pub fn with_completeness_ttl(mut self, d: Duration) -> Self {
         self.completeness_ttl = Some(d);
+        self
+    }
+
+    /// Sets `closed_ttl`: a key that completed drops its later items for `d`, then starts
+    /// again.
+    pub fn with_closed_ttl(mut self, d: Duration) -> Self {
+        self.closed_ttl = Some(d);
         self
     }
 

@@ -64,6 +64,11 @@ impl<A: Accumulator> AccStage<A> {
                 return;
             }
         };
+        if self.policy.closed_ttl.is_some() && self.is_closed(&key, now) {
+            crate::ack::record_all([&item], Outcome::Dropped);
+            tally.count_drop(DropReason::Discarded, 1);
+            return;
+        }
         let slot = match self.table.touch(&key) {
             Some(slot) => slot,
             None => match self.admit(key.clone(), now, tally) {
@@ -140,6 +145,9 @@ impl<A: Accumulator> AccStage<A> {
                 };
                 let mut meta = Meta::of(&r.acc);
                 meta.score = 1.0;
+                if let Some(ttl) = self.policy.closed_ttl {
+                    self.closed.insert(key.clone(), now + ttl);
+                }
                 let acks = self.held_acks(&key);
                 self.emit(output, meta, Action::Completed, acks, out, tally);
             }
@@ -159,6 +167,18 @@ impl<A: Accumulator> AccStage<A> {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether `key` completed less than `closed_ttl` ago (forgetting it once that is over).
+    fn is_closed(&mut self, key: &A::Key, now: Instant) -> bool {
+        match self.closed.get(key) {
+            Some(until) if now < *until => true,
+            Some(_) => {
+                self.closed.remove(key);
+                false
+            }
+            None => false,
         }
     }
 
@@ -264,6 +284,10 @@ impl<A: Accumulator> AccStage<A> {
             };
             self.ingest(item, key, now, &mut out, &mut tally);
             slice.step().await;
+        }
+        if self.closed.len() > 1024 && self.closed.len() > 2 * self.table.len() {
+            // Keys closed long ago and never seen again: forgotten.
+            self.closed.retain(|_, until| now < *until);
         }
         self.relieve(&mut tally).await;
         self.compact(&mut tally).await;

@@ -101,6 +101,8 @@ pub(crate) struct AccStage<A: Accumulator> {
     /// The acks of the items each key absorbed, until its output leaves (or the key is
     /// discarded). Empty when items carry no acks.
     held: HashMap<A::Key, AckTally>,
+    /// Keys that completed, closed until the instant given (policy `closed_ttl`).
+    closed: HashMap<A::Key, Instant>,
 }
 
 impl<A: Accumulator> AccStage<A> {
@@ -135,6 +137,7 @@ impl<A: Accumulator> AccStage<A> {
             buf: Vec::new(),
             headers: Headers::default(),
             held: HashMap::new(),
+            closed: HashMap::new(),
         }
     }
 

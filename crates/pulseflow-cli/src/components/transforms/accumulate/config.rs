@@ -109,6 +109,8 @@ pub struct Settings {
     #[serde(default)]
     ttl: Option<Spanned<String>>,
     #[serde(default)]
+    closed_ttl: Option<Spanned<String>>,
+    #[serde(default)]
     partial_flush: bool,
     #[serde(default)]
     spill: bool,
@@ -167,10 +169,15 @@ impl Settings {
                 None => {}
             }
         }
-        for (what, d) in [("max_latency", &cfg.max_latency), ("ttl", &cfg.ttl)] {
+        for (what, d) in [
+            ("max_latency", &cfg.max_latency),
+            ("ttl", &cfg.ttl),
+            ("closed_ttl", &cfg.closed_ttl),
+        ] {
             let Some(d) = d else { continue };
             match parse_duration(d.get_ref()).filter(|d| !d.is_zero()) {
                 Some(t) if what == "ttl" => policy = policy.with_completeness_ttl(t),
+                Some(t) if what == "closed_ttl" => policy = policy.with_closed_ttl(t),
                 Some(t) => policy = policy.with_max_latency(t),
                 None => problems.add(
                     format!("invalid duration `{}` for `{what}`", d.get_ref()),
