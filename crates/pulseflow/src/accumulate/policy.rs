@@ -32,6 +32,10 @@ use crate::policy::ParallelismHint;
 ///     .with_spill(true);
 /// assert_eq!(policy.max_items, Some(100));
 /// assert!(policy.has_deadlines());
+///
+/// // One output per key: a key that completed ignores its later items for an hour.
+/// let once = AccumulatorPolicy::default().with_closed_ttl(Duration::from_secs(3600));
+/// assert_eq!(once.closed_ttl, Some(Duration::from_secs(3600)));
 /// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AccumulatorPolicy {
