@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use jaq_json::Val;
 use pulseflow::prelude::*;
+use toml::Spanned;
 
 use crate::build::BuildContext;
 use crate::components::{Reads, TransformComponent};
-use crate::config::Jq;
+use crate::config::{Jq, Problems, ReadContext};
 use crate::jq::JqProgram;
 
 /// A checked `filter` or `map` component: one jq expression and what is done with its
@@ -19,6 +20,19 @@ pub struct JqComponent {
     pub jq: Jq,
     /// Filter or map.
     pub mode: Mode,
+}
+
+impl JqComponent {
+    /// The checked `filter` or `map` of the expression `code`.
+    pub fn checked(
+        cx: &ReadContext<'_>,
+        code: &Spanned<String>,
+        mode: Mode,
+        problems: &mut Problems,
+    ) -> Option<Arc<dyn TransformComponent>> {
+        let jq = cx.jq(code, &cx.table, problems)?;
+        Some(Arc::new(JqComponent { jq, mode }))
+    }
 }
 
 impl TransformComponent for JqComponent {

@@ -35,10 +35,6 @@ impl Declare for Settings {
         cx: &ReadContext<'_>,
         problems: &mut Problems,
     ) -> Option<Arc<dyn TransformComponent>> {
-        let jq = cx.jq(&self.jq, &cx.table, problems)?;
-        Some(Arc::new(JqComponent {
-            jq,
-            mode: Mode::Map,
-        }))
+        JqComponent::checked(cx, &self.jq, Mode::Map, problems)
     }
 }
