@@ -509,6 +509,22 @@ aggregates = { n = "count", total = "sum(.amount)", ids = "collect(.amount)" }"#
         assert_eq!(counts.len(), 14);
     }
 
+    #[tokio::test]
+    async fn closed_ttl_gives_one_output_per_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Five items per user, complete at two: closed for an hour, each user's other three
+        // items are dropped; without it each user would start again (2, 2, then 1 flushed).
+        let text = per_user(
+            10,
+            "{user: (. % 2)}",
+            "aggregates = { n = \"count\" }\ncomplete_when = { count = 2 }\nclosed_ttl = \"1h\"",
+        );
+        let (result, lines) = run_config(dir.path(), &text).await;
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines.iter().all(|l| l.contains("\"n\":2")), "{lines:?}");
+        assert_eq!(result.accounting.dropped, 6);
+    }
+
     #[test]
     fn memory_budget_sizes() {
         let parse = |v: &str| {
