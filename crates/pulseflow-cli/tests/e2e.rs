@@ -21,7 +21,7 @@ fn copy_dir(from: &Path, to: &Path) {
         let entry = entry.expect("entry");
         let path = entry.path();
         let name = entry.file_name();
-        if name == "out" {
+        if name == "out" || name == "state" {
             continue;
         }
         if path.is_dir() {
@@ -87,6 +87,53 @@ fn examples_copy() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().expect("tempdir");
     copy_dir(&manifest_dir().join("../../examples"), tmp.path());
     tmp
+}
+
+#[test]
+fn example_restartable_resumes_where_it_left_off() {
+    let tmp = examples_copy();
+    let log = tmp.path().join("data/app.log.ndjson");
+    let archive = tmp.path().join("out/problems.ndjson");
+    let first = run_in(tmp.path(), &["run", "restartable.toml"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let archived = read(&archive);
+    assert!(!archived.is_empty());
+    // Nothing new: the rerun reads nothing and the archive stays as it was.
+    let again = run_in(tmp.path(), &["run", "restartable.toml"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("pulseflow: 0 in"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(read(&archive), archived);
+    // A line appended to the log is all the next run delivers.
+    let mut text = read(&log);
+    text.push_str(
+        "{\"ts\": \"later\", \"level\": \"error\", \"msg\": \"disk full\", \"service\": \"db\"}\n",
+    );
+    std::fs::write(&log, text).expect("append to the log");
+    let third = run_in(tmp.path(), &["run", "restartable.toml"]);
+    assert!(third.status.success(), "{}", stderr(&third));
+    assert!(
+        stderr(&third).contains("pulseflow: 1 in, 1 delivered"),
+        "{}",
+        stderr(&third)
+    );
+    let now = read(&archive);
+    assert!(now.starts_with(&archived));
+    assert_eq!(now[archived.len()..].lines().count(), 1);
+    assert!(
+        now.ends_with("\"msg\":\"disk full\",\"service\":\"db\",\"ts\":\"later\"}\n"),
+        "{now}"
+    );
+}
+
+#[test]
+fn example_tail_is_valid() {
+    let tmp = examples_copy();
+    let out = run_in(tmp.path(), &["validate", "tail.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[test]
