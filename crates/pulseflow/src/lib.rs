@@ -35,13 +35,14 @@
 //!
 //! Modules, one concern each: [`envelope`] (data model), [`stage`] (traits and adapters),
 //! [`builder`] (typed construction), [`graph`] (untyped graph, validation, export),
-//! [`policy`] (buffer, backpressure, error, circuit-breaker policies and their registry),
+//! [`connectors`] (HTTP, behind cargo features), [`policy`] (buffer, backpressure, error, circuit-breaker policies and their registry),
 //! [`flow`] (bounded edges), [`engine`] (execution), [`metrics`] (counters and the
 //! conservation law), [`memory`] (memory budget).
 
 pub mod accumulate;
 pub mod ack;
 pub mod builder;
+pub mod connectors;
 pub mod engine;
 pub mod envelope;
 pub mod error;
