@@ -64,7 +64,7 @@ async fn ingest(mut config: HttpSourceConfig) -> Ingest {
     let source = HttpSource::bind(config, body::json::<Value>())
         .await
         .expect("bind");
-    let address = source.local_addr();
+    let address = source.local_addr().expect("bound");
     let stop = source.stopper();
     let gate = Arc::new(Semaphore::new(0));
     let seen = Arc::new(Mutex::new(Vec::new()));

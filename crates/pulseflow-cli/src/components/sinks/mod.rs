@@ -1,7 +1,9 @@
-//! Sinks: `stdout` and `file` write one JSON value per line, `blackhole` only counts.
+//! Sinks: `stdout` and `file` write one JSON value per line, `http` POSTs batches of them,
+//! `blackhole` only counts.
 
 pub mod blackhole;
 pub mod file;
+pub mod http;
 pub mod ndjson;
 pub mod stdout;
 pub mod writer;

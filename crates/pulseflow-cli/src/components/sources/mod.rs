@@ -6,6 +6,7 @@ pub mod csv;
 pub mod decode;
 pub mod file;
 pub mod generate;
+pub mod http;
 pub mod lines;
 pub mod reader;
 pub mod stdin;

@@ -27,7 +27,18 @@ pub type Decoder<T> = Arc<dyn Fn(&str) -> Result<T, String> + Send + Sync>;
 
 /// A decoder of items that implement `Deserialize` (`serde_json::Value` for any JSON).
 pub fn json<T: DeserializeOwned + 'static>() -> Decoder<T> {
-    Arc::new(|text| serde_json::from_str(text).map_err(|e| strip_position(&e)))
+    Arc::new(|text| serde_json::from_str(text).map_err(|e| describe(&e)))
+}
+
+/// A serde_json error of one item's text as a message: where in the item it is (its column,
+/// and its line when the item spans several), without serde_json's "at line 1".
+pub fn describe(e: &serde_json::Error) -> String {
+    let message = strip_position(e);
+    match (e.line(), e.column()) {
+        (0, _) => message,
+        (1, column) => format!("{message} (column {column})"),
+        (line, column) => format!("{message} (line {line} of the item, column {column})"),
+    }
 }
 
 /// How a body holds its items.

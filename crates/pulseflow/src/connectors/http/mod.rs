@@ -24,7 +24,7 @@
 //!     body::json::<serde_json::Value>(),
 //! )
 //! .await?;
-//! let address = source.local_addr();
+//! let address = source.local_addr().expect("bound");
 //! let stop = source.stopper();
 //! let (sink, collected) = pulseflow::stage::sinks::collect::<serde_json::Value>();
 //! let mut p = PipelineBuilder::new("relay");

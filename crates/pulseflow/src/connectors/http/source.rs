@@ -30,7 +30,7 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = HttpSourceConfig::new("127.0.0.1:8080".parse()?);
 //! let source = HttpSource::bind(config, body::json::<serde_json::Value>()).await?;
-//! println!("listening on {}", source.local_addr());
+//! println!("listening on {:?}", source.local_addr());
 //! let mut p = PipelineBuilder::new("ingest");
 //! p.source("http", source).sink("print", sink_fn(|v: serde_json::Value| println!("{v}")));
 //! ExecutionEngine::new().run(p.build()?, ExecutionOptions::default()).await;
@@ -62,7 +62,7 @@ use super::body::{self, Decoder};
 use super::serve::{Limits, serve};
 use crate::ack::{Ack, AckOutcome, AckReceipt, AckReport};
 use crate::error::StageError;
-use crate::stage::{Source, SourceOutput, SourceStatus};
+use crate::stage::{Source, SourceOutput, SourceStatus, StageContext};
 
 /// When a request is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -136,38 +136,56 @@ pub enum HttpSourceError {
 
 /// A source of the items POSTed to an HTTP endpoint. See the [module docs](self).
 pub struct HttpSource<T> {
-    rx: mpsc::Receiver<Piece<T>>,
+    /// What [`Source::init`] binds, for a source made by [`HttpSource::new`].
+    unbound: Option<(HttpSourceConfig, Decoder<T>)>,
+    rx: Option<mpsc::Receiver<Piece<T>>>,
     /// A piece received but not taken yet: it did not fit in the batch under way.
     held: Option<Piece<T>>,
-    local: SocketAddr,
+    local: Option<SocketAddr>,
     stop: CancellationToken,
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl<T: Send + 'static> HttpSource<T> {
-    /// Binds the address and starts serving; requests are queued until the pipeline runs.
+    /// A source that binds its address when the run starts (a failure to bind stops the run
+    /// before any item flows).
+    pub fn new(config: HttpSourceConfig, decoder: Decoder<T>) -> Self {
+        Self {
+            unbound: Some((config, decoder)),
+            rx: None,
+            held: None,
+            local: None,
+            stop: CancellationToken::new(),
+            server: None,
+        }
+    }
+
+    /// Binds the address and starts serving now; requests are queued until the run starts.
     pub async fn bind(
         config: HttpSourceConfig,
         decoder: Decoder<T>,
     ) -> Result<Self, HttpSourceError> {
+        let mut source = Self::new(config, decoder);
+        source.start().await?;
+        Ok(source)
+    }
+
+    async fn start(&mut self) -> Result<(), HttpSourceError> {
+        let Some((config, decoder)) = self.unbound.take() else {
+            return Ok(());
+        };
         if !config.path.starts_with('/') {
             return Err(HttpSourceError::Path(config.path));
         }
-        let listener =
-            TcpListener::bind(config.address)
-                .await
-                .map_err(|source| HttpSourceError::Bind {
-                    address: config.address,
-                    source,
-                })?;
-        let local = listener
-            .local_addr()
-            .map_err(|source| HttpSourceError::Bind {
-                address: config.address,
-                source,
-            })?;
+        let bind_error = |source| HttpSourceError::Bind {
+            address: config.address,
+            source,
+        };
+        let listener = TcpListener::bind(config.address)
+            .await
+            .map_err(bind_error)?;
+        let local = listener.local_addr().map_err(bind_error)?;
         let (tx, rx) = mpsc::channel(config.queue.max(1));
-        let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             tx,
             decoder,
@@ -182,20 +200,16 @@ impl<T: Send + 'static> HttpSource<T> {
             .route(&config.path, post(ingest::<T>))
             .fallback(not_found)
             .with_state(shared);
-        let server = serve(listener, app, config.limits, stop.clone());
-        Ok(Self {
-            rx,
-            held: None,
-            local,
-            stop,
-            server: Some(server),
-        })
+        self.server = Some(serve(listener, app, config.limits, self.stop.clone()));
+        self.rx = Some(rx);
+        self.local = Some(local);
+        Ok(())
     }
 }
 
 impl<T> HttpSource<T> {
-    /// The address it listens on.
-    pub fn local_addr(&self) -> SocketAddr {
+    /// The address it listens on, once bound.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local
     }
 
@@ -208,10 +222,12 @@ impl<T> HttpSource<T> {
     /// Refuses every request still queued (their clients get 503) and stops the server.
     fn refuse_queued(&mut self) {
         self.stop.cancel();
-        self.rx.close();
         self.held = None;
-        while let Ok(piece) = self.rx.try_recv() {
-            drop(piece);
+        if let Some(rx) = &mut self.rx {
+            rx.close();
+            while let Ok(piece) = rx.try_recv() {
+                drop(piece);
+            }
         }
     }
 }
@@ -224,6 +240,10 @@ impl<T> Drop for HttpSource<T> {
 
 impl<T: Send + 'static> Source for HttpSource<T> {
     type Item = T;
+
+    async fn init(&mut self, _ctx: &StageContext) -> Result<(), StageError> {
+        self.start().await.map_err(StageError::from_error)
+    }
 
     async fn produce(&mut self, out: &mut SourceOutput<T>) -> Result<SourceStatus, StageError> {
         loop {
@@ -239,8 +259,11 @@ impl<T: Send + 'static> Source for HttpSource<T> {
                     return Ok(SourceStatus::More);
                 }
             }
+            let Some(rx) = &mut self.rx else {
+                return Ok(SourceStatus::Done);
+            };
             // Waiting here is cancel-safe: a piece is either still in the channel or held.
-            match self.rx.recv().await {
+            match rx.recv().await {
                 Some(piece) => self.held = Some(piece),
                 None => return Ok(SourceStatus::Done),
             }
