@@ -60,6 +60,9 @@ enum Scenario {
     /// The `ndjson` pipeline with and without a `data_dir` (checkpoints), and the latency of
     /// one line through a live stdin -> stdout pipeline.
     Checkpoint(CommonOpts),
+    /// The HTTP source's ingest rate against a bare axum handler, and its p99 latency next to
+    /// a CPU-hogging branch, supervised and not.
+    Http(CommonOpts),
     /// Cost per poll of Tokio-Pulse supervision against bare, TaskMonitor and a CPU-clock wrapper.
     PulseOverhead(CommonOpts),
     /// Latency of light tasks next to CPU hogs: none, unsupervised, supervised (isolated).
@@ -79,6 +82,7 @@ fn main() -> std::process::ExitCode {
         Scenario::Backpressure(opts) => scenarios::backpressure::run(&opts),
         Scenario::Ndjson(opts) => scenarios::ndjson::run(&opts),
         Scenario::Checkpoint(opts) => scenarios::checkpoint::run(&opts),
+        Scenario::Http(opts) => scenarios::http::run(&opts),
         Scenario::PulseOverhead(opts) => scenarios::pulse_overhead::run(&opts),
         Scenario::Isolation(opts) => scenarios::isolation::run(&opts),
         Scenario::Accumulate(opts) => scenarios::accumulate::run(&opts),

@@ -1,6 +1,7 @@
 pub mod accumulate;
 pub mod backpressure;
 pub mod checkpoint;
+pub mod http;
 pub mod isolation;
 pub mod linear;
 pub mod ndjson;
