@@ -2,7 +2,8 @@
 //! `GET /metrics` (Prometheus text from the `metrics` facade), `GET /stages` (JSON from
 //! `ExecutionEngine::inspect_all`) and `GET /health`; and `pulseflow top`, its reader.
 //!
-//! The routes are an `axum` router, served connection by connection by hyper's HTTP/1 server.
+//! The routes are an `axum` router, served connection by connection by hyper's HTTP/1 server
+//! (the serving of the `http` source, `pulseflow::connectors::http::serve`).
 //! Another path is 404, another method on these paths 405 (`HEAD` is answered as `GET`).
 //! Each connection carries one request and is closed after its answer. A client has 5 s to
 //! send its request head, which may be 8 KiB at most (else 431), and 10 s for the whole
@@ -21,11 +22,9 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use pulseflow::ExecutionEngine;
+use pulseflow::connectors::http::serve::{Limits, serve as serve_router};
+use pulseflow::{CancellationToken, ExecutionEngine};
 use tokio::net::TcpListener;
 
 use crate::latency::{Latencies, Recorder};
@@ -94,17 +93,12 @@ struct Admin {
     latencies: Arc<Latencies>,
 }
 
-/// The time limits of a connection.
-#[derive(Clone, Copy)]
-struct Limits {
-    header_read: Duration,
-    connection: Duration,
-}
-
-/// The limits `serve` applies.
+/// The limits `serve` applies: one request per connection.
 const LIMITS: Limits = Limits {
     header_read: HEADER_READ_TIMEOUT,
-    connection: CONNECTION_TIMEOUT,
+    max_head: MAX_HEAD,
+    keep_alive: false,
+    connection: Some(CONNECTION_TIMEOUT),
 };
 
 fn router(admin: Admin) -> Router {
@@ -165,32 +159,11 @@ pub async fn serve(
         metrics,
         latencies,
     });
-    Ok((local, tokio::spawn(accept(listener, app, LIMITS))))
-}
-
-/// Serves each connection of `listener` in a task of its own.
-async fn accept(listener: TcpListener, app: Router, limits: Limits) {
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read)
-        .max_header_size(MAX_HEAD)
-        .keep_alive(false);
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            // Out of file descriptors, or a connection reset before it was accepted: the
-            // next one may do.
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let connection =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(limits.connection, connection).await;
-        });
-    }
+    // Stopped by aborting the returned task (the token is never cancelled).
+    Ok((
+        local,
+        serve_router(listener, app, LIMITS, CancellationToken::new()),
+    ))
 }
 
 /// The client `top` reads with: no proxy (the admin server is on this machine, or one the
@@ -308,7 +281,8 @@ mod tests {
     /// Short limits, so that the tests of them are quick.
     const TEST_LIMITS: Limits = Limits {
         header_read: Duration::from_millis(300),
-        connection: Duration::from_secs(2),
+        connection: Some(Duration::from_secs(2)),
+        ..LIMITS
     };
 
     /// An admin server of an engine with no pipeline, on a free loopback port.
@@ -320,7 +294,7 @@ mod tests {
             metrics: PrometheusBuilder::new().build_recorder().handle(),
             latencies: Arc::default(),
         });
-        tokio::spawn(accept(listener, app, TEST_LIMITS));
+        serve_router(listener, app, TEST_LIMITS, CancellationToken::new());
         addr
     }
 
