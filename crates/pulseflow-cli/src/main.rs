@@ -5,6 +5,7 @@
 //! pulseflow validate CONFIG
 //! pulseflow graph CONFIG [--format dot|mermaid]
 //! pulseflow top [ADDR] [--once]
+//! pulseflow test CONFIG...
 //! ```
 //!
 //! Exit status: 0 on success, 1 when the pipeline failed, 2 for an invalid config.
@@ -19,6 +20,7 @@ mod jq_fast;
 mod json;
 mod latency;
 mod report;
+mod testing;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -84,6 +86,13 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Run the `[[tests]]` of config files: each feeds its own inputs to the pipeline
+    /// (on a simulated clock) and checks outputs, dead letters and counts.
+    Test {
+        /// The config files (TOML).
+        #[arg(required = true)]
+        configs: Vec<PathBuf>,
+    },
 }
 
 /// `run --supervision`.
@@ -120,6 +129,17 @@ const EXIT_INVALID: u8 = 2;
 fn main() -> ExitCode {
     alloc::tune();
     let cli = Cli::parse();
+    if let Command::Test { configs } = &cli.command {
+        // Each test runs on a runtime of its own, with a simulated clock.
+        return match testing::run_all(configs, &mut std::io::stdout().lock()) {
+            Ok(s) if s.failed == 0 => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::from(EXIT_FAILED),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_stack_size(16 << 20)
@@ -150,6 +170,7 @@ fn main() -> ExitCode {
                 run(&config, quiet, admin, supervision).await
             }
             Command::Top { addr, once } => ExitCode::from(admin::top(&addr, once).await),
+            Command::Test { .. } => ExitCode::SUCCESS,
         }
     })
 }
