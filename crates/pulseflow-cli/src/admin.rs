@@ -122,6 +122,9 @@ async fn health() -> impl IntoResponse {
 }
 
 async fn prometheus(State(admin): State<Admin>) -> impl IntoResponse {
+    // Inspecting the stages brings their shares of time (`pulseflow_stage_time_ratio`) up
+    // to date.
+    admin.engine.inspect_all();
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
         admin.metrics.render(),

@@ -527,9 +527,60 @@ fn admin_serves_health_stages_and_metrics() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let metrics = http_get(&addr, "/metrics");
     assert!(metrics.contains("pulseflow_items_in_total"), "{metrics}");
+    for state in ["busy", "backpressured", "idle"] {
+        let gauge =
+            format!("pulseflow_stage_time_ratio{{pipeline=\"p\",stage=\"out\",state=\"{state}\"}}");
+        assert!(metrics.contains(&gauge), "no {gauge} in {metrics}");
+    }
     assert!(http_get(&addr, "/nope").starts_with("HTTP/1.1 404"));
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn admin_marks_the_stage_that_holds_the_pipeline_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // `heavy` does far more work per item than any other stage.
+    std::fs::write(
+        tmp.path().join("p.toml"),
+        "[sources.g]\ntype = \"generate\"\ncount = 2000000\n\
+         [transforms.light]\ntype = \"filter\"\ninputs = [\"g\"]\ncondition = \"true\"\n\
+         [transforms.heavy]\ntype = \"map\"\ninputs = [\"light\"]\njq = \"[range(300)] | add\"\n\
+         [sinks.out]\ntype = \"blackhole\"\ninputs = [\"heavy\"]\n",
+    )
+    .expect("write");
+    let (mut child, addr) = run_with_admin(tmp.path(), "p.toml");
+    let mut marked = Vec::new();
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let answer = http_get(&addr, "/stages");
+        let body = answer.split("\r\n\r\n").nth(1).expect("body");
+        last = serde_json::from_str(body).expect("json");
+        marked = last
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter(|s| s["bottleneck"] == true)
+            .filter_map(|s| s["stage"].as_str().map(str::to_owned))
+            .collect();
+        if !marked.is_empty() {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(marked, ["heavy"], "{last:#}");
+    let heavy = last
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["stage"] == "heavy"))
+        .expect("heavy");
+    let share = |key: &str| {
+        heavy[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}: {heavy}"))
+    };
+    assert!((share("busy") + share("backpressured") + share("idle") - 1.0).abs() < 1e-9);
 }
 
 /// Starts `pulseflow run --admin 0` on `config` (in `dir`) and returns the child and the
@@ -595,6 +646,9 @@ fn top_once_prints_a_frame_naming_the_stages() {
         "avg batch",
         "p50 batch",
         "p99 batch",
+        "busy",
+        "backpressured",
+        "idle",
     ] {
         assert!(header.contains(column), "{column}: {header}");
     }

@@ -283,7 +283,7 @@ impl ExecutionEngine {
             .clone()
             .or_else(|| self.control.last.lock().clone())?;
         let index = run.stages.iter().position(|s| &*s.id == stage_id)?;
-        Some(result::snapshot(&run, index))
+        result::snapshot_all(&run).into_iter().nth(index)
     }
 
     /// The live state of every stage, in graph order.
@@ -294,12 +294,8 @@ impl ExecutionEngine {
             .lock()
             .clone()
             .or_else(|| self.control.last.lock().clone());
-        run.map(|run| {
-            (0..run.stages.len())
-                .map(|i| result::snapshot(&run, i))
-                .collect()
-        })
-        .unwrap_or_default()
+        run.map(|run| result::snapshot_all(&run))
+            .unwrap_or_default()
     }
 
     /// Whether a pipeline is running.
