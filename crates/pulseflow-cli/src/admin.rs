@@ -1,12 +1,14 @@
 //! `--admin ADDR`: a small HTTP/1.1 server on loopback (unless ADDR says otherwise) serving
 //! `GET /metrics` (Prometheus text from the `metrics` facade), `GET /stages` (JSON from
-//! `ExecutionEngine::inspect_all`) and `GET /health`; and `pulseflow top`, its reader.
+//! `ExecutionEngine::inspect_all`), `GET /tap/STAGE` (items leaving a stage, see
+//! [`crate::tap`]) and `GET /health`; and `pulseflow top`, its reader.
 //!
 //! The routes are an `axum` router, served connection by connection by hyper's HTTP/1 server.
 //! Another path is 404, another method on these paths 405 (`HEAD` is answered as `GET`).
 //! Each connection carries one request and is closed after its answer. A client has 5 s to
 //! send its request head, which may be 8 KiB at most (else 431), and 10 s for the whole
-//! exchange; then the connection is dropped. The endpoints read no body: a body is never
+//! exchange (a tap's answer excepted: it streams until its reader or the run ends); then the
+//! connection is dropped. The endpoints read no body: a body is never
 //! buffered, and `DefaultBodyLimit` caps it at 4 KiB for any extractor that would.
 //!
 //! `top` reads `/stages` with `reqwest` (plain HTTP, no proxy), 5 s at most a request.
@@ -112,6 +114,7 @@ fn router(admin: Admin) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(prometheus))
         .route("/stages", get(stages))
+        .route("/tap/{stage}", get(tap))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(admin)
@@ -142,6 +145,31 @@ async fn stages(State(admin): State<Admin>) -> impl IntoResponse {
         [(CONTENT_TYPE, "application/json")],
         serde_json::Value::Array(stages).to_string(),
     )
+}
+
+/// `GET /tap/STAGE?limit=N&every=K`: the items leaving the stage, streamed as JSON lines
+/// (see [`crate::tap`]).
+async fn tap(
+    State(admin): State<Admin>,
+    axum::extract::Path(stage): axum::extract::Path<String>,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    let opened = crate::tap::TapRequest::parse(uri.query())
+        .and_then(|request| crate::tap::open(&admin.engine, &stage, request));
+    match opened {
+        Ok(lines) => (
+            [(CONTENT_TYPE, "application/x-ndjson")],
+            axum::body::Body::from_stream(lines),
+        )
+            .into_response(),
+        Err(e) => {
+            let status = match e {
+                crate::tap::TapError::Query(_) => StatusCode::BAD_REQUEST,
+                crate::tap::TapError::NoStage(_) => StatusCode::NOT_FOUND,
+            };
+            (status, [(CONTENT_TYPE, "text/plain")], format!("{e}\n")).into_response()
+        }
+    }
 }
 
 async fn not_found() -> impl IntoResponse {
@@ -188,12 +216,46 @@ async fn accept(listener: TcpListener, app: Router, limits: Limits) {
                 continue;
             }
         };
-        let connection =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let app = app.clone();
+        let http = http.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(limits.connection, connection).await;
+            // A tap streams for as long as its reader wants: it alone has no time limit past
+            // its request head.
+            let limit = if requests_tap(&stream, limits.header_read).await {
+                None
+            } else {
+                Some(limits.connection)
+            };
+            let connection =
+                http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+            match limit {
+                Some(limit) => {
+                    let _ = tokio::time::timeout(limit, connection).await;
+                }
+                None => {
+                    let _ = connection.await;
+                }
+            }
         });
     }
+}
+
+/// Whether the request on `stream` (looked at, not read) starts with `GET /tap/`, waiting
+/// at most `wait` for its first bytes.
+async fn requests_tap(stream: &tokio::net::TcpStream, wait: Duration) -> bool {
+    const PREFIX: &[u8] = b"GET /tap/";
+    let look = async {
+        let mut buf = [0u8; PREFIX.len()];
+        loop {
+            match stream.peek(&mut buf).await {
+                Ok(n) if n == PREFIX.len() || n == 0 => return buf[..n] == *PREFIX,
+                Ok(n) if buf[..n] != PREFIX[..n] => return false,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(_) => return false,
+            }
+        }
+    };
+    tokio::time::timeout(wait, look).await.unwrap_or(false)
 }
 
 /// The client `top` reads with: no proxy (the admin server is on this machine, or one the

@@ -5,6 +5,7 @@
 //! pulseflow validate CONFIG
 //! pulseflow graph CONFIG [--format dot|mermaid]
 //! pulseflow top [ADDR] [--once]
+//! pulseflow tap ADDR STAGE [--limit N] [--every K]
 //! pulseflow test CONFIG...
 //! ```
 //!
@@ -20,6 +21,7 @@ mod jq_fast;
 mod json;
 mod latency;
 mod report;
+mod tap;
 mod testing;
 
 use std::io::IsTerminal;
@@ -85,6 +87,20 @@ enum Command {
         /// the screen.
         #[arg(long)]
         once: bool,
+    },
+    /// Print the items leaving a stage of a running `pulseflow run --admin ADDR`, as JSON
+    /// lines (a slow reader misses items, counted on stderr; the pipeline never waits).
+    Tap {
+        /// Where its admin server listens.
+        addr: String,
+        /// The stage (`pulseflow graph` names them).
+        stage: String,
+        /// Stop after this many items.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        /// Show one item of every K.
+        #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        every: u64,
     },
     /// Run the `[[tests]]` of config files: each feeds its own inputs to the pipeline
     /// (on a simulated clock) and checks outputs, dead letters and counts.
@@ -170,6 +186,12 @@ fn main() -> ExitCode {
                 run(&config, quiet, admin, supervision).await
             }
             Command::Top { addr, once } => ExitCode::from(admin::top(&addr, once).await),
+            Command::Tap {
+                addr,
+                stage,
+                limit,
+                every,
+            } => ExitCode::from(tap::run(&addr, &stage, tap::TapRequest { limit, every }).await),
             Command::Test { .. } => ExitCode::SUCCESS,
         }
     })
@@ -284,7 +306,7 @@ async fn run(
         };
         match started.await {
             Ok((local, task)) => {
-                eprintln!("admin: http://{local} (/metrics, /stages, /health)");
+                eprintln!("admin: http://{local} (/metrics, /stages, /tap/STAGE, /health)");
                 server = Some(task);
             }
             Err(e) => {

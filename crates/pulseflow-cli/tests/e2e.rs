@@ -583,6 +583,94 @@ fn admin_marks_the_stage_that_holds_the_pipeline_back() {
     assert!((share("busy") + share("backpressured") + share("idle") - 1.0).abs() < 1e-9);
 }
 
+#[test]
+fn tap_prints_sampled_items_leaving_a_stage() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tmp.path().join("p.toml"),
+        "[sources.g]\ntype = \"generate\"\ncount = 100\nrate = 50.0\njq = \"{n: .}\"\n\
+         [transforms.double]\ntype = \"map\"\ninputs = [\"g\"]\njq = \"{n: (.n * 2)}\"\n\
+         [sinks.out]\ntype = \"blackhole\"\ninputs = [\"double\"]\n",
+    )
+    .expect("write");
+    let (mut child, addr) = run_with_admin(tmp.path(), "p.toml");
+    let tap = |args: &[&str]| {
+        bin()
+            .args(["tap", &addr])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("tap runs")
+    };
+    let mut out = tap(&["double", "--limit", "4", "--every", "3"]);
+    for _ in 0..50 {
+        // The pipeline starts just after its admin server.
+        if out.status.code() == Some(0) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        out = tap(&["double", "--limit", "4", "--every", "3"]);
+    }
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let values: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            v["n"].as_u64().expect("n")
+        })
+        .collect();
+    assert_eq!(values.len(), 4, "{values:?}");
+    // Doubled, and one of every three: consecutive ones 6 apart.
+    assert!(values.iter().all(|n| n % 2 == 0), "{values:?}");
+    assert!(values.windows(2).all(|w| w[1] - w[0] == 6), "{values:?}");
+    let missing = tap(&["nowhere"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("no stage `nowhere`"),
+        "{}",
+        stderr(&missing)
+    );
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+}
+
+#[test]
+fn a_tap_that_is_not_read_misses_items_and_never_holds_the_pipeline() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tmp.path().join("p.toml"),
+        "[sources.g]\ntype = \"generate\"\ncount = 400000\njq = \"{n: ., pad: \\\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\\\"}\"\n\
+         [sinks.out]\ntype = \"blackhole\"\ninputs = [\"g\"]\n",
+    )
+    .expect("write");
+    let (mut child, addr) = run_with_admin(tmp.path(), "p.toml");
+    // Attach, then read nothing until the run is over.
+    let mut tapped = None;
+    for _ in 0..100 {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        write!(s, "GET /tap/g.build HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).expect("status line");
+        if head.starts_with(b"HTTP/1.1 200") {
+            tapped = Some(s);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut s = tapped.expect("the tap attached");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    let missed: u64 = answer
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+        .filter_map(|v| v["missed"].as_u64())
+        .max()
+        .unwrap_or(0);
+    assert!(missed > 0, "nothing missed: {} bytes", answer.len());
+}
+
 /// Starts `pulseflow run --admin 0` on `config` (in `dir`) and returns the child and the
 /// address its admin server reports on its first line of stderr.
 fn run_with_admin(dir: &Path, config: &str) -> (std::process::Child, String) {

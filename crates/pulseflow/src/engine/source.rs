@@ -120,6 +120,7 @@ async fn produce<S: Source>(
             None => None,
         };
         stats.add(&tally, Some(started.elapsed()));
+        stats.taps.offer(|| super::TapBatch::of_items(&items));
         if !items.is_empty() {
             out.push(Batch::from_items(items)).await;
         }

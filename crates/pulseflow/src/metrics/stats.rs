@@ -231,6 +231,8 @@ pub(crate) struct StageStats {
     metrics: StageMetricHandles,
     /// Figures a stage kind publishes on its own (an accumulator's table and spill figures).
     extra_metrics: Mutex<Option<ExtraMetrics>>,
+    /// Taps attached to the items the stage emits.
+    pub taps: Arc<crate::engine::TapSlot>,
 }
 
 /// A source of further named figures for a stage's state.
@@ -341,6 +343,7 @@ impl StageStats {
             pruned_cpu_nanos: AtomicU64::new(0),
             flow: Mutex::new((None, None)),
             extra_metrics: Mutex::new(None),
+            taps: Arc::default(),
         }
     }
 
