@@ -93,13 +93,22 @@ fn load_totals(run: &RunShared) -> Vec<Totals> {
         t
     }
     let mut memo = vec![None; run.stages.len()];
+    let mut fed = vec![false; run.stages.len()];
+    for &c in run.consumers.iter().flatten() {
+        fed[c] = true;
+    }
     (0..run.stages.len())
         .map(|i| {
             let (busy, backpressured) = totals(run, i, &mut memo);
             Totals {
                 busy,
                 backpressured,
-                input_blocked: waited_on(run, i, &mut memo),
+                // Nothing waits on a source.
+                input_blocked: if fed[i] {
+                    waited_on(run, i, &mut memo)
+                } else {
+                    0
+                },
             }
         })
         .collect()
