@@ -1,5 +1,6 @@
 //! `--admin ADDR`: a small HTTP/1.1 server on loopback (unless ADDR says otherwise) serving
-//! `GET /metrics` (Prometheus text from the `metrics` facade), `GET /stages` (JSON from
+//! `GET /` (the live page of [`crate::page`]), `GET /metrics` (Prometheus text from the
+//! `metrics` facade), `GET /stages` (JSON from
 //! `ExecutionEngine::inspect_all`), `GET /tap/STAGE` (items leaving a stage, see
 //! [`crate::tap`]) and `GET /health`; and `pulseflow top`, its reader.
 //!
@@ -94,6 +95,8 @@ struct Admin {
     engine: ExecutionEngine,
     metrics: PrometheusHandle,
     latencies: Arc<Latencies>,
+    /// The live page served on `/`.
+    page: Arc<String>,
 }
 
 /// The time limits of a connection.
@@ -111,6 +114,7 @@ const LIMITS: Limits = Limits {
 
 fn router(admin: Admin) -> Router {
     Router::new()
+        .route("/", get(page))
         .route("/health", get(health))
         .route("/metrics", get(prometheus))
         .route("/stages", get(stages))
@@ -118,6 +122,13 @@ fn router(admin: Admin) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(admin)
+}
+
+async fn page(State(admin): State<Admin>) -> impl IntoResponse {
+    (
+        [(CONTENT_TYPE, "text/html; charset=utf-8")],
+        admin.page.as_str().to_owned(),
+    )
 }
 
 async fn health() -> impl IntoResponse {
@@ -188,6 +199,7 @@ pub async fn serve(
     engine: ExecutionEngine,
     metrics: PrometheusHandle,
     latencies: Arc<Latencies>,
+    page: Arc<String>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
@@ -195,6 +207,7 @@ pub async fn serve(
         engine,
         metrics,
         latencies,
+        page,
     });
     Ok((local, tokio::spawn(accept(listener, app, LIMITS))))
 }
@@ -384,6 +397,7 @@ mod tests {
             engine: ExecutionEngine::new(),
             metrics: PrometheusBuilder::new().build_recorder().handle(),
             latencies: Arc::default(),
+            page: Arc::new("<!doctype html>".into()),
         });
         tokio::spawn(accept(listener, app, TEST_LIMITS));
         addr

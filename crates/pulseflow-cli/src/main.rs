@@ -3,7 +3,7 @@
 //! ```text
 //! pulseflow run CONFIG [--quiet] [--admin ADDR] [--supervision yield|isolate|off]
 //! pulseflow validate CONFIG
-//! pulseflow graph CONFIG [--format dot|mermaid]
+//! pulseflow graph CONFIG [--format dot|mermaid|svg]
 //! pulseflow top [ADDR] [--once]
 //! pulseflow tap ADDR STAGE [--limit N] [--every K]
 //! pulseflow test CONFIG...
@@ -20,6 +20,7 @@ mod jq;
 mod jq_fast;
 mod json;
 mod latency;
+mod page;
 mod report;
 mod tap;
 mod testing;
@@ -137,6 +138,8 @@ impl SupervisionMode {
 enum GraphFormat {
     Dot,
     Mermaid,
+    /// The picture the `--admin` page shows.
+    Svg,
 }
 
 const EXIT_FAILED: u8 = 1;
@@ -241,6 +244,7 @@ fn graph(path: &Path, format: GraphFormat) -> ExitCode {
             let text = match format {
                 GraphFormat::Dot => pipeline.graph().to_dot(),
                 GraphFormat::Mermaid => pipeline.graph().to_mermaid(),
+                GraphFormat::Svg => page::svg::render(pipeline.graph()),
             };
             print!("{text}");
             if !text.ends_with('\n') {
@@ -302,11 +306,12 @@ async fn run(
             let metrics = admin::install_metrics(latencies.clone(), true)
                 .map_err(std::io::Error::other)?
                 .ok_or_else(|| std::io::Error::other("no Prometheus recorder"))?;
-            admin::serve(addr, engine.clone(), metrics, latencies.clone()).await
+            let page = Arc::new(page::html(&config.name, pipeline.graph()));
+            admin::serve(addr, engine.clone(), metrics, latencies.clone(), page).await
         };
         match started.await {
             Ok((local, task)) => {
-                eprintln!("admin: http://{local} (/metrics, /stages, /tap/STAGE, /health)");
+                eprintln!("admin: http://{local} (/, /metrics, /stages, /tap/STAGE, /health)");
                 server = Some(task);
             }
             Err(e) => {

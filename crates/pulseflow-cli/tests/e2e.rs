@@ -1,8 +1,12 @@
 //! End-to-end tests: the built `pulseflow` binary on sample files, outputs compared with
 //! expected files, config errors snapshotted, exit codes checked.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+
+use common::run_with_admin;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pulseflow"));
@@ -324,6 +328,34 @@ fn graph_formats() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("flowchart"));
+    let out = run_in(
+        tmp.path(),
+        &["graph", "--format", "svg", "routing_errors.toml"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let svg = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""),
+        "{svg}"
+    );
+    for stage in [
+        "logs",
+        "logs.decode",
+        "level",
+        "error_summary",
+        "errors.encode",
+        "rest",
+    ] {
+        assert!(
+            svg.contains(&format!("data-stage=\"{stage}\"")),
+            "{stage}: {svg}"
+        );
+    }
+    // The route's outputs label their arrows.
+    assert!(
+        svg.contains(">errors</text>") && svg.contains(">_unmatched</text>"),
+        "{svg}"
+    );
 }
 
 /// A route's policies belong to its branch stage, not to the stage feeding it.
@@ -669,30 +701,6 @@ fn a_tap_that_is_not_read_misses_items_and_never_holds_the_pipeline() {
         .max()
         .unwrap_or(0);
     assert!(missed > 0, "nothing missed: {} bytes", answer.len());
-}
-
-/// Starts `pulseflow run --admin 0` on `config` (in `dir`) and returns the child and the
-/// address its admin server reports on its first line of stderr.
-fn run_with_admin(dir: &Path, config: &str) -> (std::process::Child, String) {
-    use std::io::BufRead;
-    let mut child = bin()
-        .args(["run", "--quiet", "--admin", "0", config])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let first = lines.next().expect("a line").expect("utf-8");
-    let addr = first
-        .strip_prefix("admin: http://")
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected: {first}"))
-        .to_owned();
-    // Keep reading stderr, so the child never writes to a closed pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, addr)
 }
 
 #[test]
