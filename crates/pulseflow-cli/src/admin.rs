@@ -97,6 +97,8 @@ struct Admin {
     latencies: Arc<Latencies>,
     /// The live page served on `/`.
     page: Arc<String>,
+    /// Tap answers being streamed.
+    taps: crate::tap::OpenTaps,
 }
 
 /// The time limits of a connection.
@@ -166,7 +168,7 @@ async fn tap(
     uri: axum::http::Uri,
 ) -> axum::response::Response {
     let opened = crate::tap::TapRequest::parse(uri.query())
-        .and_then(|request| crate::tap::open(&admin.engine, &stage, request));
+        .and_then(|request| crate::tap::open(&admin.engine, &admin.taps, &stage, request));
     match opened {
         Ok(lines) => (
             [(CONTENT_TYPE, "application/x-ndjson")],
@@ -200,6 +202,7 @@ pub async fn serve(
     metrics: PrometheusHandle,
     latencies: Arc<Latencies>,
     page: Arc<String>,
+    taps: crate::tap::OpenTaps,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
@@ -208,6 +211,7 @@ pub async fn serve(
         metrics,
         latencies,
         page,
+        taps,
     });
     Ok((local, tokio::spawn(accept(listener, app, LIMITS))))
 }
@@ -398,6 +402,7 @@ mod tests {
             metrics: PrometheusBuilder::new().build_recorder().handle(),
             latencies: Arc::default(),
             page: Arc::new("<!doctype html>".into()),
+            taps: Default::default(),
         });
         tokio::spawn(accept(listener, app, TEST_LIMITS));
         addr

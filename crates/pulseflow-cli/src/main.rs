@@ -300,6 +300,7 @@ async fn run(
     let engine = ExecutionEngine::new();
     let latencies = Arc::new(latency::Latencies::default());
     let mut server = None;
+    let taps = tap::OpenTaps::default();
     if let Some(addr) = admin {
         let started = async {
             let addr = admin::parse_addr(&addr).await?;
@@ -307,7 +308,15 @@ async fn run(
                 .map_err(std::io::Error::other)?
                 .ok_or_else(|| std::io::Error::other("no Prometheus recorder"))?;
             let page = Arc::new(page::html(&config.name, pipeline.graph()));
-            admin::serve(addr, engine.clone(), metrics, latencies.clone(), page).await
+            admin::serve(
+                addr,
+                engine.clone(),
+                metrics,
+                latencies.clone(),
+                page,
+                taps.clone(),
+            )
+            .await
         };
         match started.await {
             Ok((local, task)) => {
@@ -336,6 +345,8 @@ async fn run(
         }
     }
     if let Some(task) = server {
+        // Taps send what they still hold, and their last count of missed items.
+        taps.ended(Duration::from_secs(2)).await;
         task.abort();
     }
     if let Some((bar, task)) = bar {

@@ -6,13 +6,14 @@
 //! of [`QUEUE`] lines without waiting, and counts the items that find the queue full as missed:
 //! a slow reader never holds the pipeline up. The answer is a stream of JSON lines, each
 //! `{"item": ...}` or `{"missed": N}` (the total missed so far, when it grows); it ends after
-//! `limit` items, or when the run does. A stage without taps costs the pipeline nothing but one
+//! `limit` items, or when the run does (which waits up to 2 s for the answers to send what they
+//! hold). A stage without taps costs the pipeline nothing but one
 //! atomic load per batch.
 
 use std::convert::Infallible;
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -95,6 +96,37 @@ fn tap(tx: mpsc::Sender<Vec<u8>>, every: u64, missed: Arc<AtomicU64>) -> Tap {
     })
 }
 
+/// The tap answers being streamed, so that the end of a run can wait (a little) for them to
+/// send what they hold and the last count of missed items.
+#[derive(Clone, Default)]
+pub struct OpenTaps(Arc<AtomicUsize>);
+
+impl OpenTaps {
+    /// Waits until every tap answer has ended, for at most `within`.
+    pub async fn ended(&self, within: Duration) {
+        let _ = tokio::time::timeout(within, async {
+            while self.0.load(Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+
+    fn open(&self) -> OpenTap {
+        self.0.fetch_add(1, Relaxed);
+        OpenTap(self.0.clone())
+    }
+}
+
+/// Counts one answer among the [`OpenTaps`] while it lives.
+struct OpenTap(Arc<AtomicUsize>);
+
+impl Drop for OpenTap {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 /// The reader's side: lines to send, and what it reported missed.
 struct Reader {
     rx: mpsc::Receiver<Vec<u8>>,
@@ -103,6 +135,7 @@ struct Reader {
     left: Option<u64>,
     /// Detaches the tap when the answer ends.
     _handle: TapHandle,
+    _open: OpenTap,
 }
 
 impl Reader {
@@ -135,6 +168,7 @@ impl Reader {
 /// Attaches a tap to `stage` of the pipeline `engine` runs; the lines of the answer.
 pub fn open(
     engine: &ExecutionEngine,
+    open: &OpenTaps,
     stage: &str,
     request: TapRequest,
 ) -> Result<impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static, TapError>
@@ -150,6 +184,7 @@ pub fn open(
         reported: 0,
         left: request.limit,
         _handle: handle,
+        _open: open.open(),
     };
     Ok(futures_util::stream::unfold(reader, |mut r| async move {
         r.next().await.map(|line| (Ok(line), r))
