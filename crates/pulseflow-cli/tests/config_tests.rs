@@ -208,6 +208,55 @@ absorbed = 0
 }
 
 #[test]
+fn drops_are_counted_by_stage_and_in_all() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Complete at two items, then closed for an hour: each key's third item is dropped.
+    let config = r#"
+[sources.events]
+type = "stdin"
+
+[transforms.per_key]
+type = "accumulate"
+inputs = ["events"]
+key = ".k"
+aggregates = { n = "count" }
+complete_when = { count = 2 }
+closed_ttl = "1h"
+
+[sinks.out]
+type = "stdout"
+inputs = ["per_key"]
+
+[[tests]]
+name = "late items of a closed key are dropped"
+[[tests.inputs]]
+into = "events"
+items = [{ k = "a" }, { k = "b" }, { k = "a" }, { k = "b" }, { k = "a" }, { k = "b" }]
+[[tests.outputs]]
+from = "out"
+items = [{ key = "a", n = 2, complete = true, completeness = 1 }, { key = "b", n = 2, complete = true, completeness = 1 }]
+[tests.counts]
+dropped = { per_key = 2 }
+delivered = 2
+"#;
+    std::fs::write(tmp.path().join("t.toml"), config).expect("write");
+    let out = test_configs(tmp.path(), &["t.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    std::fs::write(
+        tmp.path().join("t.toml"),
+        config.replace("dropped = { per_key = 2 }", "dropped = 3"),
+    )
+    .expect("write");
+    let out = test_configs(tmp.path(), &["t.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("dropped: expected 3, got 2"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
 fn tests_name_components_that_exist() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = pipeline(
