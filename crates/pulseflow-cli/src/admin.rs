@@ -1,13 +1,15 @@
 //! `--admin ADDR`: a small HTTP/1.1 server on loopback (unless ADDR says otherwise) serving
-//! `GET /metrics` (Prometheus text from the `metrics` facade), `GET /stages` (JSON from
-//! `ExecutionEngine::inspect_all`) and `GET /health`; and `pulseflow top`, its reader.
+//! `GET /` (the live page of [`crate::page`]), `GET /metrics` (Prometheus text from the
+//! `metrics` facade), `GET /stages` (JSON from
+//! `ExecutionEngine::inspect_all`), `GET /tap/STAGE` (items leaving a stage, see
+//! [`crate::tap`]) and `GET /health`; and `pulseflow top`, its reader.
 //!
-//! The routes are an `axum` router, served connection by connection by hyper's HTTP/1 server
-//! (the serving of the `http` source, `pulseflow::connectors::http::serve`).
+//! The routes are an `axum` router, served connection by connection by hyper's HTTP/1 server.
 //! Another path is 404, another method on these paths 405 (`HEAD` is answered as `GET`).
 //! Each connection carries one request and is closed after its answer. A client has 5 s to
 //! send its request head, which may be 8 KiB at most (else 431), and 10 s for the whole
-//! exchange; then the connection is dropped. The endpoints read no body: a body is never
+//! exchange (a tap's answer excepted: it streams until its reader or the run ends); then the
+//! connection is dropped. The endpoints read no body: a body is never
 //! buffered, and `DefaultBodyLimit` caps it at 4 KiB for any extractor that would.
 //!
 //! `top` reads `/stages` with `reqwest` (plain HTTP, no proxy), 5 s at most a request.
@@ -22,9 +24,11 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use pulseflow::connectors::http::serve::{Limits, serve as serve_router};
-use pulseflow::{CancellationToken, ExecutionEngine};
+use pulseflow::ExecutionEngine;
 use tokio::net::TcpListener;
 
 use crate::latency::{Latencies, Recorder};
@@ -91,24 +95,42 @@ struct Admin {
     engine: ExecutionEngine,
     metrics: PrometheusHandle,
     latencies: Arc<Latencies>,
+    /// The live page served on `/`.
+    page: Arc<String>,
+    /// Tap answers being streamed.
+    taps: crate::tap::OpenTaps,
 }
 
-/// The limits `serve` applies: one request per connection.
+/// The time limits of a connection.
+#[derive(Clone, Copy)]
+struct Limits {
+    header_read: Duration,
+    connection: Duration,
+}
+
+/// The limits `serve` applies.
 const LIMITS: Limits = Limits {
     header_read: HEADER_READ_TIMEOUT,
-    max_head: MAX_HEAD,
-    keep_alive: false,
-    connection: Some(CONNECTION_TIMEOUT),
+    connection: CONNECTION_TIMEOUT,
 };
 
 fn router(admin: Admin) -> Router {
     Router::new()
+        .route("/", get(page))
         .route("/health", get(health))
         .route("/metrics", get(prometheus))
         .route("/stages", get(stages))
+        .route("/tap/{stage}", get(tap))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(admin)
+}
+
+async fn page(State(admin): State<Admin>) -> impl IntoResponse {
+    (
+        [(CONTENT_TYPE, "text/html; charset=utf-8")],
+        admin.page.as_str().to_owned(),
+    )
 }
 
 async fn health() -> impl IntoResponse {
@@ -116,6 +138,9 @@ async fn health() -> impl IntoResponse {
 }
 
 async fn prometheus(State(admin): State<Admin>) -> impl IntoResponse {
+    // Inspecting the stages brings their shares of time (`pulseflow_stage_time_ratio`) up
+    // to date.
+    admin.engine.inspect_all();
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
         admin.metrics.render(),
@@ -135,6 +160,31 @@ async fn stages(State(admin): State<Admin>) -> impl IntoResponse {
     )
 }
 
+/// `GET /tap/STAGE?limit=N&every=K`: the items leaving the stage, streamed as JSON lines
+/// (see [`crate::tap`]).
+async fn tap(
+    State(admin): State<Admin>,
+    axum::extract::Path(stage): axum::extract::Path<String>,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    let opened = crate::tap::TapRequest::parse(uri.query())
+        .and_then(|request| crate::tap::open(&admin.engine, &admin.taps, &stage, request));
+    match opened {
+        Ok(lines) => (
+            [(CONTENT_TYPE, "application/x-ndjson")],
+            axum::body::Body::from_stream(lines),
+        )
+            .into_response(),
+        Err(e) => {
+            let status = match e {
+                crate::tap::TapError::Query(_) => StatusCode::BAD_REQUEST,
+                crate::tap::TapError::NoStage(_) => StatusCode::NOT_FOUND,
+            };
+            (status, [(CONTENT_TYPE, "text/plain")], format!("{e}\n")).into_response()
+        }
+    }
+}
+
 async fn not_found() -> impl IntoResponse {
     (
         StatusCode::NOT_FOUND,
@@ -151,6 +201,8 @@ pub async fn serve(
     engine: ExecutionEngine,
     metrics: PrometheusHandle,
     latencies: Arc<Latencies>,
+    page: Arc<String>,
+    taps: crate::tap::OpenTaps,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
@@ -158,12 +210,69 @@ pub async fn serve(
         engine,
         metrics,
         latencies,
+        page,
+        taps,
     });
-    // Stopped by aborting the returned task (the token is never cancelled).
-    Ok((
-        local,
-        serve_router(listener, app, LIMITS, CancellationToken::new()),
-    ))
+    Ok((local, tokio::spawn(accept(listener, app, LIMITS))))
+}
+
+/// Serves each connection of `listener` in a task of its own.
+async fn accept(listener: TcpListener, app: Router, limits: Limits) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read)
+        .max_header_size(MAX_HEAD)
+        .keep_alive(false);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of file descriptors, or a connection reset before it was accepted: the
+            // next one may do.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let app = app.clone();
+        let http = http.clone();
+        tokio::spawn(async move {
+            // A tap streams for as long as its reader wants: it alone has no time limit past
+            // its request head.
+            let limit = if requests_tap(&stream, limits.header_read).await {
+                None
+            } else {
+                Some(limits.connection)
+            };
+            let connection =
+                http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+            match limit {
+                Some(limit) => {
+                    let _ = tokio::time::timeout(limit, connection).await;
+                }
+                None => {
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+}
+
+/// Whether the request on `stream` (looked at, not read) starts with `GET /tap/`, waiting
+/// at most `wait` for its first bytes.
+async fn requests_tap(stream: &tokio::net::TcpStream, wait: Duration) -> bool {
+    const PREFIX: &[u8] = b"GET /tap/";
+    let look = async {
+        let mut buf = [0u8; PREFIX.len()];
+        loop {
+            match stream.peek(&mut buf).await {
+                Ok(n) if n == PREFIX.len() || n == 0 => return buf[..n] == *PREFIX,
+                Ok(n) if buf[..n] != PREFIX[..n] => return false,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(_) => return false,
+            }
+        }
+    };
+    tokio::time::timeout(wait, look).await.unwrap_or(false)
 }
 
 /// The client `top` reads with: no proxy (the admin server is on this machine, or one the
@@ -281,8 +390,7 @@ mod tests {
     /// Short limits, so that the tests of them are quick.
     const TEST_LIMITS: Limits = Limits {
         header_read: Duration::from_millis(300),
-        connection: Some(Duration::from_secs(2)),
-        ..LIMITS
+        connection: Duration::from_secs(2),
     };
 
     /// An admin server of an engine with no pipeline, on a free loopback port.
@@ -293,8 +401,10 @@ mod tests {
             engine: ExecutionEngine::new(),
             metrics: PrometheusBuilder::new().build_recorder().handle(),
             latencies: Arc::default(),
+            page: Arc::new("<!doctype html>".into()),
+            taps: Default::default(),
         });
-        serve_router(listener, app, TEST_LIMITS, CancellationToken::new());
+        tokio::spawn(accept(listener, app, TEST_LIMITS));
         addr
     }
 

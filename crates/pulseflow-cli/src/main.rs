@@ -3,8 +3,10 @@
 //! ```text
 //! pulseflow run CONFIG [--quiet] [--admin ADDR] [--supervision yield|isolate|off]
 //! pulseflow validate CONFIG
-//! pulseflow graph CONFIG [--format dot|mermaid]
+//! pulseflow graph CONFIG [--format dot|mermaid|svg]
 //! pulseflow top [ADDR] [--once]
+//! pulseflow tap ADDR STAGE [--limit N] [--every K]
+//! pulseflow test CONFIG...
 //! ```
 //!
 //! Exit status: 0 on success, 1 when the pipeline failed, 2 for an invalid config.
@@ -18,7 +20,10 @@ mod jq;
 mod jq_fast;
 mod json;
 mod latency;
+mod page;
 mod report;
+mod tap;
+mod testing;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -84,6 +89,27 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Print the items leaving a stage of a running `pulseflow run --admin ADDR`, as JSON
+    /// lines (a slow reader misses items, counted on stderr; the pipeline never waits).
+    Tap {
+        /// Where its admin server listens.
+        addr: String,
+        /// The stage (`pulseflow graph` names them).
+        stage: String,
+        /// Stop after this many items.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        /// Show one item of every K.
+        #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        every: u64,
+    },
+    /// Run the `[[tests]]` of config files: each feeds its own inputs to the pipeline
+    /// (on a simulated clock) and checks outputs, dead letters and counts.
+    Test {
+        /// The config files (TOML).
+        #[arg(required = true)]
+        configs: Vec<PathBuf>,
+    },
 }
 
 /// `run --supervision`.
@@ -112,6 +138,8 @@ impl SupervisionMode {
 enum GraphFormat {
     Dot,
     Mermaid,
+    /// The picture the `--admin` page shows.
+    Svg,
 }
 
 const EXIT_FAILED: u8 = 1;
@@ -120,6 +148,17 @@ const EXIT_INVALID: u8 = 2;
 fn main() -> ExitCode {
     alloc::tune();
     let cli = Cli::parse();
+    if let Command::Test { configs } = &cli.command {
+        // Each test runs on a runtime of its own, with a simulated clock.
+        return match testing::run_all(configs, &mut std::io::stdout().lock()) {
+            Ok(s) if s.failed == 0 => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::from(EXIT_FAILED),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_stack_size(16 << 20)
@@ -150,6 +189,13 @@ fn main() -> ExitCode {
                 run(&config, quiet, admin, supervision).await
             }
             Command::Top { addr, once } => ExitCode::from(admin::top(&addr, once).await),
+            Command::Tap {
+                addr,
+                stage,
+                limit,
+                every,
+            } => ExitCode::from(tap::run(&addr, &stage, tap::TapRequest { limit, every }).await),
+            Command::Test { .. } => ExitCode::SUCCESS,
         }
     })
 }
@@ -198,6 +244,7 @@ fn graph(path: &Path, format: GraphFormat) -> ExitCode {
             let text = match format {
                 GraphFormat::Dot => pipeline.graph().to_dot(),
                 GraphFormat::Mermaid => pipeline.graph().to_mermaid(),
+                GraphFormat::Svg => page::svg::render(pipeline.graph()),
             };
             print!("{text}");
             if !text.ends_with('\n') {
@@ -253,17 +300,27 @@ async fn run(
     let engine = ExecutionEngine::new();
     let latencies = Arc::new(latency::Latencies::default());
     let mut server = None;
+    let taps = tap::OpenTaps::default();
     if let Some(addr) = admin {
         let started = async {
             let addr = admin::parse_addr(&addr).await?;
             let metrics = admin::install_metrics(latencies.clone(), true)
                 .map_err(std::io::Error::other)?
                 .ok_or_else(|| std::io::Error::other("no Prometheus recorder"))?;
-            admin::serve(addr, engine.clone(), metrics, latencies.clone()).await
+            let page = Arc::new(page::html(&config.name, pipeline.graph()));
+            admin::serve(
+                addr,
+                engine.clone(),
+                metrics,
+                latencies.clone(),
+                page,
+                taps.clone(),
+            )
+            .await
         };
         match started.await {
             Ok((local, task)) => {
-                eprintln!("admin: http://{local} (/metrics, /stages, /health)");
+                eprintln!("admin: http://{local} (/, /metrics, /stages, /tap/STAGE, /health)");
                 server = Some(task);
             }
             Err(e) => {
@@ -288,6 +345,8 @@ async fn run(
         }
     }
     if let Some(task) = server {
+        // Taps send what they still hold, and their last count of missed items.
+        taps.ended(Duration::from_secs(2)).await;
         task.abort();
     }
     if let Some((bar, task)) = bar {

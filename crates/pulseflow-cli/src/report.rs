@@ -1,5 +1,5 @@
-//! The table of every stage printed at the end of a run on a terminal, and the JSON form of
-//! stage states served by `--admin` on `/stages`.
+//! The table of every stage printed at the end of a run on a terminal (and by `pulseflow
+//! top`), and the JSON form of stage states served by `--admin` on `/stages`.
 
 use pulseflow::metrics::StageRuntimeState;
 use serde_json::{Value, json};
@@ -43,6 +43,10 @@ pub fn stage_json(s: &StageRuntimeState, latencies: &Latencies) -> Value {
         "workers": s.metrics.get("workers").copied().unwrap_or(0.0),
         "tier": s.tier.map(|t| t.to_string()),
         "cpu_seconds": s.cpu_time.as_secs_f64(),
+        "busy": s.load.map(|l| l.busy),
+        "backpressured": s.load.map(|l| l.backpressured),
+        "idle": s.load.map(|l| l.idle),
+        "bottleneck": s.bottleneck,
         "metrics": s.metrics,
     })
 }
@@ -87,7 +91,16 @@ pub fn spill_lines(stages: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// A table of stages (JSON form, as from [`stage_json`]), aligned in columns.
+/// A share of time (`busy`, `backpressured`, `idle` of [`stage_json`]) as a percentage.
+fn share_cell(v: &Value, key: &str) -> String {
+    v.get(key)
+        .and_then(Value::as_f64)
+        .map_or("-".to_owned(), |share| format!("{:.0}%", share * 100.0))
+}
+
+/// A table of stages (JSON form, as from [`stage_json`]), aligned in columns: counts, batch
+/// times, tier, and the shares of the last few seconds spent busy, backpressured and idle,
+/// the bottleneck marked.
 pub fn table(stages: &[Value]) -> String {
     let header = [
         "stage",
@@ -103,6 +116,10 @@ pub fn table(stages: &[Value]) -> String {
         "p50 batch",
         "p99 batch",
         "tier",
+        "busy",
+        "backpressured",
+        "idle",
+        "",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| (*s).to_owned()).collect()];
     for s in stages {
@@ -132,6 +149,14 @@ pub fn table(stages: &[Value]) -> String {
             micros("p50_batch_micros"),
             micros("p99_batch_micros"),
             cell(s, "tier"),
+            share_cell(s, "busy"),
+            share_cell(s, "backpressured"),
+            share_cell(s, "idle"),
+            if s.get("bottleneck").and_then(Value::as_bool) == Some(true) {
+                "<- bottleneck".to_owned()
+            } else {
+                String::new()
+            },
         ]);
     }
     let widths: Vec<usize> = (0..header.len())
@@ -143,7 +168,7 @@ pub fn table(stages: &[Value]) -> String {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                if i < 3 {
+                if i < 3 || i == header.len() - 1 {
                     format!("{c:<w$}", w = widths[i])
                 } else {
                     format!("{c:>w$}", w = widths[i])

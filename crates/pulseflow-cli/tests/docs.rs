@@ -1,6 +1,7 @@
 //! Keeps `docs/config.md` honest: every complete ```toml example in it must pass
-//! `pulseflow validate`, and every component type, key, aggregate function and dead-letter
-//! type that the parser accepts must be documented.
+//! `pulseflow validate` (and `pulseflow test`, when it has `[[tests]]`), and every component
+//! type, key (of `[[tests]]` too), aggregate function and dead-letter type that the parser
+//! accepts must be documented.
 //!
 //! Fences: ```toml is a complete pipeline (validated); ```toml fragment is a piece of one
 //! (skipped). Any other info string starting with `toml` is refused, so a typo cannot skip an
@@ -123,6 +124,20 @@ fn every_complete_toml_example_validates() {
                 out.status.code(),
                 stderr(&out)
             ));
+        } else if block.text.contains("[[tests]]") {
+            let out = bin()
+                .args(["test", &file])
+                .current_dir(tmp.path())
+                .stdin(Stdio::null())
+                .output()
+                .expect("binary runs");
+            if out.status.code() != Some(0) {
+                failures.push(format!(
+                    "docs/config.md:{}: the example's tests do not pass:\n{}",
+                    block.line,
+                    String::from_utf8_lossy(&out.stdout)
+                ));
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -268,6 +283,22 @@ fn every_type_and_key_the_parser_accepts_is_documented() {
     let keys: BTreeSet<String> = keys.into_iter().flatten().collect();
     assert!(keys.contains("name") && keys.contains("complete_when"));
     assert_documented(&doc, "keys", &keys);
+
+    // Keys of `[[tests]]` and of the tables in it.
+    let report = refused(&format!(
+        "[sources.s]\ntype = \"stdin\"\n\
+         [sinks.k]\ntype = \"blackhole\"\ninputs = [\"s\"]\n\
+         [[tests]]\nname = \"t\"\n{PROBE_KEY} = 1\n\
+         counts = {{ {PROBE_KEY} = 1 }}\n\
+         inputs = [{{ into = \"s\", {PROBE_KEY} = 1 }}]\n\
+         outputs = [{{ from = \"s\", {PROBE_KEY} = 1 }}]\n\
+         dead_letters = [{{ stage = \"s\", {PROBE_KEY} = 1 }}]\n"
+    ));
+    let test_keys = listed(&report, "valid keys");
+    assert_eq!(test_keys.len(), 5, "{report}");
+    let test_keys: BTreeSet<String> = test_keys.into_iter().flatten().collect();
+    assert!(test_keys.contains("until") && test_keys.contains("ordered"));
+    assert_documented(&doc, "keys of [[tests]]", &test_keys);
 
     // Aggregate functions.
     let report = refused(

@@ -1,8 +1,12 @@
 //! End-to-end tests: the built `pulseflow` binary on sample files, outputs compared with
 //! expected files, config errors snapshotted, exit codes checked.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+
+use common::run_with_admin;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pulseflow"));
@@ -324,6 +328,34 @@ fn graph_formats() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("flowchart"));
+    let out = run_in(
+        tmp.path(),
+        &["graph", "--format", "svg", "routing_errors.toml"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let svg = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""),
+        "{svg}"
+    );
+    for stage in [
+        "logs",
+        "logs.decode",
+        "level",
+        "error_summary",
+        "errors.encode",
+        "rest",
+    ] {
+        assert!(
+            svg.contains(&format!("data-stage=\"{stage}\"")),
+            "{stage}: {svg}"
+        );
+    }
+    // The route's outputs label their arrows.
+    assert!(
+        svg.contains(">errors</text>") && svg.contains(">_unmatched</text>"),
+        "{svg}"
+    );
 }
 
 /// A route's policies belong to its branch stage, not to the stage feeding it.
@@ -527,33 +559,159 @@ fn admin_serves_health_stages_and_metrics() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let metrics = http_get(&addr, "/metrics");
     assert!(metrics.contains("pulseflow_items_in_total"), "{metrics}");
+    for state in ["busy", "backpressured", "idle"] {
+        let gauge =
+            format!("pulseflow_stage_time_ratio{{pipeline=\"p\",stage=\"out\",state=\"{state}\"}}");
+        assert!(metrics.contains(&gauge), "no {gauge} in {metrics}");
+    }
     assert!(http_get(&addr, "/nope").starts_with("HTTP/1.1 404"));
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
 }
 
-/// Starts `pulseflow run --admin 0` on `config` (in `dir`) and returns the child and the
-/// address its admin server reports on its first line of stderr.
-fn run_with_admin(dir: &Path, config: &str) -> (std::process::Child, String) {
-    use std::io::BufRead;
-    let mut child = bin()
-        .args(["run", "--quiet", "--admin", "0", config])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let first = lines.next().expect("a line").expect("utf-8");
-    let addr = first
-        .strip_prefix("admin: http://")
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected: {first}"))
-        .to_owned();
-    // Keep reading stderr, so the child never writes to a closed pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, addr)
+#[test]
+fn admin_marks_the_stage_that_holds_the_pipeline_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // `heavy` does far more work per item than any other stage.
+    std::fs::write(
+        tmp.path().join("p.toml"),
+        "[sources.g]\ntype = \"generate\"\ncount = 2000000\n\
+         [transforms.light]\ntype = \"filter\"\ninputs = [\"g\"]\ncondition = \"true\"\n\
+         [transforms.heavy]\ntype = \"map\"\ninputs = [\"light\"]\njq = \"[range(300)] | add\"\n\
+         [sinks.out]\ntype = \"blackhole\"\ninputs = [\"heavy\"]\n",
+    )
+    .expect("write");
+    let (mut child, addr) = run_with_admin(tmp.path(), "p.toml");
+    let mut marked = Vec::new();
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let answer = http_get(&addr, "/stages");
+        let body = answer.split("\r\n\r\n").nth(1).expect("body");
+        last = serde_json::from_str(body).expect("json");
+        marked = last
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter(|s| s["bottleneck"] == true)
+            .filter_map(|s| s["stage"].as_str().map(str::to_owned))
+            .collect();
+        if !marked.is_empty() {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(marked, ["heavy"], "{last:#}");
+    let heavy = last
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["stage"] == "heavy"))
+        .expect("heavy");
+    let share = |key: &str| {
+        heavy[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key}: {heavy}"))
+    };
+    assert!((share("busy") + share("backpressured") + share("idle") - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn tap_prints_sampled_items_leaving_a_stage() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tmp.path().join("p.toml"),
+        "[sources.g]\ntype = \"generate\"\ncount = 100\nrate = 50.0\njq = \"{n: .}\"\n\
+         [transforms.double]\ntype = \"map\"\ninputs = [\"g\"]\njq = \"{n: (.n * 2)}\"\n\
+         [sinks.out]\ntype = \"blackhole\"\ninputs = [\"double\"]\n",
+    )
+    .expect("write");
+    let (mut child, addr) = run_with_admin(tmp.path(), "p.toml");
+    let tap = |args: &[&str]| {
+        bin()
+            .args(["tap", &addr])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("tap runs")
+    };
+    let mut out = tap(&["double", "--limit", "4", "--every", "3"]);
+    for _ in 0..50 {
+        // The pipeline starts just after its admin server.
+        if out.status.code() == Some(0) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        out = tap(&["double", "--limit", "4", "--every", "3"]);
+    }
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let values: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            v["n"].as_u64().expect("n")
+        })
+        .collect();
+    assert_eq!(values.len(), 4, "{values:?}");
+    // Doubled, and one of every three: consecutive ones 6 apart.
+    assert!(values.iter().all(|n| n % 2 == 0), "{values:?}");
+    assert!(values.windows(2).all(|w| w[1] - w[0] == 6), "{values:?}");
+    let missing = tap(&["nowhere"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("no stage `nowhere`"),
+        "{}",
+        stderr(&missing)
+    );
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+}
+
+#[test]
+fn a_tap_that_is_not_read_misses_items_and_never_holds_the_pipeline() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Items of about 400 bytes for 3 s: far more than the tap's queue and the socket's
+    // buffers hold once the tap is attached.
+    let config = format!(
+        "[sources.g]\ntype = \"generate\"\ncount = 150000\nrate = 50000.0\n\
+         jq = '{{n: ., pad: \"{}\"}}'\n\
+         [sinks.out]\ntype = \"blackhole\"\ninputs = [\"g\"]\n",
+        "x".repeat(380)
+    );
+    std::fs::write(tmp.path().join("p.toml"), config).expect("write");
+    let (mut child, addr) = run_with_admin(tmp.path(), "p.toml");
+    // Attach, then read nothing until the run is over.
+    let mut tapped = None;
+    for _ in 0..100 {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        write!(s, "GET /tap/g.build HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).expect("status line");
+        if head.starts_with(b"HTTP/1.1 200") {
+            tapped = Some(s);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut s = tapped.expect("the tap attached");
+    // Read nothing for a while, then everything until the run is over (its end closes the
+    // connection): the tap has missed items, and says so once its reader catches up.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    let status = child.wait().expect("wait");
+    // The run ended normally: every item accounted for, none waited on the tap.
+    assert_eq!(status.code(), Some(0));
+    let lines: Vec<serde_json::Value> = answer
+        .lines()
+        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .collect();
+    let missed = lines.iter().filter_map(|v| v["missed"].as_u64()).max();
+    let items = lines.iter().filter(|v| v.get("item").is_some()).count() as u64;
+    assert!(
+        missed.is_some_and(|n| n > 0),
+        "nothing missed: {items} items read"
+    );
+    assert!(items + missed.unwrap_or(0) <= 150_000);
 }
 
 #[test]
@@ -595,6 +753,9 @@ fn top_once_prints_a_frame_naming_the_stages() {
         "avg batch",
         "p50 batch",
         "p99 batch",
+        "busy",
+        "backpressured",
+        "idle",
     ] {
         assert!(header.contains(column), "{column}: {header}");
     }

@@ -241,6 +241,12 @@ pub trait SourceComponent: Send + Sync {
         true
     }
 
+    /// How it reads and decodes lines, when it reads lines (what `pulseflow test` feeds a
+    /// source given `lines`).
+    fn line_settings(&self) -> Option<sources::LineSettings> {
+        None
+    }
+
     /// Bytes it will read, for the progress bar (0: not known).
     fn input_bytes(&self) -> u64 {
         0

@@ -40,6 +40,7 @@ const TOP_KEYS: &[&str] = &[
     "sinks",
     "policies",
     "dead_letter",
+    "tests",
 ];
 
 /// A parsed, checked config.
@@ -61,6 +62,8 @@ pub struct Config {
     pub registry: PolicyRegistry,
     pub parallelism: BTreeMap<String, pulseflow::policy::ParallelismHint>,
     pub dead_letter: Option<DeadLetterTarget>,
+    /// Its `[[tests]]` (run by `pulseflow test`, ignored by `run`).
+    pub tests: Vec<crate::testing::spec::TestSpec>,
 }
 
 impl Config {
@@ -184,7 +187,9 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
         registry: PolicyRegistry::default(),
         parallelism: BTreeMap::new(),
         dead_letter: None,
+        tests: Vec::new(),
     };
+    let mut tests = Vec::new();
     let mut allow_recursion = false;
     let root = root.into_inner();
     // First pass: settings that affect how the rest is read.
@@ -300,6 +305,7 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
             "dead_letter" => {
                 config.dead_letter = dead_letter::read_target(value, dir, &mut problems)
             }
+            "tests" => tests = crate::testing::spec::read(value, &mut problems),
             other => problems.add(
                 format!("unknown top-level key `{other}`"),
                 Some(key.span()),
@@ -316,6 +322,8 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
             Some("add `[sources.NAME]`, `[transforms.NAME]` and `[sinks.NAME]` tables".into()),
         );
     }
+    crate::testing::spec::check_references(&config, &tests, &mut problems);
+    config.tests = tests.into_iter().map(|(t, _)| t).collect();
     if problems.is_empty() {
         Ok(config)
     } else {

@@ -138,6 +138,10 @@ where
         }
         tally.emitted = out.len() as u64;
         self.failures.stats.add(&tally, Some(started.elapsed()));
+        self.failures
+            .stats
+            .taps
+            .offer(|| super::TapBatch::of_items(&out));
         self.next.push(Batch::from_items(out)).await;
     }
 }

@@ -104,6 +104,12 @@ impl<T: Clone + Send + 'static> BranchHandler<T> {
         }
         tally.emitted = parts.iter().map(|p| p.len() as u64).sum();
         self.failures.stats.add(&tally, Some(started.elapsed()));
+        for part in &parts {
+            self.failures
+                .stats
+                .taps
+                .offer(|| super::TapBatch::of_items(part));
+        }
         for (out, part) in self.outs.iter_mut().zip(parts) {
             if !part.is_empty() {
                 out.push(Batch::from_items(part)).await;

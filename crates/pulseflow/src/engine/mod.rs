@@ -35,6 +35,7 @@ mod result;
 mod run;
 mod sink;
 mod source;
+mod tap;
 mod transform;
 mod wiring;
 mod workers;
@@ -42,6 +43,8 @@ mod workers;
 pub use dead_letter::{DeadLetter, DeadLetterSink};
 pub use options::{DEFAULT_BATCH_TIMEOUT, ExecutionOptions, Supervision};
 pub use result::PipelineResult;
+pub(crate) use tap::TapSlot;
+pub use tap::{Tap, TapBatch, TapHandle};
 pub use tokio_pulse::Tier;
 
 pub(crate) use async_map::AsyncMapHandler;
@@ -245,6 +248,10 @@ impl ExecutionEngine {
             .instrument(tracing::info_span!("pipeline", id = %pipeline_id))
             .await;
 
+        // Taps see nothing more: dropping them lets their readers see the end.
+        for stats in &run.stages {
+            stats.taps.detach_all();
+        }
         let result = PipelineResult::collect(&run, started.elapsed());
         *self.control.last.lock() = Some(run);
         *self.control.current.lock() = None;
@@ -283,7 +290,16 @@ impl ExecutionEngine {
             .clone()
             .or_else(|| self.control.last.lock().clone())?;
         let index = run.stages.iter().position(|s| &*s.id == stage_id)?;
-        Some(result::snapshot(&run, index))
+        result::snapshot_all(&run).into_iter().nth(index)
+    }
+
+    /// Attaches `tap` to the items leaving stage `stage_id` of the running pipeline (see
+    /// [`Tap`]); `None` when no pipeline runs or it has no such stage. The tap stays attached
+    /// until the handle is dropped or the run ends.
+    pub fn tap(&self, stage_id: &str, tap: Tap) -> Option<TapHandle> {
+        let run = self.control.current.lock().clone()?;
+        let stats = run.stages.iter().find(|s| &*s.id == stage_id)?;
+        Some(tap::attach(&stats.taps, tap))
     }
 
     /// The live state of every stage, in graph order.
@@ -294,12 +310,8 @@ impl ExecutionEngine {
             .lock()
             .clone()
             .or_else(|| self.control.last.lock().clone());
-        run.map(|run| {
-            (0..run.stages.len())
-                .map(|i| result::snapshot(&run, i))
-                .collect()
-        })
-        .unwrap_or_default()
+        run.map(|run| result::snapshot_all(&run))
+            .unwrap_or_default()
     }
 
     /// Whether a pipeline is running.

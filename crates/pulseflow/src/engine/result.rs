@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::dead_letter::DeadLetter;
 use super::run::RunShared;
 use crate::error::PipelineError;
-use crate::metrics::{Accounting, StageRuntimeState, StageStatus};
+use crate::metrics::{Accounting, StageRuntimeState, StageStatus, Totals};
 
 /// The outcome of a run.
 #[derive(Debug)]
@@ -44,6 +44,76 @@ pub(crate) fn snapshot(run: &RunShared, index: usize) -> StageRuntimeState {
     run.stages[index].snapshot(outputs)
 }
 
+/// Every stage's state, with its shares of time and the bottleneck marked.
+pub(crate) fn snapshot_all(run: &RunShared) -> Vec<StageRuntimeState> {
+    let totals = load_totals(run);
+    let workers: Vec<u64> = run.stages.iter().map(|s| s.workers()).collect();
+    let (loads, bottleneck) = run
+        .load
+        .lock()
+        .observe(std::time::Instant::now(), &totals, &workers);
+    (0..run.stages.len())
+        .map(|i| {
+            let mut state = snapshot(run, i);
+            state.load = loads.get(i).copied();
+            if let Some(load) = &state.load {
+                run.stages[i].publish_load(load);
+            }
+            state.bottleneck = bottleneck == Some(i);
+            state
+        })
+        .collect()
+}
+
+/// Each stage's running time totals. A stage is backpressured while it waits on the stages it
+/// feeds: on the full input buffer of one with a buffer of its own, and for one fused to it
+/// (run in its task, on its output), while that one works or waits in turn.
+fn load_totals(run: &RunShared) -> Vec<Totals> {
+    /// Time stage `i`'s producers waited on it.
+    fn waited_on(run: &RunShared, i: usize, memo: &mut [Option<(u64, u64)>]) -> u64 {
+        let stats = &run.stages[i];
+        match stats.input.lock().as_ref() {
+            Some(edge) => edge
+                .blocked_nanos
+                .load(std::sync::atomic::Ordering::Relaxed),
+            None => stats.busy_nanos() + totals(run, i, memo).1,
+        }
+    }
+    /// Stage `i`'s (busy, backpressured).
+    fn totals(run: &RunShared, i: usize, memo: &mut [Option<(u64, u64)>]) -> (u64, u64) {
+        if let Some(known) = memo[i] {
+            return known;
+        }
+        let backpressured = run.consumers[i]
+            .iter()
+            .map(|&c| waited_on(run, c, memo))
+            .sum();
+        let t = (run.stages[i].busy_nanos(), backpressured);
+        memo[i] = Some(t);
+        t
+    }
+    let mut memo = vec![None; run.stages.len()];
+    let mut fed = vec![false; run.stages.len()];
+    for &c in run.consumers.iter().flatten() {
+        fed[c] = true;
+    }
+    (0..run.stages.len())
+        .map(|i| {
+            let (busy, backpressured) = totals(run, i, &mut memo);
+            Totals {
+                busy,
+                backpressured,
+                // Nothing waits on a source.
+                input_blocked: if fed[i] {
+                    waited_on(run, i, &mut memo)
+                } else {
+                    0
+                },
+            }
+        })
+        .collect()
+}
+
 impl PipelineResult {
     pub(crate) fn refused(error: PipelineError) -> Self {
         Self {
@@ -61,13 +131,15 @@ impl PipelineResult {
 
     pub(crate) fn collect(run: &Arc<RunShared>, duration: Duration) -> Self {
         let aborted = run.is_aborted();
-        let mut stages = BTreeMap::new();
-        for (i, stats) in run.stages.iter().enumerate() {
+        for stats in &run.stages {
             if aborted && stats.status() != StageStatus::Completed {
                 stats.set_status(StageStatus::Aborted);
             }
-            stages.insert(stats.id.to_string(), snapshot(run, i));
         }
+        let stages: BTreeMap<String, StageRuntimeState> = snapshot_all(run)
+            .into_iter()
+            .map(|s| (s.stage_id.clone(), s))
+            .collect();
         let accounting = Accounting::from_states(stages.values());
         let mut error = run.take_failure();
         if aborted {

@@ -95,6 +95,8 @@ pub(crate) struct RunShared {
     pub aborted: AtomicBool,
     /// Supervises every task of the run, when supervision is on.
     supervisor: Option<Supervisor>,
+    /// Samples of the stages' time totals, for their shares of busy, backpressured and idle.
+    pub load: Mutex<crate::metrics::LoadWindow>,
 }
 
 impl RunShared {
@@ -107,7 +109,9 @@ impl RunShared {
         stop: CancellationToken,
         supervisor: Option<Supervisor>,
     ) -> Self {
+        let load = crate::metrics::LoadWindow::new(stages.len(), std::time::Instant::now());
         Self {
+            load: Mutex::new(load),
             pipeline_id,
             stop,
             gate: Gate::default(),

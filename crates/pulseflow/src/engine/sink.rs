@@ -118,6 +118,11 @@ impl<S: Sink> SinkHandler<S> {
             self.failures.stats.add(&tally, None);
             return;
         }
+        // A sink's tap sees what it is given to write.
+        self.failures
+            .stats
+            .taps
+            .offer(|| super::TapBatch::of_batch(&batch));
         let mut failed = Vec::new();
         let (mut delivered, mut acks) = self.write_all(batch.into_items(), &mut failed).await;
         for failure in failed {

@@ -71,7 +71,6 @@ async fn produce<S: Source>(
             _ = stop.cancelled() => return,
             demand = out.demand() => demand,
         };
-        let started = Instant::now();
         let limit = batch_size.min(demand);
         // A source that Tokio-Pulse moved to Yield fills its batch in small steps and gives
         // way between them (every 250 µs of work); downstream still gets whole batches (small ones would multiply
@@ -84,14 +83,27 @@ async fn produce<S: Source>(
             filled.clone(),
             Some(failures.run.acks.clone()),
         );
-        let status = tokio::select! {
-            biased;
-            _ = stop.cancelled() => None,
-            r = PartialAfter::new(
+        // The source is busy while `produce` runs, not while it waits for input (or for its
+        // rate): only the time spent in its polls counts.
+        let mut busy = Duration::ZERO;
+        let status = {
+            let produce = PartialAfter::new(
                 produce_in_steps(source, &mut buf, yielding),
                 &filled,
                 batch_timeout,
-            ) => Some(r),
+            );
+            tokio::pin!(produce);
+            let timed = std::future::poll_fn(|cx| {
+                let polled = Instant::now();
+                let r = produce.as_mut().poll(cx);
+                busy += polled.elapsed();
+                r
+            });
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => None,
+                r = timed => Some(r),
+            }
         };
         let (items, next_seq) = buf.finish();
         seq = next_seq;
@@ -119,7 +131,8 @@ async fn produce<S: Source>(
             }
             None => None,
         };
-        stats.add(&tally, Some(started.elapsed()));
+        stats.add(&tally, Some(busy));
+        stats.taps.offer(|| super::TapBatch::of_items(&items));
         if !items.is_empty() {
             out.push(Batch::from_items(items)).await;
         }

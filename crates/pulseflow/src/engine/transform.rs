@@ -10,6 +10,7 @@ use tracing::Instrument;
 
 use super::downstream::Downstream;
 use super::failure::{Failures, Next};
+use super::tap::TapBatch;
 use crate::ack::AckTally;
 use crate::envelope::{Batch, Envelope};
 use crate::error::{ItemFailure, StageError};
@@ -176,6 +177,7 @@ impl<X: Transform> TransformHandler<X> {
             self.settle(failed, &mut out, &mut tally).await;
         }
         tally.emitted = out.len() as u64;
+        self.stats().taps.offer(|| TapBatch::of_items(&out));
         self.busy += started.elapsed();
         self.stats().add(&tally, None);
         if last {

@@ -178,10 +178,12 @@ impl<T> EdgeSender<T> {
             let stats = shared.stats.clone();
             let depth = move || crate::flow::Load::items(stats.depth.load(Relaxed) as usize);
             while !batch.is_empty() {
-                let admitted = match gate
+                let waiting = std::time::Instant::now();
+                let acquired = gate
                     .acquire(batch.len(), batch.total_bytes(), &depth, GATE_WAIT)
-                    .await
-                {
+                    .await;
+                shared.stats.add_blocked(waiting.elapsed());
+                let admitted = match acquired {
                     Ok(a) => a.admitted.min(batch.len()),
                     Err(_) => continue,
                 };
@@ -219,6 +221,11 @@ impl<T> EdgeSender<T> {
         let n = batch.len();
         let writable = shared.writable.notified();
         tokio::pin!(writable);
+        // Set once the buffer is found full: the wait is the stage's backpressure.
+        let mut blocked = BlockedTime {
+            since: None,
+            stats: &shared.stats,
+        };
         loop {
             writable.as_mut().enable();
             {
@@ -231,7 +238,10 @@ impl<T> EdgeSender<T> {
                 }
                 let room = shared.capacity - st.items.min(shared.capacity);
                 match shared.policy {
-                    DropPolicy::Block if n > room => st.tx_waiting += 1,
+                    DropPolicy::Block if n > room => {
+                        st.tx_waiting += 1;
+                        blocked.start();
+                    }
                     DropPolicy::Block => {
                         self.push(&mut st, batch);
                         return;
@@ -373,6 +383,28 @@ impl<T> EdgeReceiver<T> {
     }
 }
 
+/// Adds the time a send waited for room, if it did, to its edge's figures when the send ends
+/// (however it ends).
+struct BlockedTime<'a> {
+    since: Option<std::time::Instant>,
+    stats: &'a EdgeStats,
+}
+
+impl BlockedTime<'_> {
+    /// The buffer is full: the wait starts now, unless it already had.
+    fn start(&mut self) {
+        self.since.get_or_insert_with(std::time::Instant::now);
+    }
+}
+
+impl Drop for BlockedTime<'_> {
+    fn drop(&mut self) {
+        if let Some(since) = self.since.take() {
+            self.stats.add_blocked(since.elapsed());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,6 +458,21 @@ mod tests {
             stats.dropped[DropReason::DropOldest as usize].load(Relaxed),
             2
         );
+    }
+
+    #[tokio::test]
+    async fn only_a_send_that_waits_for_room_counts_as_blocked() {
+        let (tx, rx, stats) = pair(4, DropPolicy::Block);
+        tx.send(batch(0..4)).await;
+        assert_eq!(stats.blocked_nanos.load(Relaxed), 0, "there was room");
+        let waiting = tokio::spawn(async move { tx.send(batch(4..6)).await });
+        while rx.shared.state.lock().tx_waiting == 0 {
+            tokio::task::yield_now().await;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        rx.recv().await.expect("first");
+        waiting.await.expect("task");
+        assert!(stats.blocked_nanos.load(Relaxed) > 0);
     }
 
     #[tokio::test(start_paused = true)]

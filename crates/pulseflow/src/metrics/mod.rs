@@ -19,7 +19,11 @@
 //! emitted as one output: k - 1 absorbed).
 //! [`Accounting::reconciles`] checks it at the end of every run.
 
+mod load;
 mod stats;
+
+pub use load::{BACKPRESSURE_MARK, Load, WINDOW as LOAD_WINDOW};
+pub(crate) use load::{LoadWindow, Totals};
 
 pub use stats::{
     Accounting, DropReason, EdgeSnapshot, StageMetrics, StageRuntimeState, StageStatus,

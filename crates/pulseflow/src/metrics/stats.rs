@@ -146,6 +146,8 @@ pub(crate) struct EdgeStats {
     pub depth: AtomicU64,
     pub peak_depth: AtomicU64,
     pub capacity: AtomicU64,
+    /// Time senders spent waiting for room (nanoseconds, all senders).
+    pub blocked_nanos: AtomicU64,
 }
 
 impl EdgeStats {
@@ -153,6 +155,12 @@ impl EdgeStats {
         if n > 0 {
             self.dropped[reason.index()].fetch_add(n, Relaxed);
         }
+    }
+
+    /// Adds time a sender waited for room.
+    pub fn add_blocked(&self, waited: Duration) {
+        self.blocked_nanos
+            .fetch_add(waited.as_nanos() as u64, Relaxed);
     }
 
     pub fn set_depth(&self, depth: u64) {
@@ -223,6 +231,8 @@ pub(crate) struct StageStats {
     metrics: StageMetricHandles,
     /// Figures a stage kind publishes on its own (an accumulator's table and spill figures).
     extra_metrics: Mutex<Option<ExtraMetrics>>,
+    /// Taps attached to the items the stage emits.
+    pub taps: Arc<crate::engine::TapSlot>,
 }
 
 /// A source of further named figures for a stage's state.
@@ -245,6 +255,8 @@ struct StageMetricHandles {
     dropped: [metrics::Counter; DropReason::COUNT],
     batch_seconds: metrics::Histogram,
     queue_depth: metrics::Gauge,
+    /// Shares of time: busy, backpressured, idle.
+    load: [metrics::Gauge; 3],
 }
 
 impl StageMetricHandles {
@@ -258,6 +270,7 @@ impl StageMetricHandles {
             dropped: DropReason::ALL.map(|_| metrics::Counter::noop()),
             batch_seconds: metrics::Histogram::noop(),
             queue_depth: metrics::Gauge::noop(),
+            load: [(); 3].map(|_| metrics::Gauge::noop()),
         }
     }
 
@@ -285,6 +298,16 @@ impl StageMetricHandles {
             dropped: DropReason::ALL.map(drop_counter),
             batch_seconds: metrics::histogram!("pulseflow_batch_duration_seconds", &labels),
             queue_depth: metrics::gauge!("pulseflow_queue_depth", &labels),
+            load: ["busy", "backpressured", "idle"].map(|state| {
+                metrics::gauge!(
+                    "pulseflow_stage_time_ratio",
+                    &[
+                        ("pipeline", pipeline.to_owned()),
+                        ("stage", stage.to_owned()),
+                        ("state", state.to_owned()),
+                    ]
+                )
+            }),
         }
     }
 }
@@ -320,6 +343,7 @@ impl StageStats {
             pruned_cpu_nanos: AtomicU64::new(0),
             flow: Mutex::new((None, None)),
             extra_metrics: Mutex::new(None),
+            taps: Arc::default(),
         }
     }
 
@@ -474,6 +498,19 @@ impl StageStats {
         }
     }
 
+    /// Processing time so far, all workers (nanoseconds).
+    pub fn busy_nanos(&self) -> u64 {
+        self.busy_nanos.load(Relaxed)
+    }
+
+    /// Publishes the stage's shares of time.
+    pub fn publish_load(&self, load: &super::Load) {
+        let [busy, backpressured, idle] = &self.metrics.load;
+        busy.set(load.busy);
+        backpressured.set(load.backpressured);
+        idle.set(load.idle);
+    }
+
     /// Records one batch's processing time (for a batch handled in pieces, their sum).
     pub fn add_batch_time(&self, busy: Duration) {
         self.batches.fetch_add(1, Relaxed);
@@ -552,6 +589,8 @@ impl StageStats {
             metrics,
             tier: self.tier().or_else(|| self.tier_reached()),
             cpu_time: self.cpu_time(),
+            load: None,
+            bottleneck: false,
         }
     }
 }
@@ -657,6 +696,11 @@ pub struct StageRuntimeState {
     pub tier: Option<tokio_pulse::Tier>,
     /// CPU time of the stage's tasks, sampled by Tokio-Pulse (zero when unsupervised).
     pub cpu_time: Duration,
+    /// How it spent the last few seconds (`None` until time has passed).
+    pub load: Option<super::Load>,
+    /// Whether it is the pipeline's bottleneck: the busiest stage whose full input keeps its
+    /// producers waiting.
+    pub bottleneck: bool,
 }
 
 /// Pipeline-wide totals of a run. See the [module docs](crate::metrics) for the law they obey.

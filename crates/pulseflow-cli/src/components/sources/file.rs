@@ -126,6 +126,10 @@ impl SourceComponent for FileSource {
         self.lines.build(cx, source, workers)
     }
 
+    fn line_settings(&self) -> Option<LineSettings> {
+        Some(self.lines)
+    }
+
     fn projectable(&self) -> bool {
         self.lines.projectable()
     }

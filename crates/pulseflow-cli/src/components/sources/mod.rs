@@ -17,8 +17,9 @@ use pulseflow::policy::ParallelismHint;
 use serde::Deserialize;
 
 use self::decode::Decode;
-use self::lines::LineSource;
+use self::lines::RawLine;
 use crate::build::BuildContext;
+use pulseflow::stage::Source;
 
 /// How lines of input become items.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -63,10 +64,10 @@ impl LineSettings {
 
     /// Adds the reading stage (`x`) and its decoding stage (`x.decode`, on `workers`, where the
     /// component's policies apply).
-    pub fn build(
+    pub fn build<S: Source<Item = RawLine>>(
         &self,
         cx: &mut BuildContext<'_>,
-        source: LineSource,
+        source: S,
         workers: Option<ParallelismHint>,
     ) -> Stream<Val> {
         let format = self.format;

@@ -64,6 +64,10 @@ impl SourceComponent for Stdin {
         self.0.build(cx, source, workers)
     }
 
+    fn line_settings(&self) -> Option<LineSettings> {
+        Some(self.0)
+    }
+
     fn projectable(&self) -> bool {
         self.0.projectable()
     }

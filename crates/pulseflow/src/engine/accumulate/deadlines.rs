@@ -98,6 +98,8 @@ impl<A: Accumulator> AccStage<A> {
         tally.emitted = out.len() as u64;
         self.failures.stats.add(&tally, None);
         if !out.is_empty() {
+            let taps = &self.failures.stats.taps;
+            taps.offer(|| crate::engine::TapBatch::of_items(&out));
             next.push(Batch::from_items(out)).await;
         }
     }

@@ -140,6 +140,8 @@ impl<A: Accumulator> AccStage<A> {
         self.failures.stats.add(tally, None);
         *tally = Tally::default();
         if !out.is_empty() {
+            let taps = &self.failures.stats.taps;
+            taps.offer(|| crate::engine::TapBatch::of_items(out));
             next.push(Batch::from_items(std::mem::take(out))).await;
         }
     }
