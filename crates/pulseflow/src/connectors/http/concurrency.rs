@@ -5,8 +5,9 @@
 //!   requests) and the requests of that round trip succeeded no slower than twice it, the
 //!   limit grows by one.
 //! - A request the server refused for load (`429`, `503`, another `5xx`, a timeout, a
-//!   dropped connection), or one that took more than twice the smoothed round-trip time,
-//!   halves the limit; at most once per round trip, so one burst of errors counts once.
+//!   dropped connection), or one that took more than twice the smoothed round-trip time (and
+//!   more than four smoothed deviations above it, so jitter is not taken for load), halves
+//!   the limit; at most once per round trip, so one burst of errors counts once.
 //!
 //! The limit stays between 1 and the configured maximum; with equal bounds it is fixed.
 //!
@@ -38,8 +39,13 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// A latency above this many smoothed round trips is a sign of load.
+/// A latency above this many smoothed round trips is a sign of load...
 const SLOW_FACTOR: u32 = 2;
+/// ...when it is also this many smoothed deviations above the round trip (so the jitter of
+/// a busy machine on sub-millisecond round trips is not taken for load).
+const SLOW_DEVIATIONS: u32 = 4;
+/// Successful requests measured before latency counts as a sign of load.
+const WARM_UP: u32 = 5;
 /// Weight of a new sample in the smoothed round-trip time.
 const SMOOTHING: f64 = 0.2;
 
@@ -58,6 +64,10 @@ struct State {
     in_flight: usize,
     /// Smoothed latency of successful requests.
     rtt: Option<Duration>,
+    /// Smoothed absolute deviation of their latencies from `rtt`.
+    deviation: Duration,
+    /// Successful requests measured (up to [`WARM_UP`]).
+    measured: u32,
     /// Whether the limit was reached since the window started.
     used: bool,
     window_start: Instant,
@@ -74,6 +84,8 @@ impl AdaptiveConcurrency {
                 limit: initial.clamp(1, max),
                 in_flight: 0,
                 rtt: None,
+                deviation: Duration::ZERO,
+                measured: 0,
                 used: false,
                 window_start: Instant::now(),
                 last_decrease: None,
@@ -128,13 +140,22 @@ impl AdaptiveConcurrency {
         st.in_flight -= 1;
         let before = st.limit;
         if let Some((ok, latency)) = outcome {
-            let slow = st.rtt.is_some_and(|rtt| latency > rtt * SLOW_FACTOR);
+            let slow = st.measured >= WARM_UP
+                && st.rtt.is_some_and(|rtt| {
+                    latency > rtt * SLOW_FACTOR && latency > rtt + st.deviation * SLOW_DEVIATIONS
+                });
             if ok && !slow {
                 let rtt = match st.rtt {
                     None => latency,
-                    Some(rtt) => rtt.mul_f64(1.0 - SMOOTHING) + latency.mul_f64(SMOOTHING),
+                    Some(rtt) => {
+                        let off = latency.abs_diff(rtt);
+                        st.deviation =
+                            st.deviation.mul_f64(1.0 - SMOOTHING) + off.mul_f64(SMOOTHING);
+                        rtt.mul_f64(1.0 - SMOOTHING) + latency.mul_f64(SMOOTHING)
+                    }
                 };
                 st.rtt = Some(rtt);
+                st.measured = (st.measured + 1).min(WARM_UP);
                 if now.duration_since(st.window_start) >= rtt {
                     if st.used {
                         st.limit = (st.limit + 1).min(self.max);
@@ -256,6 +277,19 @@ mod tests {
         round(&l, true, 10 * MS).await;
         l.acquire().await.success(50 * MS);
         assert_eq!(l.limit(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jitter_is_not_load() {
+        let l = AdaptiveConcurrency::new(8, 8);
+        for i in 0..40 {
+            let latency = if i % 2 == 0 { 4 * MS } else { 16 * MS };
+            l.acquire().await.success(latency);
+        }
+        l.acquire().await.success(22 * MS);
+        assert_eq!(l.limit(), 8, "within the usual spread");
+        l.acquire().await.success(80 * MS);
+        assert_eq!(l.limit(), 4, "far outside it");
     }
 
     #[tokio::test(start_paused = true)]
