@@ -9,7 +9,9 @@
 //!   to a pipeline that also runs, as independent branches, one transform per runtime worker
 //!   spinning the CPU for 200 µs per item on 1024-item batches. `hog_p99_ratio` is the p99 request latency with the
 //!   hog and supervision on (the default) over the p99 of the same pipeline without the hog
-//!   branch; `unsupervised_hog_p99_ratio` is the same with supervision off. The clients run on
+//!   branch; `unsupervised_hog_p99_ratio` is the same with supervision off. Each variant first
+//!   sends requests for a second, unmeasured (the supervisor escalates a hog after a run of
+//!   long polls); three interleaved rounds without and with the hogs, medians. The clients run on
 //!   a runtime of their own thread, so a starved runtime shows in the server's answers only.
 
 use std::net::SocketAddr;
@@ -38,6 +40,8 @@ use crate::report::{Report, median, per_sec};
 const ITEMS_PER_BODY: usize = 100;
 /// Concurrent client connections.
 const CONNECTIONS: usize = 8;
+/// How long clients send before latencies are measured.
+const WARM_UP: Duration = Duration::from_secs(3);
 /// CPU time the hog spends per item.
 const HOG_PER_ITEM: Duration = Duration::from_micros(200);
 
@@ -48,7 +52,7 @@ pub fn run(opts: &CommonOpts) -> Result<Report, BoxError> {
         .enable_all()
         .build()?;
     let requests = if opts.quick { 2_000 } else { 10_000 };
-    let rounds = if opts.quick { 3 } else { 5 };
+    let rounds = 5;
     let body = Bytes::from(
         (0..ITEMS_PER_BODY)
             .map(|i| {
@@ -69,8 +73,17 @@ pub fn run(opts: &CommonOpts) -> Result<Report, BoxError> {
 
     let samples = if opts.quick { 400 } else { 2_000 };
     let workers = opts.workers.unwrap_or(2);
-    let calm = runtime.block_on(latencies(samples, workers, None))?;
-    let supervised = runtime.block_on(latencies(samples, workers, Some(Supervision::Default)))?;
+    // Interleaved rounds without and with the hogs; the medians of their figures.
+    let (mut calm, mut supervised) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        calm.push(runtime.block_on(latencies(samples, workers, None))?);
+        supervised.push(runtime.block_on(latencies(
+            samples,
+            workers,
+            Some(Supervision::Default),
+        ))?);
+    }
+    let (calm, supervised) = (Latency::median(&calm), Latency::median(&supervised));
     // Unsupervised, a request takes about a second: fewer of them.
     let unsupervised = runtime.block_on(latencies(samples / 5, workers, Some(Supervision::Off)))?;
 
@@ -100,7 +113,7 @@ pub fn run(opts: &CommonOpts) -> Result<Report, BoxError> {
         rounds_text(&bare),
     ]);
     report.note(format!(
-        "latency of one-item POSTs ({samples} in a row): p50 / p99 without the hog {:.0} / {:.0} µs; \
+        "latency of one-item POSTs ({samples} in a row, median of 3 interleaved rounds): p50 / p99 without the hog {:.0} / {:.0} µs; \
          with the hog, supervised {:.0} / {:.0} µs, unsupervised ({} requests) {:.0} / {:.0} µs",
         calm.p50,
         calm.p99,
@@ -259,9 +272,25 @@ async fn bare_ingest(requests: usize, body: Bytes) -> Result<Duration, BoxError>
     Ok(elapsed)
 }
 
+#[derive(Clone, Copy)]
 struct Latency {
     p50: f64,
     p99: f64,
+}
+
+impl Latency {
+    /// The median p50 and the median p99 of several rounds.
+    fn median(rounds: &[Latency]) -> Latency {
+        let mid = |f: fn(&Latency) -> f64| {
+            let mut v: Vec<f64> = rounds.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Latency {
+            p50: mid(|l| l.p50),
+            p99: mid(|l| l.p99),
+        }
+    }
 }
 
 /// Spins the CPU for `d`.
@@ -317,13 +346,18 @@ async fn latencies(
                 .build()
                 .map_err(|e| e.to_string())?;
             let mut times = Vec::with_capacity(samples);
-            // Warm up: the connection, and the hogs' tier.
-            for i in 0..20 {
+            // Warm up for a second, the same in every variant: the connection, and the
+            // supervisor's escalation of the hogs (it needs a run of long polls).
+            let warm = Instant::now();
+            let mut i = 0u64;
+            while warm.elapsed() < WARM_UP {
                 let _ = client
                     .post(&url)
-                    .body(format!("{{\"i\":{i}}}"))
+                    .body(format!("{{\"w\":{i}}}"))
                     .send()
                     .await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
             for i in 0..samples {
                 let started = Instant::now();
@@ -342,7 +376,16 @@ async fn latencies(
     })
     .await??;
     stop.cancel();
-    let _ = run.await?;
+    let result = run.await?;
+    let tiers: Vec<String> = result
+        .stages
+        .iter()
+        .filter(|(id, _)| id.starts_with("hog"))
+        .map(|(id, st)| format!("{id}={:?}", st.tier))
+        .collect();
+    if std::env::var_os("PULSEFLOW_BENCH_TIERS").is_some() {
+        eprintln!("tiers: {tiers:?}");
+    }
     let mut sorted = times;
     sorted.sort_unstable();
     let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize] as f64;
