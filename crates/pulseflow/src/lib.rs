@@ -42,6 +42,7 @@
 pub mod accumulate;
 pub mod ack;
 pub mod builder;
+pub mod connectors;
 pub mod engine;
 pub mod envelope;
 pub mod error;

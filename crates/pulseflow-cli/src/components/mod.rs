@@ -12,6 +12,7 @@
 //! the table to the type's [`ComponentType::read`].
 
 pub mod dead_letter;
+pub mod nats;
 pub mod sinks;
 pub mod sources;
 pub mod transforms;
@@ -35,6 +36,7 @@ pub const SOURCES: &[ComponentType<dyn SourceComponent>] = &[
     sources::file::TYPE,
     sources::stdin::TYPE,
     sources::generate::TYPE,
+    sources::nats::TYPE,
 ];
 
 /// The transform types.
@@ -50,6 +52,7 @@ pub const SINKS: &[ComponentType<dyn SinkComponent>] = &[
     sinks::stdout::TYPE,
     sinks::file::TYPE,
     sinks::blackhole::TYPE,
+    sinks::nats::TYPE,
 ];
 
 /// The type names of a role, in registry order.

@@ -61,6 +61,9 @@ pub struct Config {
     pub registry: PolicyRegistry,
     pub parallelism: BTreeMap<String, pulseflow::policy::ParallelismHint>,
     pub dead_letter: Option<DeadLetterTarget>,
+    /// Which of several processes running this config this one is (`run --instance I/N`):
+    /// partitioned `nats` sources read the partitions assigned to it.
+    pub instance: pulseflow::connectors::nats::partition::Instance,
 }
 
 impl Config {
@@ -184,6 +187,7 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
         registry: PolicyRegistry::default(),
         parallelism: BTreeMap::new(),
         dead_letter: None,
+        instance: Default::default(),
     };
     let mut allow_recursion = false;
     let root = root.into_inner();
