@@ -1,10 +1,16 @@
-//! The JetStream sink: publishes each item and counts it delivered once the stream has
-//! acknowledged it.
+//! The JetStream sink: publishes each item, with up to `max_in_flight` publishes awaiting
+//! their acknowledgement at once. A publish not acknowledged in `ack_timeout` (the server
+//! restarting, say) is sent again after a backoff, up to `retries` times, with the same
+//! `Nats-Msg-Id`: the stream keeps it once.
 //!
-//! Up to `max_in_flight` publishes await their acknowledgement at once. A publish that is not
-//! acknowledged in `ack_timeout` (the server restarting, say) is sent again after a backoff,
-//! up to `retries` times, with the same `Nats-Msg-Id`: the stream keeps it once. An item whose
-//! publishes all failed goes to the stage's error policy.
+//! An item carrying acknowledgements (read by an acknowledging source, such as the JetStream
+//! source) counts as delivered once it is sent, and its acknowledgements are held until the
+//! stream acknowledged it, so the publishes of one batch overlap those of the next while the
+//! source message is still acknowledged only once its output is stored. If every retry fails,
+//! its acknowledgements are told it failed (a JetStream source naks the message, which comes
+//! back) and [`JetStreamSink::failures`] counts it. An item without acknowledgements counts as
+//! delivered only once the stream acknowledged it; if every retry fails, it goes to the
+//! stage's error policy.
 //!
 //! `Nats-Msg-Id` is the item's source identity ([`SOURCE_ID_HEADER`]) and a checksum of the
 //! payload, so the several outputs of one source message have distinct ids while the same
@@ -20,16 +26,20 @@
 //! # let _ = sink;
 //! ```
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
 use futures::StreamExt;
-use futures::stream::FuturesOrdered;
+use futures::stream::{FuturesOrdered, FuturesUnordered};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::{Connection, NatsError, SOURCE_ID_HEADER, ensure_stream};
+use crate::ack::{Ack, Outcome};
 use crate::envelope::Envelope;
 use crate::error::{ItemFailure, StageError};
 use crate::stage::{Sink, StageContext, WriteProgress};
@@ -79,12 +89,27 @@ pub struct Publish {
 pub struct JetStreamSink {
     settings: Settings,
     js: Option<jetstream::Context>,
+    background: Option<Background>,
+    failures: Arc<AtomicU64>,
 }
 
 impl JetStreamSink {
     /// A sink with these settings; it connects when the run starts.
     pub fn new(settings: Settings) -> Self {
-        Self { settings, js: None }
+        Self {
+            settings,
+            js: None,
+            background: None,
+            failures: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl JetStreamSink {
+    /// Publishes of acknowledged items that failed after every retry (their source messages
+    /// were told so, and are delivered again).
+    pub fn failures(&self) -> Arc<AtomicU64> {
+        self.failures.clone()
     }
 }
 
@@ -107,47 +132,117 @@ fn headers(item: &Envelope<Publish>) -> HeaderMap {
     headers
 }
 
-/// Publishes one item until it is acknowledged or the retries are spent.
-async fn publish(
-    js: jetstream::Context,
-    settings: &Settings,
-    item: Envelope<Publish>,
-) -> Result<(), ItemFailure<Publish>> {
-    let headers = headers(&item);
-    let mut delay = settings.backoff;
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let message = PublishMessage::build()
-            .payload(item.payload.payload.clone())
-            .headers(headers.clone());
-        let sent = match js.send_publish(item.payload.subject.clone(), message).await {
-            Ok(ack) => ack.await.map(drop),
-            Err(e) => Err(e),
-        };
-        let error = match sent {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        let retryable = matches!(
-            error.kind(),
-            PublishErrorKind::TimedOut
-                | PublishErrorKind::BrokenPipe
-                | PublishErrorKind::StreamNotFound
-                | PublishErrorKind::Other
-        );
-        if !retryable || attempts > settings.retries {
-            let error = NatsError::Publish {
-                subject: item.payload.subject.clone(),
-                attempts,
-                reason: error.to_string(),
-            };
-            return Err(ItemFailure::new(item, StageError::from_error(error)));
+/// A message on its way: what to send again if its acknowledgement does not come.
+struct Outgoing {
+    subject: String,
+    payload: Bytes,
+    headers: HeaderMap,
+}
+
+impl Outgoing {
+    fn of(item: &Envelope<Publish>) -> Self {
+        Self {
+            subject: item.payload.subject.clone(),
+            payload: item.payload.payload.clone(),
+            headers: headers(item),
         }
-        tracing::warn!(subject = %item.payload.subject, error = %error, "JetStream publish, retrying");
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
+
+    async fn send(&self, js: &jetstream::Context) -> Result<PublishAckFuture, PublishError> {
+        let message = PublishMessage::build()
+            .payload(self.payload.clone())
+            .headers(self.headers.clone());
+        js.send_publish(self.subject.clone(), message).await
+    }
+
+    /// Awaits the acknowledgement of `first` (an attempt already sent, if any), sending the
+    /// message again with backoff while it does not come, up to `settings.retries` times.
+    async fn confirm(
+        &self,
+        js: &jetstream::Context,
+        settings: &Settings,
+        mut first: Option<PublishAckFuture>,
+    ) -> Result<(), NatsError> {
+        let mut delay = settings.backoff;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let sent = match first.take() {
+                Some(ack) => ack.await,
+                None => match self.send(js).await {
+                    Ok(ack) => ack.await,
+                    Err(e) => Err(e),
+                },
+            };
+            let error = match sent {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            let retryable = matches!(
+                error.kind(),
+                PublishErrorKind::TimedOut
+                    | PublishErrorKind::BrokenPipe
+                    | PublishErrorKind::StreamNotFound
+                    | PublishErrorKind::Other
+            );
+            if !retryable || attempts > settings.retries {
+                return Err(NatsError::Publish {
+                    subject: self.subject.clone(),
+                    attempts,
+                    reason: error.to_string(),
+                });
+            }
+            tracing::warn!(subject = %self.subject, error = %error, "JetStream publish, retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// A publish of an acknowledged item, confirmed in the background: its acks are kept (so
+/// they do not resolve) until the stream acknowledged it, and told it failed if it never did.
+struct Confirming {
+    outgoing: Outgoing,
+    first: PublishAckFuture,
+    acks: Vec<Ack>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Confirms the publishes handed to it, all at once, until the sink is closed.
+async fn confirm_in_background(
+    js: jetstream::Context,
+    settings: Arc<Settings>,
+    mut publishes: mpsc::UnboundedReceiver<Confirming>,
+    failures: Arc<AtomicU64>,
+) {
+    let mut pending = FuturesUnordered::new();
+    let confirm = |c: Confirming| {
+        let (js, settings, failures) = (js.clone(), settings.clone(), failures.clone());
+        async move {
+            if let Err(e) = c.outgoing.confirm(&js, &settings, Some(c.first)).await {
+                tracing::warn!(error = %e, "JetStream publish failed: its source messages will be delivered again");
+                failures.fetch_add(1, Ordering::Relaxed);
+                c.acks.iter().for_each(|a| a.record(Outcome::Failed, 1));
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            next = publishes.recv() => match next {
+                Some(c) => pending.push(confirm(c)),
+                None => break,
+            },
+            Some(()) = pending.next(), if !pending.is_empty() => {}
+        }
+    }
+    while pending.next().await.is_some() {}
+}
+
+/// The background confirmation of a connected sink.
+struct Background {
+    publishes: mpsc::UnboundedSender<Confirming>,
+    permits: Arc<Semaphore>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Sink for JetStreamSink {
@@ -168,18 +263,31 @@ impl Sink for JetStreamSink {
                 .await
                 .map_err(StageError::from_error)?;
         }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(confirm_in_background(
+            js.clone(),
+            Arc::new(self.settings.clone()),
+            rx,
+            self.failures.clone(),
+        ));
+        self.background = Some(Background {
+            publishes: tx,
+            permits: Arc::new(Semaphore::new(self.settings.max_in_flight.max(1))),
+            task,
+        });
         self.js = Some(js);
         Ok(())
     }
 
     async fn write(&mut self, item: Envelope<Publish>) -> Result<(), ItemFailure<Publish>> {
         let Some(js) = self.js.clone() else {
-            return Err(ItemFailure::new(
-                item,
-                StageError::msg("the sink is not connected"),
-            ));
+            return Err(not_connected(item));
         };
-        publish(js, &self.settings, item).await
+        let outgoing = Outgoing::of(&item);
+        match outgoing.confirm(&js, &self.settings, None).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(ItemFailure::new(item, StageError::from_error(e))),
+        }
     }
 
     async fn write_batch(
@@ -188,33 +296,92 @@ impl Sink for JetStreamSink {
         failed: &mut Vec<ItemFailure<Publish>>,
         progress: &mut WriteProgress,
     ) {
-        let Some(js) = self.js.clone() else {
-            for item in items {
-                failed.push(ItemFailure::new(
-                    item,
-                    StageError::msg("the sink is not connected"),
-                ));
-            }
+        let (Some(js), Some(background)) = (self.js.clone(), self.background.as_ref()) else {
+            failed.extend(items.map(not_connected));
             return;
         };
         let settings = &self.settings;
-        let mut in_flight = FuturesOrdered::new();
-        let mut settle = |result: Result<(), ItemFailure<Publish>>,
-                          progress: &mut WriteProgress| match result {
-            Ok(()) => progress.delivered += 1,
-            Err(failure) => failed.push(failure),
-        };
+        // Items without acks: confirmed before the batch counts them delivered.
+        let mut confirming = FuturesOrdered::new();
         for item in items {
             progress.current_seq = item.seq;
-            in_flight.push_back(publish(js.clone(), settings, item));
-            if in_flight.len() >= settings.max_in_flight.max(1) {
-                if let Some(result) = in_flight.next().await {
-                    settle(result, progress);
+            let Some(acks) = item.acks().map(<[Ack]>::to_vec) else {
+                let js = js.clone();
+                confirming.push_back(async move {
+                    let outgoing = Outgoing::of(&item);
+                    match outgoing.confirm(&js, settings, None).await {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(ItemFailure::new(item, StageError::from_error(e))),
+                    }
+                });
+                if confirming.len() >= settings.max_in_flight.max(1) {
+                    settle(confirming.next().await, failed, progress);
+                }
+                continue;
+            };
+            // Acknowledged items: sent now, confirmed in the background while the next ones
+            // go out; their acks resolve only once the stream has them.
+            let Ok(permit) = background.permits.clone().acquire_owned().await else {
+                failed.push(not_connected(item));
+                continue;
+            };
+            let outgoing = Outgoing::of(&item);
+            match outgoing.send(&js).await {
+                Ok(first) => {
+                    let sent = background.publishes.send(Confirming {
+                        outgoing,
+                        first,
+                        acks,
+                        _permit: permit,
+                    });
+                    match sent {
+                        Ok(()) => progress.delivered += 1,
+                        Err(_) => failed.push(not_connected(item)),
+                    }
+                }
+                Err(e) => {
+                    drop(permit);
+                    match outgoing.confirm(&js, settings, None).await {
+                        Ok(()) => progress.delivered += 1,
+                        Err(_) => {
+                            let e = NatsError::Publish {
+                                subject: outgoing.subject.clone(),
+                                attempts: settings.retries + 1,
+                                reason: e.to_string(),
+                            };
+                            failed.push(ItemFailure::new(item, StageError::from_error(e)));
+                        }
+                    }
                 }
             }
         }
-        while let Some(result) = in_flight.next().await {
-            settle(result, progress);
+        while let Some(result) = confirming.next().await {
+            settle(Some(result), failed, progress);
         }
     }
+
+    async fn close(&mut self) -> Result<(), StageError> {
+        // Every publish confirmed (or its source messages told it failed) before the run ends.
+        if let Some(background) = self.background.take() {
+            drop(background.publishes);
+            let _ = background.task.await;
+        }
+        Ok(())
+    }
+}
+
+fn settle(
+    result: Option<Result<(), ItemFailure<Publish>>>,
+    failed: &mut Vec<ItemFailure<Publish>>,
+    progress: &mut WriteProgress,
+) {
+    match result {
+        Some(Ok(())) => progress.delivered += 1,
+        Some(Err(failure)) => failed.push(failure),
+        None => {}
+    }
+}
+
+fn not_connected(item: Envelope<Publish>) -> ItemFailure<Publish> {
+    ItemFailure::new(item, StageError::msg("the JetStream sink is not connected"))
 }

@@ -22,13 +22,15 @@
 //! ```
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::stream::SelectAll;
-use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -156,9 +158,13 @@ type Messages = SelectAll<pull::Stream>;
 
 /// The JetStream source (see the [module docs](self)).
 pub struct JetStreamSource {
-    settings: std::sync::Arc<Settings>,
+    settings: Arc<Settings>,
     messages: Messages,
     acks: Option<mpsc::UnboundedSender<Command>>,
+    /// Messages in the pipeline whose ack is not resolved yet.
+    unacked: Arc<AtomicUsize>,
+    /// The most the server delivers unacknowledged: `max_ack_pending` per consumer.
+    credit: usize,
     flushed_tx: Option<watch::Sender<bool>>,
     flushed: watch::Receiver<bool>,
 }
@@ -180,9 +186,11 @@ impl JetStreamSource {
     pub fn new(settings: Settings) -> Self {
         let (tx, rx) = watch::channel(false);
         Self {
-            settings: std::sync::Arc::new(settings),
+            settings: Arc::new(settings),
             messages: SelectAll::new(),
             acks: None,
+            unacked: Arc::new(AtomicUsize::new(0)),
+            credit: usize::MAX,
             flushed_tx: Some(tx),
             flushed: rx,
         }
@@ -224,7 +232,10 @@ impl JetStreamSource {
             let _ = acks.send(Command::Hold(reply.clone()));
             let tx = acks.clone();
             let settings = self.settings.clone();
+            let unacked = self.unacked.clone();
+            unacked.fetch_add(1, Ordering::Relaxed);
             env = env.with_ack(Ack::on_resolved(move |report| {
+                unacked.fetch_sub(1, Ordering::Relaxed);
                 let _ = tx.send(Command::Settle(reply, settings.ack_kind(&report)));
             }));
         }
@@ -283,6 +294,7 @@ impl Source for JetStreamSource {
         let done = self.flushed_tx.take();
         tokio::spawn(send_acks(client, rx, s.ack_wait / 3, done));
         self.acks = Some(tx);
+        self.credit = s.consumers().len() * s.max_ack_pending as usize;
         self.messages = all;
         Ok(())
     }
@@ -313,9 +325,18 @@ impl Source for JetStreamSource {
                 }
             }
         }
-        while !out.is_full() {
-            match self.messages.next().now_or_never() {
-                Some(Some(Ok(m))) => self.push(m, out),
+        // Then as many as arrive until the batch is full or the engine's batch timeout sends
+        // it on (a sink publishes a batch at once and its messages are acknowledged together:
+        // larger batches mean fewer round trips per message), up to a quarter of the server's
+        // credit (so that several batches are on their way at once), and not once the credit
+        // is used up: no message comes before some are acknowledged.
+        let most = (self.credit / 4).max(1);
+        while !out.is_full()
+            && out.len() < most
+            && self.unacked.load(Ordering::Relaxed) < self.credit
+        {
+            match self.messages.next().await {
+                Some(Ok(m)) => self.push(m, out),
                 _ => break,
             }
         }
