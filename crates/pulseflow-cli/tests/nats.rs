@@ -2,7 +2,7 @@
 //! `support/nats_server.rs`; without it on PATH the tests are skipped, except in CI), with
 //! the real binary where processes are killed: a run killed with SIGKILL and restarted
 //! processes every message at least once and publishes each result once; held items are not
-//! delivered again; three instances give the totals one gives, also when one is killed; a
+//! delivered again while held, and are offered again when the run stops; three instances give the totals one gives, also when one is killed; a
 //! server that is down at the start or restarted in the middle loses nothing.
 //!
 //! Nothing here asserts a duration: the tests wait for conditions, with generous limits.
@@ -266,7 +266,7 @@ async fn a_killed_run_restarted_processes_every_message_and_publishes_each_resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn items_held_longer_than_ack_wait_are_not_delivered_again() {
+async fn items_held_longer_than_ack_wait_are_not_delivered_again_until_the_run_stops() {
     let Some(server) = NatsServer::start("held_items") else {
         return;
     };
@@ -303,6 +303,10 @@ path = "totals.ndjson"
         .await
         .expect("consumer");
     assert_eq!(info.num_redelivered, 0, "{info:?}");
+    // Stopped while it holds them: they are not acknowledged, so the next run gets them.
+    let stderr = run.stop();
+    assert!(stderr.contains("pulseflow: 8 in, 0 delivered"), "{stderr}");
+    let run = Run::start(dir.path(), "hold.toml", "0/1");
     publish(&js, "orders", (8..12).map(order)).await;
     let out = dir.path().join("totals.ndjson");
     wait_for("every user's total", || async {
@@ -310,7 +314,11 @@ path = "totals.ndjson"
     })
     .await;
     let stderr = run.stop();
-    assert_eq!(items_in(&stderr), 12, "nothing read twice: {stderr}");
+    assert_eq!(
+        items_in(&stderr),
+        12,
+        "the held orders again, nothing else: {stderr}"
+    );
     let totals: BTreeMap<u64, (u64, u64)> = std::fs::read_to_string(&out)
         .expect("output")
         .lines()
@@ -526,4 +534,26 @@ async fn a_server_down_at_start_or_restarted_mid_run_loses_nothing() {
     .await;
     run.stop();
     assert_each_once(&payloads(&js, "OUT").await, N);
+}
+
+#[test]
+fn the_nats_example_configs_validate() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    for config in [
+        "nats_orders.toml",
+        "nats_repartition.toml",
+        "nats_totals.toml",
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_pulseflow"))
+            .args(["validate", config])
+            .current_dir(&examples)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("binary runs");
+        assert!(
+            output.status.success(),
+            "{config}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }

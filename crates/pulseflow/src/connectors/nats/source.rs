@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
@@ -130,9 +130,13 @@ impl Settings {
         }
     }
 
-    /// What the ack of a message whose items ended as `report` says.
-    pub fn ack_kind(&self, report: &AckReport) -> AckKind {
+    /// What the ack of a message whose items ended as `report` says; `stopping`: the source
+    /// had stopped reading when they did. Items dropped then were dropped because the run
+    /// ended (an accumulator discarding the keys it still held), not by choice: their message
+    /// is nak'd, so that the next run, or another instance, gets it again.
+    pub fn ack_kind(&self, report: &AckReport, stopping: bool) -> AckKind {
         match report.outcome() {
+            AckOutcome::Dropped if stopping => AckKind::Nak(Some(self.nak_delay)),
             AckOutcome::Delivered | AckOutcome::Dropped => AckKind::Ack,
             AckOutcome::DeadLettered => match self.on_dead_letter {
                 OnDeadLetter::Term => AckKind::Term,
@@ -161,6 +165,8 @@ pub struct JetStreamSource {
     settings: Arc<Settings>,
     messages: Messages,
     acks: Option<mpsc::UnboundedSender<Command>>,
+    /// Set once the source stopped reading (the run is ending).
+    stopping: Arc<AtomicBool>,
     /// Messages in the pipeline whose ack is not resolved yet.
     unacked: Arc<AtomicUsize>,
     /// The most the server delivers unacknowledged: `max_ack_pending` per consumer.
@@ -189,6 +195,7 @@ impl JetStreamSource {
             settings: Arc::new(settings),
             messages: SelectAll::new(),
             acks: None,
+            stopping: Arc::new(AtomicBool::new(false)),
             unacked: Arc::new(AtomicUsize::new(0)),
             credit: usize::MAX,
             flushed_tx: Some(tx),
@@ -233,10 +240,12 @@ impl JetStreamSource {
             let tx = acks.clone();
             let settings = self.settings.clone();
             let unacked = self.unacked.clone();
+            let stopping = self.stopping.clone();
             unacked.fetch_add(1, Ordering::Relaxed);
             env = env.with_ack(Ack::on_resolved(move |report| {
                 unacked.fetch_sub(1, Ordering::Relaxed);
-                let _ = tx.send(Command::Settle(reply, settings.ack_kind(&report)));
+                let kind = settings.ack_kind(&report, stopping.load(Ordering::Acquire));
+                let _ = tx.send(Command::Settle(reply, kind));
             }));
         }
         out.push_envelope(env);
@@ -342,6 +351,11 @@ impl Source for JetStreamSource {
         }
         Ok(SourceStatus::More)
     }
+
+    async fn close(&mut self) -> Result<(), StageError> {
+        self.stopping.store(true, Ordering::Release);
+        Ok(())
+    }
 }
 
 enum Command {
@@ -393,5 +407,64 @@ async fn send_acks(
     }
     if let Some(done) = done {
         let _ = done.send(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(delivered: u64, dropped: u64, dead_lettered: u64, failed: u64) -> AckReport {
+        AckReport {
+            delivered,
+            dropped,
+            dead_lettered,
+            failed,
+            abandoned: false,
+        }
+    }
+
+    #[test]
+    fn each_outcome_gets_its_ack() {
+        let mut s = Settings::new(Connection::new("nats://127.0.0.1:1"), "S", "c");
+        let nak = AckKind::Nak(Some(s.nak_delay));
+        let kind = |s: &Settings, r, stopping| format!("{:?}", s.ack_kind(&r, stopping));
+        assert_eq!(
+            kind(&s, report(2, 0, 0, 0), false),
+            format!("{:?}", AckKind::Ack)
+        );
+        assert_eq!(
+            kind(&s, report(1, 1, 0, 0), false),
+            format!("{:?}", AckKind::Ack)
+        );
+        // Dropped because the run ended: offered again.
+        assert_eq!(kind(&s, report(0, 1, 0, 0), true), format!("{nak:?}"));
+        assert_eq!(kind(&s, report(1, 0, 0, 1), false), format!("{nak:?}"));
+        assert_eq!(
+            kind(&s, report(1, 0, 1, 0), false),
+            format!("{:?}", AckKind::Term)
+        );
+        s.on_dead_letter = OnDeadLetter::Ack;
+        assert_eq!(
+            kind(&s, report(0, 0, 1, 0), false),
+            format!("{:?}", AckKind::Ack)
+        );
+    }
+
+    #[test]
+    fn a_partitioned_source_reads_its_instances_partitions_through_a_consumer_each() {
+        let mut s = Settings::new(Connection::new("nats://127.0.0.1:1"), "S", "totals");
+        s.subject = Some("by_user".into());
+        assert_eq!(s.consumers(), vec![("totals".into(), "by_user".into())]);
+        s.partitions = Some(5);
+        s.instance = Instance::new(1, 2).expect("valid");
+        assert_eq!(
+            s.consumers(),
+            vec![
+                ("totals-1".into(), "by_user.1".into()),
+                ("totals-3".into(), "by_user.3".into())
+            ]
+        );
+        assert_eq!(s.stream_subjects(), vec!["by_user.*".to_owned()]);
     }
 }
