@@ -160,10 +160,16 @@ async fn pulseflow_round(
         .sink("out", JetStreamSink::new(produce));
     let pipeline = p.build().map_err(|e| e.to_string())?;
     let cancel = CancellationToken::new();
-    let mut options = ExecutionOptions::default().with_cancellation(cancel.clone());
-    if opts.unsupervised {
-        options = options.with_supervision(Supervision::Off);
-    }
+    // As `pulseflow run` does by default: supervised, never isolated (an isolated stage runs
+    // at idle priority, and its network round trips wait behind any busy process).
+    let supervision = if opts.unsupervised {
+        Supervision::Off
+    } else {
+        Supervision::NoIsolation
+    };
+    let mut options = ExecutionOptions::default()
+        .with_cancellation(cancel.clone())
+        .with_supervision(supervision);
     if let Some(b) = opts.batch {
         options = options.with_batch_size(b);
     }
