@@ -2,6 +2,7 @@
 //! temporary directory, stopped when dropped. Without `nats-server` on PATH the test is
 //! skipped with a message, unless `CI` is set: CI must run it.
 
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -41,7 +42,11 @@ impl NatsServer {
                 std::env::var_os("CI").is_none(),
                 "{test}: nats-server not found on PATH, and CI must run the NATS tests"
             );
-            eprintln!("{test}: skipped: nats-server not found (install the nats-server package)");
+            // Straight to stderr, past the test harness's capture: a skip must be seen.
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: skipped: nats-server not found (install the nats-server package)"
+            );
             return None;
         };
         Some(Self {
