@@ -385,3 +385,39 @@ fn settle(
 fn not_connected(item: Envelope<Publish>) -> ItemFailure<Publish> {
     ItemFailure::new(item, StageError::msg("the JetStream sink is not connected"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::TraceContext;
+
+    #[test]
+    fn the_source_identity_and_trace_context_become_headers() {
+        let publish = |payload: &'static str| Publish {
+            subject: "out".into(),
+            payload: Bytes::from_static(payload.as_bytes()),
+        };
+        let mut item = Envelope::new(publish("{\"a\":1}"));
+        assert!(
+            headers(&item).is_empty(),
+            "no identity, no trace: no headers"
+        );
+        item.set_header(SOURCE_ID_HEADER, "IN.42");
+        item.set_trace(TraceContext::new([7; 16], [9; 8], 1));
+        let h = headers(&item);
+        let id = h.get("Nats-Msg-Id").map(|v| v.as_str().to_owned());
+        assert_eq!(id, Some(message_id("IN.42", b"{\"a\":1}")));
+        assert!(id.is_some_and(|id| id.starts_with("IN.42:")));
+        assert_eq!(
+            h.get("traceparent").map(|v| v.as_str().to_owned()),
+            Some(format!("00-{}-{}-01", "07".repeat(16), "09".repeat(8)))
+        );
+        // Another output of the same source message has another id; the same output, the same.
+        let other = item.derive(publish("{\"a\":2}"));
+        assert_ne!(headers(&other).get("Nats-Msg-Id"), h.get("Nats-Msg-Id"));
+        assert_eq!(
+            headers(&item.clone()).get("Nats-Msg-Id"),
+            h.get("Nats-Msg-Id")
+        );
+    }
+}
