@@ -61,6 +61,16 @@ impl Run {
     }
 }
 
+impl Drop for Run {
+    /// A test that failed before stopping its runs leaves none behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The items a run read, from its summary line.
 fn items_in(stderr: &str) -> u64 {
     stderr
