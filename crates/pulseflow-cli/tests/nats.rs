@@ -2,7 +2,8 @@
 //! `support/nats_server.rs`; without it on PATH the tests are skipped, except in CI), with
 //! the real binary where processes are killed: a run killed with SIGKILL and restarted
 //! processes every message at least once and publishes each result once; held items are not
-//! delivered again while held, and are offered again when the run stops; three instances give the totals one gives, also when one is killed; a
+//! delivered again while held, and are offered again when the run stops; a dead-lettered
+//! message is terminated; three instances give the totals one gives, also when one is killed; a
 //! server that is down at the start or restarted in the middle loses nothing.
 //!
 //! Nothing here asserts a duration: the tests wait for conditions, with generous limits.
@@ -347,6 +348,56 @@ path = "totals.ndjson"
             .is_some_and(|i| i.num_ack_pending == 0)
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_message_is_terminated_and_not_delivered_again() {
+    let Some(server) = NatsServer::start("dead_letter_term") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = nats_source(
+        "input",
+        &server.url(),
+        "IN",
+        "in.orders",
+        "ack_wait = \"1s\"",
+    );
+    write(
+        dir.path(),
+        "term.toml",
+        &format!(
+            "{source}\n[sinks.out]\ntype = \"file\"\ninputs = [\"input\"]\npath = \"out.ndjson\"\n\n\
+             [dead_letter]\ntype = \"file\"\npath = \"dead.ndjson\"\n"
+        ),
+    );
+    let js = connect(&server).await;
+    create_stream(&js, "IN", "in.orders").await;
+    for payload in ["{\"id\": 1}", "not JSON", "{\"id\": 2}"] {
+        js.publish("in.orders", bytes::Bytes::from_static(payload.as_bytes()))
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    let run = Run::start(dir.path(), "term.toml", "0/1");
+    wait_for("every message settled", || async {
+        consumer_info(&js, "IN", "input")
+            .await
+            .is_some_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+    })
+    .await;
+    // Two ack waits: a message not terminated would come back in them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stderr = run.stop();
+    assert!(
+        stderr.contains("pulseflow: 3 in, 2 delivered, 0 filtered, 0 dropped, 1 dead-lettered"),
+        "{stderr}"
+    );
+    let dead = std::fs::read_to_string(dir.path().join("dead.ndjson")).expect("dead letters");
+    assert!(dead.contains("\"raw\":\"not JSON\""), "{dead}");
+    let info = consumer_info(&js, "IN", "input").await.expect("consumer");
+    assert_eq!(info.num_redelivered, 0, "{info:?}");
 }
 
 /// `tag`'s repartitioning config: `<tag>.raw` to `<tag>.by_user.<p>`, 6 partitions.
