@@ -73,6 +73,9 @@ enum Scenario {
     /// The accumulator's spilled states through the segment log and (with `--features
     /// store-eval`) fjall and redb: write, read in order, read at random, disk use.
     SpillStore(CommonOpts),
+    /// JetStream source -> map -> JetStream sink (publish and message acks) against a
+    /// hand-written async-nats consume-transform-publish-ack loop, on a local nats-server.
+    Nats(CommonOpts),
 }
 
 fn main() -> std::process::ExitCode {
@@ -87,6 +90,7 @@ fn main() -> std::process::ExitCode {
         Scenario::Isolation(opts) => scenarios::isolation::run(&opts),
         Scenario::Accumulate(opts) => scenarios::accumulate::run(&opts),
         Scenario::SpillStore(opts) => scenarios::spill_store::run(&opts),
+        Scenario::Nats(opts) => scenarios::nats::run(&opts),
     };
     match outcome {
         Ok(report) => {

@@ -1,7 +1,7 @@
 //! `pulseflow`: run pipelines described in configuration files.
 //!
 //! ```text
-//! pulseflow run CONFIG [--quiet] [--admin ADDR] [--supervision yield|isolate|off]
+//! pulseflow run CONFIG [--quiet] [--admin ADDR] [--supervision yield|isolate|off] [--instance I/N]
 //! pulseflow validate CONFIG
 //! pulseflow graph CONFIG [--format dot|mermaid|svg]
 //! pulseflow top [ADDR] [--once]
@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use pulseflow::connectors::nats::partition::Instance;
 use pulseflow::prelude::*;
 
 use crate::config::{Config, LoadError};
@@ -65,6 +66,10 @@ enum Command {
         /// Same as `--supervision off`.
         #[arg(long, conflicts_with = "supervision")]
         unsupervised: bool,
+        /// This process is instance I of N running the same config: partitioned `nats`
+        /// sources read the partitions p with p mod N = I.
+        #[arg(long, value_name = "I/N", default_value = "0/1")]
+        instance: Instance,
     },
     /// Check a config file without running it.
     Validate {
@@ -180,13 +185,14 @@ fn main() -> ExitCode {
                 admin,
                 supervision,
                 unsupervised,
+                instance,
             } => {
                 let supervision = if unsupervised {
                     SupervisionMode::Off
                 } else {
                     supervision
                 };
-                run(&config, quiet, admin, supervision).await
+                run(&config, quiet, admin, supervision, instance).await
             }
             Command::Top { addr, once } => ExitCode::from(admin::top(&addr, once).await),
             Command::Tap {
@@ -201,9 +207,9 @@ fn main() -> ExitCode {
 }
 
 /// Loads and builds a config, printing its problems.
-fn load(path: &Path) -> Result<(Config, Pipeline, build::Progress), ExitCode> {
+fn load(path: &Path, instance: Instance) -> Result<(Config, Pipeline, build::Progress), ExitCode> {
     let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let config = match config::load(path) {
+    let mut config = match config::load(path) {
         Ok(c) => c,
         Err(LoadError::Invalid(problems)) => {
             eprint!("{}", config::diagnostic::render(&problems, color));
@@ -214,6 +220,7 @@ fn load(path: &Path) -> Result<(Config, Pipeline, build::Progress), ExitCode> {
             return Err(ExitCode::from(EXIT_INVALID));
         }
     };
+    config.instance = instance;
     match build::build(&config) {
         Ok((pipeline, progress)) => Ok((config, pipeline, progress)),
         Err(problems) => {
@@ -224,7 +231,7 @@ fn load(path: &Path) -> Result<(Config, Pipeline, build::Progress), ExitCode> {
 }
 
 fn validate(path: &Path) -> ExitCode {
-    match load(path) {
+    match load(path, Instance::default()) {
         Ok((config, pipeline, _)) => {
             println!(
                 "{}: valid ({} components, {} stages)",
@@ -239,7 +246,7 @@ fn validate(path: &Path) -> ExitCode {
 }
 
 fn graph(path: &Path, format: GraphFormat) -> ExitCode {
-    match load(path) {
+    match load(path, Instance::default()) {
         Ok((_, pipeline, _)) => {
             let text = match format {
                 GraphFormat::Dot => pipeline.graph().to_dot(),
@@ -276,8 +283,9 @@ async fn run(
     quiet: bool,
     admin: Option<String>,
     supervision: SupervisionMode,
+    instance: Instance,
 ) -> ExitCode {
-    let (config, pipeline, progress) = match load(path) {
+    let (config, pipeline, progress) = match load(path, instance) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -336,6 +344,17 @@ async fn run(
     let bar = (terminal && progress.total > 0).then(|| progress_bar(&progress));
     let result = engine.run(pipeline, options).await;
     signals.abort();
+    // The acks of `nats` sources: every item is handled, so each is resolved; send them all.
+    for flushed in progress.acks_flushed.iter().cloned() {
+        if tokio::time::timeout(Duration::from_secs(10), flushed.wait())
+            .await
+            .is_err()
+        {
+            eprintln!(
+                "warning: not every NATS ack was sent; those messages will be delivered again"
+            );
+        }
+    }
     // The last checkpoints: where every line below is handled, now that nothing is in flight.
     let mut checkpoints_written = true;
     for checkpoints in &progress.checkpoints {

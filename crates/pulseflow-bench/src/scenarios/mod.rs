@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod http;
 pub mod isolation;
 pub mod linear;
+pub mod nats;
 pub mod ndjson;
 pub mod pulse_overhead;
 pub mod spill_store;

@@ -147,6 +147,11 @@ impl BuildContext<'_> {
         self.progress.checkpoints.push(checkpoints);
     }
 
+    /// Keeps what resolves once a `nats` source's acks are sent: the run awaits it at its end.
+    pub fn keep_acks_flushed(&mut self, flushed: pulseflow::connectors::nats::source::AcksFlushed) {
+        self.progress.acks_flushed.push(flushed);
+    }
+
     /// The counter of bytes read that file sources update.
     pub fn progress_bytes(&self) -> Arc<AtomicU64> {
         self.progress.bytes.clone()

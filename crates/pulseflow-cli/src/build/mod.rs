@@ -58,6 +58,8 @@ pub struct Progress {
     pub total: u64,
     /// The checkpoints of file sources (with a `data_dir`).
     pub checkpoints: Vec<Arc<Checkpoints>>,
+    /// What resolves once the acks of `nats` sources are sent, awaited after the run.
+    pub acks_flushed: Vec<pulseflow::connectors::nats::source::AcksFlushed>,
 }
 
 fn parallelism(config: &Config, c: &Component) -> Option<ParallelismHint> {
@@ -96,6 +98,7 @@ pub fn build(config: &Config) -> Result<(Pipeline, Progress), Vec<Problem>> {
     }
     let mut progress = Progress {
         checkpoints: Vec::new(),
+        acks_flushed: Vec::new(),
         bytes: Arc::new(AtomicU64::new(0)),
         total: config
             .components

@@ -13,6 +13,8 @@ use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
 use pulseflow::DeadLetter;
+use pulseflow::connectors::nats::sink::Publish;
+use pulseflow::connectors::nats::source::Received;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use toml::Spanned;
@@ -116,6 +118,15 @@ pub fn record(letter: &DeadLetter, projected: &[String]) -> Value {
             "raw": line.text,
             "attempts": letter.attempts,
         })
+    } else if let Some(message) = letter.payload::<Received>() {
+        json!({
+            "kind": "malformed_input",
+            "stage": letter.stage,
+            "subject": message.subject,
+            "error": letter.error,
+            "raw": String::from_utf8_lossy(&message.payload),
+            "attempts": letter.attempts,
+        })
     } else {
         let item = letter
             .payload::<jaq_json::Val>()
@@ -124,6 +135,10 @@ pub fn record(letter: &DeadLetter, projected: &[String]) -> Value {
             .or_else(|| {
                 let line = letter.payload::<Line>()?;
                 serde_json::from_slice(&line.0).ok()
+            })
+            .or_else(|| {
+                let publish = letter.payload::<Publish>()?;
+                serde_json::from_slice(&publish.payload).ok()
             })
             .unwrap_or(Value::Null);
         let mut record = json!({

@@ -13,6 +13,7 @@
 
 pub mod dead_letter;
 pub mod http_settings;
+pub mod nats;
 pub mod sinks;
 pub mod sources;
 pub mod transforms;
@@ -37,6 +38,7 @@ pub const SOURCES: &[ComponentType<dyn SourceComponent>] = &[
     sources::stdin::TYPE,
     sources::generate::TYPE,
     sources::http::TYPE,
+    sources::nats::TYPE,
 ];
 
 /// The transform types.
@@ -53,6 +55,7 @@ pub const SINKS: &[ComponentType<dyn SinkComponent>] = &[
     sinks::file::TYPE,
     sinks::blackhole::TYPE,
     sinks::http::TYPE,
+    sinks::nats::TYPE,
 ];
 
 /// The type names of a role, in registry order.

@@ -64,6 +64,9 @@ pub struct Config {
     pub dead_letter: Option<DeadLetterTarget>,
     /// Its `[[tests]]` (run by `pulseflow test`, ignored by `run`).
     pub tests: Vec<crate::testing::spec::TestSpec>,
+    /// Which of several processes running this config this one is (`run --instance I/N`):
+    /// partitioned `nats` sources read the partitions assigned to it.
+    pub instance: pulseflow::connectors::nats::partition::Instance,
 }
 
 impl Config {
@@ -188,6 +191,7 @@ pub fn parse(name: &str, text: Arc<String>, dir: &Path) -> Result<Config, Vec<Pr
         parallelism: BTreeMap::new(),
         dead_letter: None,
         tests: Vec::new(),
+        instance: Default::default(),
     };
     let mut tests = Vec::new();
     let mut allow_recursion = false;

@@ -1,5 +1,5 @@
 //! Sources: `file` and `stdin` read lines (JSON, CSV or plain text) and decode them in a stage
-//! of their own; `generate` makes items from a counter.
+//! of their own; `generate` makes items from a counter; `nats` reads a JetStream stream.
 
 pub mod checkpoint;
 pub mod csv;
@@ -8,6 +8,7 @@ pub mod file;
 pub mod generate;
 pub mod http;
 pub mod lines;
+pub mod nats;
 pub mod reader;
 pub mod stdin;
 
