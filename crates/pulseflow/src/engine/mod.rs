@@ -78,9 +78,12 @@ use run::RunShared;
 /// Items per chunk when a stage in the Yield tier splits its batches.
 pub(crate) const YIELD_CHUNK: usize = 64;
 
-/// Whether a stage should process a batch of `len` items in chunks, yielding between them.
+/// Whether a stage should process a batch of `len` items in chunks, yielding between them:
+/// in the Yield tier only. An isolated stage runs on threads the OS restrains, where its long
+/// polls harm no one; chunking them there would make a hog look reformed, so that it would be
+/// demoted back to the shared workers and escalated again, over and over.
 pub(crate) fn yielding(stats: &StageStats, len: usize) -> bool {
-    len > YIELD_CHUNK && stats.tier().is_some_and(|t| t >= Tier::Yield)
+    len > YIELD_CHUNK && stats.tier() == Some(Tier::Yield)
 }
 
 /// Runs pipelines. Clones share the engine, so one task can `run` while another `inspect`s,
