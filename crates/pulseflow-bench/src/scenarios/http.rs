@@ -376,16 +376,7 @@ async fn latencies(
     })
     .await??;
     stop.cancel();
-    let result = run.await?;
-    let tiers: Vec<String> = result
-        .stages
-        .iter()
-        .filter(|(id, _)| id.starts_with("hog"))
-        .map(|(id, st)| format!("{id}={:?}", st.tier))
-        .collect();
-    if std::env::var_os("PULSEFLOW_BENCH_TIERS").is_some() {
-        eprintln!("tiers: {tiers:?}");
-    }
+    let _ = run.await?;
     let mut sorted = times;
     sorted.sort_unstable();
     let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize] as f64;

@@ -454,8 +454,8 @@ impl Sender<'_> {
                 });
             }
             self.stats.retries.fetch_add(1, Relaxed);
-            let wait = backoff.next().unwrap_or(self.config.retry.max_backoff);
-            tokio::time::sleep(wait.max(after.unwrap_or_default())).await;
+            let backoff = backoff.next().unwrap_or(self.config.retry.max_backoff);
+            tokio::time::sleep(wait_before_retry(backoff, after)).await;
         }
     }
 
@@ -508,7 +508,12 @@ impl Sender<'_> {
     }
 }
 
-/// A `Retry-After` in seconds (an HTTP date counts as none).
+/// The wait before a retry: the backoff, or the server's `Retry-After` when that is longer.
+fn wait_before_retry(backoff: Duration, retry_after: Option<Duration>) -> Duration {
+    backoff.max(retry_after.unwrap_or_default())
+}
+
+/// A `Retry-After` in seconds, at most an hour (an HTTP date counts as none).
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let secs: u64 = headers
         .get(header::RETRY_AFTER)?
@@ -590,5 +595,62 @@ impl<T: Send + 'static> Sink for HttpSink<T> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_str(value).expect("value"),
+        );
+        h
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_and_bounded() {
+        assert_eq!(retry_after(&headers("3")), Some(Duration::from_secs(3)));
+        assert_eq!(retry_after(&headers(" 7 ")), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after(&headers("86400")),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(retry_after(&headers("Wed, 21 Oct 2015 07:28:00 GMT")), None);
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn a_retry_waits_at_least_what_the_server_asked() {
+        let ms = Duration::from_millis;
+        assert_eq!(wait_before_retry(ms(100), Some(ms(2000))), ms(2000));
+        assert_eq!(wait_before_retry(ms(3000), Some(ms(2000))), ms(3000));
+        assert_eq!(wait_before_retry(ms(100), None), ms(100));
+    }
+
+    #[test]
+    fn requests_are_cut_by_items_and_bytes() {
+        let mut config = HttpSinkConfig::new("http://127.0.0.1:1/".parse().expect("url"));
+        config.max_items = 3;
+        config.max_bytes = 10;
+        let sink = HttpSink::<u64>::new(config);
+        let items: Vec<_> = [1u64, 2, 3, 4, 1_000_000_000_000, 5]
+            .into_iter()
+            .map(Envelope::new)
+            .collect();
+        let (mut failed, mut progress) = (Vec::new(), WriteProgress::default());
+        let requests = sink.cut(&mut items.into_iter(), &mut failed, &mut progress);
+        let sizes: Vec<usize> = requests.iter().map(|r| r.items.len()).collect();
+        // Three items close the first request; the long number takes the second past 10 bytes.
+        assert_eq!(sizes, vec![3, 2, 1]);
+        let mut first = requests.into_iter().next().expect("a request");
+        assert_eq!(
+            first.finish(false).expect("body"),
+            Bytes::from_static(b"1\n2\n3\n")
+        );
+        assert!(failed.is_empty());
     }
 }
