@@ -143,52 +143,65 @@ pub fn run(opts: &CommonOpts) -> Result<Report, BoxError> {
 async fn drive(address: SocketAddr, requests: usize, body: Bytes) -> Result<Duration, BoxError> {
     let url = format!("http://{address}/");
     let started = Instant::now();
-    let client = tokio::task::spawn_blocking(move || -> Result<(), String> {
+    on_client_thread(move |client| async move {
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let (client, url, body, next) =
+                (client.clone(), url.clone(), body.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < requests as u64 {
+                    loop {
+                        let answer = client
+                            .post(&url)
+                            .header("content-type", "application/x-ndjson")
+                            .body(body.clone())
+                            .send()
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let status = answer.status();
+                        let _ = answer.bytes().await;
+                        if status.is_success() {
+                            break;
+                        }
+                        if status != StatusCode::SERVICE_UNAVAILABLE {
+                            return Err(format!("status {status}"));
+                        }
+                    }
+                }
+                Ok::<(), String>(())
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())??;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(started.elapsed())
+}
+
+/// Runs `work` with a fresh HTTP client on a current-thread runtime of its own (a blocking
+/// thread), so that a starved server runtime shows in the answers and not in the client.
+async fn on_client_thread<T, F, Fut>(work: F) -> Result<T, BoxError>
+where
+    T: Send + 'static,
+    F: FnOnce(reqwest::Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let outcome = tokio::task::spawn_blocking(move || -> Result<T, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        rt.block_on(async move {
-            let client = reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .map_err(|e| e.to_string())?;
-            let next = Arc::new(AtomicU64::new(0));
-            let mut tasks = Vec::new();
-            for _ in 0..CONNECTIONS {
-                let (client, url, body, next) =
-                    (client.clone(), url.clone(), body.clone(), next.clone());
-                tasks.push(tokio::spawn(async move {
-                    while next.fetch_add(1, Ordering::Relaxed) < requests as u64 {
-                        loop {
-                            let answer = client
-                                .post(&url)
-                                .header("content-type", "application/x-ndjson")
-                                .body(body.clone())
-                                .send()
-                                .await
-                                .map_err(|e| e.to_string())?;
-                            let status = answer.status();
-                            let _ = answer.bytes().await;
-                            if status.is_success() {
-                                break;
-                            }
-                            if status != StatusCode::SERVICE_UNAVAILABLE {
-                                return Err(format!("status {status}"));
-                            }
-                        }
-                    }
-                    Ok::<(), String>(())
-                }));
-            }
-            for t in tasks {
-                t.await.map_err(|e| e.to_string())??;
-            }
-            Ok(())
-        })
-    });
-    client.await??;
-    Ok(started.elapsed())
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(work(client))
+    })
+    .await?;
+    Ok(outcome?)
 }
 
 async fn pulseflow_ingest(requests: usize, body: Bytes) -> Result<Duration, BoxError> {
@@ -335,46 +348,36 @@ async fn latencies(
         .with_supervision(hog.unwrap_or(Supervision::Default));
     let run = tokio::spawn(async move { ExecutionEngine::new().run(pipeline, options).await });
     let url = format!("http://{address}/");
-    let times = tokio::task::spawn_blocking(move || -> Result<Vec<u64>, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(async move {
-            let client = reqwest::Client::builder()
-                .no_proxy()
-                .build()
+    let times = on_client_thread(move |client| async move {
+        let mut times = Vec::with_capacity(samples);
+        // Warm up for a second, the same in every variant: the connection, and the
+        // supervisor's escalation of the hogs (it needs a run of long polls).
+        let warm = Instant::now();
+        let mut i = 0u64;
+        while warm.elapsed() < WARM_UP {
+            let _ = client
+                .post(&url)
+                .body(format!("{{\"w\":{i}}}"))
+                .send()
+                .await;
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for i in 0..samples {
+            let started = Instant::now();
+            let answer = client
+                .post(&url)
+                .body(format!("{{\"i\":{i}}}"))
+                .send()
+                .await
                 .map_err(|e| e.to_string())?;
-            let mut times = Vec::with_capacity(samples);
-            // Warm up for a second, the same in every variant: the connection, and the
-            // supervisor's escalation of the hogs (it needs a run of long polls).
-            let warm = Instant::now();
-            let mut i = 0u64;
-            while warm.elapsed() < WARM_UP {
-                let _ = client
-                    .post(&url)
-                    .body(format!("{{\"w\":{i}}}"))
-                    .send()
-                    .await;
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            for i in 0..samples {
-                let started = Instant::now();
-                let answer = client
-                    .post(&url)
-                    .body(format!("{{\"i\":{i}}}"))
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let _ = answer.bytes().await;
-                times.push(started.elapsed().as_micros() as u64);
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Ok(times)
-        })
+            let _ = answer.bytes().await;
+            times.push(started.elapsed().as_micros() as u64);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(times)
     })
-    .await??;
+    .await?;
     stop.cancel();
     let _ = run.await?;
     let mut sorted = times;

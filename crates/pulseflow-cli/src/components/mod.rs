@@ -12,8 +12,8 @@
 //! the table to the type's [`ComponentType::read`].
 
 pub mod dead_letter;
-pub mod http_settings;
 pub mod nats;
+pub mod settings;
 pub mod sinks;
 pub mod sources;
 pub mod transforms;

@@ -9,12 +9,10 @@
 //!
 //! The token, and a user and password in the URL, appear in no message and in no `/stages`.
 
-use std::time::Duration;
-
 use pulseflow::connectors::nats::{Auth, Connection};
 use toml::Spanned;
 
-use crate::config::policies::parse_duration;
+use crate::components::settings::duration;
 use crate::config::{Problems, ReadContext};
 
 /// Declares the settings table of a `nats` component: the connection keys (`url`, `token`,
@@ -91,28 +89,6 @@ impl ConnectionKeys {
             (None, None) => Auth::None,
         };
         connection
-    }
-}
-
-/// A positive duration key (`default` when not written), with a problem when it is not one.
-pub fn duration(
-    value: Option<&Spanned<String>>,
-    key: &str,
-    default: Duration,
-    problems: &mut Problems,
-) -> Duration {
-    let Some(value) = value else { return default };
-    match parse_duration(value.get_ref()).filter(|d| !d.is_zero()) {
-        Some(d) => d,
-        None => {
-            problems.add(
-                format!("invalid duration `{}` for `{key}`", value.get_ref()),
-                Some(value.span()),
-                "not a positive duration",
-                Some("write a number with a unit: `us`, `ms`, `s`, `m` or `h`, e.g. `30s`".into()),
-            );
-            default
-        }
     }
 }
 

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::build::BuildContext;
-use crate::components::http_settings::{duration, secret};
+use crate::components::settings::{duration, secret};
 use crate::components::{ComponentType, Declare, SinkComponent};
 use crate::config::{Problems, ReadContext};
 
@@ -129,22 +129,19 @@ impl Declare for Settings {
             }
             config.retry.budget_ratio = r.max(0.0);
         }
-        let d = |v: Option<&Spanned<String>>, key, default, problems: &mut Problems| {
-            duration(v, key, default, cx, problems)
-        };
-        config.request_timeout = d(
+        config.request_timeout = duration(
             self.request_timeout.as_ref(),
             "request_timeout",
             config.request_timeout,
             problems,
         );
-        config.retry.initial_backoff = d(
+        config.retry.initial_backoff = duration(
             self.initial_backoff.as_ref(),
             "initial_backoff",
             config.retry.initial_backoff,
             problems,
         );
-        config.retry.max_backoff = d(
+        config.retry.max_backoff = duration(
             self.max_backoff.as_ref(),
             "max_backoff",
             config.retry.max_backoff,

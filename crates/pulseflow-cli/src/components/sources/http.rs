@@ -21,7 +21,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::build::BuildContext;
-use crate::components::http_settings::{duration, secret};
+use crate::components::settings::{duration, secret};
 use crate::components::{ComponentType, Declare, SourceComponent};
 use crate::config::{Problems, ReadContext};
 
@@ -107,22 +107,19 @@ impl Declare for Settings {
         if let Some(n) = self.queue {
             config.queue = n.max(1);
         }
-        let d = |v: Option<&Spanned<String>>, key, default, problems: &mut Problems| {
-            duration(v, key, default, cx, problems)
-        };
-        config.accept_timeout = d(
+        config.accept_timeout = duration(
             self.accept_timeout.as_ref(),
             "accept_timeout",
             config.accept_timeout,
             problems,
         );
-        config.retry_after = d(
+        config.retry_after = duration(
             self.retry_after.as_ref(),
             "retry_after",
             config.retry_after,
             problems,
         );
-        config.ack_timeout = d(
+        config.ack_timeout = duration(
             self.ack_timeout.as_ref(),
             "ack_timeout",
             config.ack_timeout,

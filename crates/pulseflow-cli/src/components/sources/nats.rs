@@ -31,7 +31,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::build::BuildContext;
-use crate::components::nats::{at_least_one, duration, nats_settings};
+use crate::components::nats::{at_least_one, nats_settings};
+use crate::components::settings::duration;
 use crate::components::{ComponentType, Declare, SourceComponent};
 use crate::config::{Problems, ReadContext};
 

@@ -1,4 +1,4 @@
-//! What the `http` source and sink read alike: durations and the bearer token.
+//! Keys several components read alike: durations and the `http` bearer token.
 
 use std::time::Duration;
 
@@ -8,28 +8,22 @@ use toml::Spanned;
 use crate::config::policies::parse_duration;
 use crate::config::{Problems, ReadContext};
 
-/// A duration key (`"500ms"`, `"2s"`), or its default; a bad one is reported.
+/// A positive duration key (`default` when not written), with a problem when it is not one.
 pub fn duration(
     value: Option<&Spanned<String>>,
     key: &str,
     default: Duration,
-    cx: &ReadContext<'_>,
     problems: &mut Problems,
 ) -> Duration {
-    let Some(text) = value else {
-        return default;
-    };
-    match parse_duration(text.get_ref()) {
+    let Some(value) = value else { return default };
+    match parse_duration(value.get_ref()).filter(|d| !d.is_zero()) {
         Some(d) => d,
         None => {
             problems.add(
-                format!(
-                    "{key} must be a duration such as \"500ms\" or \"2s\", not `{}`",
-                    text.get_ref()
-                ),
-                Some(cx.span.clone()),
-                "here",
-                None,
+                format!("invalid duration `{}` for `{key}`", value.get_ref()),
+                Some(value.span()),
+                "not a positive duration",
+                Some("write a number with a unit: `us`, `ms`, `s`, `m` or `h`, e.g. `30s`".into()),
             );
             default
         }
