@@ -3,7 +3,7 @@
 //! the real binary where processes are killed: a run killed with SIGKILL and restarted
 //! processes every message at least once and publishes each result once; held items are not
 //! delivered again while held, and are offered again when the run stops; a dead-lettered
-//! message is terminated; three instances give the totals one gives, also when one is killed; a
+//! message is terminated; a publish the stream never acknowledges is not delivered; three instances give the totals one gives, also when one is killed; a
 //! server that is down at the start or restarted in the middle loses nothing.
 //!
 //! Nothing here asserts a duration: the tests wait for conditions, with generous limits.
@@ -158,6 +158,16 @@ async fn wait_for<F: std::future::Future<Output = bool>>(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until the consumer `input` of stream `IN` has no message pending or unacknowledged.
+async fn until_settled(js: &jetstream::Context) {
+    wait_for("every message settled", || async {
+        consumer_info(js, "IN", "input")
+            .await
+            .is_some_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+    })
+    .await;
 }
 
 fn write(dir: &Path, name: &str, text: &str) {
@@ -350,11 +360,15 @@ path = "totals.ndjson"
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_lettered_message_is_terminated_and_not_delivered_again() {
-    let Some(server) = NatsServer::start("dead_letter_term") else {
-        return;
-    };
+/// Runs a config reading stream `IN` (ack wait 1 s) into `sink` (a `[sinks.out]` table for
+/// the server's URL), with dead letters to a file, over `payloads`, until every message is
+/// settled and two ack waits more (a message not terminated would come back in them). Returns
+/// the run's stderr, its dead letters and the consumer's state.
+async fn run_with_dead_letters(
+    server: &NatsServer,
+    sink: impl Fn(&str) -> String,
+    payloads: &[&'static str],
+) -> (String, String, consumer::Info) {
     let dir = tempfile::tempdir().expect("tempdir");
     let source = nats_source(
         "input",
@@ -363,40 +377,77 @@ async fn a_dead_lettered_message_is_terminated_and_not_delivered_again() {
         "in.orders",
         "ack_wait = \"1s\"",
     );
-    write(
-        dir.path(),
-        "term.toml",
-        &format!(
-            "{source}\n[sinks.out]\ntype = \"file\"\ninputs = [\"input\"]\npath = \"out.ndjson\"\n\n\
-             [dead_letter]\ntype = \"file\"\npath = \"dead.ndjson\"\n"
-        ),
+    let config = format!(
+        "{source}\n{}\n[dead_letter]\ntype = \"file\"\npath = \"dead.ndjson\"\n",
+        sink(&server.url())
     );
-    let js = connect(&server).await;
+    write(dir.path(), "dead.toml", &config);
+    let js = connect(server).await;
     create_stream(&js, "IN", "in.orders").await;
-    for payload in ["{\"id\": 1}", "not JSON", "{\"id\": 2}"] {
+    for payload in payloads {
         js.publish("in.orders", bytes::Bytes::from_static(payload.as_bytes()))
             .await
             .expect("publish")
             .await
             .expect("stored");
     }
-    let run = Run::start(dir.path(), "term.toml", "0/1");
-    wait_for("every message settled", || async {
-        consumer_info(&js, "IN", "input")
-            .await
-            .is_some_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
-    })
-    .await;
-    // Two ack waits: a message not terminated would come back in them.
+    let run = Run::start(dir.path(), "dead.toml", "0/1");
+    until_settled(&js).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stderr = run.stop();
+    let dead = std::fs::read_to_string(dir.path().join("dead.ndjson")).expect("dead letters");
+    let info = consumer_info(&js, "IN", "input").await.expect("consumer");
+    (stderr, dead, info)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_message_is_terminated_and_not_delivered_again() {
+    let Some(server) = NatsServer::start("dead_letter_term") else {
+        return;
+    };
+    let file_sink = |_: &str| {
+        "[sinks.out]\ntype = \"file\"\ninputs = [\"input\"]\npath = \"out.ndjson\"\n".to_owned()
+    };
+    let (stderr, dead, info) = run_with_dead_letters(
+        &server,
+        file_sink,
+        &["{\"id\": 1}", "not JSON", "{\"id\": 2}"],
+    )
+    .await;
     assert!(
         stderr.contains("pulseflow: 3 in, 2 delivered, 0 filtered, 0 dropped, 1 dead-lettered"),
         "{stderr}"
     );
-    let dead = std::fs::read_to_string(dir.path().join("dead.ndjson")).expect("dead letters");
     assert!(dead.contains("\"raw\":\"not JSON\""), "{dead}");
-    let info = consumer_info(&js, "IN", "input").await.expect("consumer");
+    assert_eq!(info.num_redelivered, 0, "{info:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_the_stream_never_acknowledges_is_dead_lettered_not_delivered() {
+    let Some(server) = NatsServer::start("unstored_publish") else {
+        return;
+    };
+    // No stream takes `nowhere.orders`: every publish fails, however often it is sent.
+    let nats_sink = |url: &str| {
+        format!(
+            "[sinks.out]\ntype = \"nats\"\ninputs = [\"input\"]\nurl = \"{url}\"\n\
+             subject = \"nowhere.orders\"\nretries = 1\n"
+        )
+    };
+    let payloads = [
+        "{\"id\": 0}",
+        "{\"id\": 1}",
+        "{\"id\": 2}",
+        "{\"id\": 3}",
+        "{\"id\": 4}",
+    ];
+    let (stderr, dead, info) = run_with_dead_letters(&server, nats_sink, &payloads).await;
+    assert!(
+        stderr.contains("pulseflow: 5 in, 0 delivered, 0 filtered, 0 dropped, 5 dead-lettered"),
+        "{stderr}"
+    );
+    assert_eq!(dead.lines().count(), 5, "{dead}");
+    // Dead-lettered, so terminated: none came back.
     assert_eq!(info.num_redelivered, 0, "{info:?}");
 }
 

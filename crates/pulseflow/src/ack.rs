@@ -305,6 +305,26 @@ impl AckTally {
         }
     }
 
+    /// Takes out the acks of items that left another way, given in the order the items were
+    /// added (a subsequence of them): one pass over both.
+    pub fn remove_in_order(&mut self, acks: &[Ack]) {
+        let mut at = 0;
+        for ack in acks {
+            while at < self.entries.len() && self.entries[at].0 != *ack {
+                at += 1;
+            }
+            match self.entries.get_mut(at) {
+                Some((_, n)) => *n -= 1,
+                None => break,
+            }
+            if self.entries[at].1 == 0 {
+                // Kept with a zero count until the end of the pass, so `at` stays valid.
+                at += 1;
+            }
+        }
+        self.entries.retain(|(_, n)| *n > 0);
+    }
+
     /// Records one item with this outcome on every ack collected (keeping them).
     pub fn mark_all(&self, outcome: Outcome) {
         for (ack, _) in &self.entries {

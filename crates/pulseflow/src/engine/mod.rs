@@ -28,7 +28,7 @@ mod branch;
 mod chain;
 mod dead_letter;
 mod downstream;
-mod failure;
+pub(crate) mod failure;
 mod guard;
 mod options;
 mod result;

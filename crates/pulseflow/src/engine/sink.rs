@@ -1,10 +1,13 @@
 //! Runs a [`Sink`]: writes each item, one `catch_unwind` per batch, failures to the error
-//! policy, a flush after each batch.
+//! policy, a flush after each batch. Items the sink [defers](crate::stage::Confirmations) are
+//! settled as their confirmations come: between batches, and all of them before `close`.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::downstream::Downstream;
@@ -13,7 +16,7 @@ use crate::ack::{AckTally, Outcome};
 use crate::envelope::{Batch, Envelope};
 use crate::error::{ItemFailure, StageError};
 use crate::metrics::{DropReason, StageStatus, Tally};
-use crate::stage::{Sink, StageContext, WriteProgress};
+use crate::stage::{ConfirmShared, Confirmations, Settled, Sink, StageContext, WriteProgress};
 
 pub(crate) struct SinkHandler<S: Sink> {
     sink: S,
@@ -25,11 +28,27 @@ pub(crate) struct SinkHandler<S: Sink> {
     unflushed_acks: AckTally,
     /// Processing time of the batch handled in pieces so far.
     busy: std::time::Duration,
+    /// How deferred items ended.
+    settled: mpsc::UnboundedReceiver<Settled<S::Item>>,
+    /// Deferred items not settled yet.
+    outstanding: u64,
+    /// What the sink's [`Confirmations`] share with this stage.
+    confirm: Arc<ConfirmShared<S::Item>>,
 }
 
 impl<S: Sink> SinkHandler<S> {
-    pub fn new(sink: S, ctx: StageContext, failures: Failures) -> Self {
+    pub fn new(mut sink: S, ctx: StageContext, failures: Failures) -> Self {
         failures.run.gate.register();
+        let (tx, settled) = mpsc::unbounded_channel();
+        let confirm = ConfirmShared::new(
+            tx,
+            Failures::new(
+                failures.policy,
+                failures.stats.clone(),
+                failures.run.clone(),
+            ),
+        );
+        sink.confirm_later(Confirmations::new(confirm.clone()));
         Self {
             sink,
             ctx,
@@ -37,6 +56,9 @@ impl<S: Sink> SinkHandler<S> {
             unflushed: 0,
             unflushed_acks: AckTally::default(),
             busy: std::time::Duration::ZERO,
+            settled,
+            outstanding: 0,
+            confirm,
         }
     }
 
@@ -73,7 +95,10 @@ impl<S: Sink> SinkHandler<S> {
                 )),
             }
         }
+        self.outstanding += progress.deferred;
         if !acks.is_empty() {
+            // Deferred items' acks learn their outcome when the sink confirms them.
+            acks.remove_in_order(&progress.deferred_acks);
             for f in &failed[failed_before..] {
                 match f.item.as_ref().and_then(Envelope::acks) {
                     Some(item_acks) => acks.remove(item_acks),
@@ -87,8 +112,108 @@ impl<S: Sink> SinkHandler<S> {
         (progress.delivered, acks)
     }
 
+    /// Applies the error policy to `failure`, the item's `attempt`th write failing: retries
+    /// write it again (a retry the sink defers comes back through its confirmation, with its
+    /// attempt). Returns what the retries delivered, and their acks.
+    async fn settle_failure(
+        &mut self,
+        failure: ItemFailure<S::Item>,
+        attempt: u32,
+        tally: &mut Tally,
+    ) -> (u64, AckTally) {
+        let mut delivered = 0;
+        let mut acks = AckTally::default();
+        let mut delays = self
+            .failures
+            .delays()
+            .skip(attempt.saturating_sub(1) as usize);
+        let mut next = self.failures.settle(failure, attempt, &mut delays, tally);
+        while let Next::Retry(item, wait, attempt) = next {
+            tokio::time::sleep(wait).await;
+            let (n, more, failed) = self.write_again(item, attempt).await;
+            delivered += n;
+            acks.append(more);
+            next = match failed {
+                Some(f) => self.failures.settle(f, attempt, &mut delays, tally),
+                None => Next::Done,
+            };
+        }
+        (delivered, acks)
+    }
+
+    /// Writes `item` again, as its `attempt`th write: what it delivered, its acks, and its
+    /// failure if it failed (a deferred retry comes back through its confirmation).
+    async fn write_again(
+        &mut self,
+        item: Envelope<S::Item>,
+        attempt: u32,
+    ) -> (u64, AckTally, Option<ItemFailure<S::Item>>) {
+        let mut failed = Vec::new();
+        self.confirm.set_attempt(attempt);
+        let (n, acks) = self.write_all(vec![item], &mut failed).await;
+        self.confirm.set_attempt(1);
+        (n, acks, failed.pop())
+    }
+
+    /// Takes in how deferred items ended: all of them, waiting, when `wait_all`, else those
+    /// already settled. Delivered and policy-settled items were counted where they were
+    /// confirmed; retries are written again here (what they deliver is flushed at once).
+    async fn settle_deferred(&mut self, wait_all: bool) {
+        if self.outstanding == 0 {
+            return;
+        }
+        let mut tally = Tally::default();
+        let mut delivered = 0;
+        let mut acks = AckTally::default();
+        while self.outstanding > 0 {
+            let next = if wait_all {
+                self.settled.recv().await
+            } else {
+                self.settled.try_recv().ok()
+            };
+            let Some(settled) = next else { break };
+            self.outstanding -= 1;
+            let Settled::Retry(item, at, attempt) = settled else {
+                continue;
+            };
+            if self.failures.failed || self.confirm.stage_failed() {
+                // The stage failed meanwhile: the retry is dropped with it.
+                crate::ack::record_all([&item], Outcome::Failed);
+                tally.count_drop(DropReason::StageFailed, 1);
+                continue;
+            }
+            tokio::time::sleep_until(at).await;
+            let (n, more, failed) = self.write_again(item, attempt).await;
+            delivered += n;
+            acks.append(more);
+            if let Some(failure) = failed {
+                let (n, more) = self.settle_failure(failure, attempt, &mut tally).await;
+                delivered += n;
+                acks.append(more);
+            }
+        }
+        if self.confirm.stage_failed() {
+            self.failures.failed = true;
+        }
+        if delivered > 0 || !acks.is_empty() {
+            match self.sink.flush().await {
+                Ok(()) => {
+                    tally.delivered += delivered;
+                    acks.settle(Outcome::Delivered);
+                }
+                Err(e) => {
+                    tally.count_drop(DropReason::StageFailed, delivered);
+                    acks.settle(Outcome::Failed);
+                    self.failures.stage_error(e, &mut tally);
+                }
+            }
+        }
+        self.failures.stats.add(&tally, None);
+    }
+
     /// Writes a batch (at Yield, in chunks with a `yield_now` between them), then flushes.
     async fn handle(&mut self, batch: Batch<S::Item>, last: bool) {
+        self.settle_deferred(false).await;
         if super::yielding(&self.failures.stats, batch.len()) {
             let mut rest = batch;
             let mut pacer = super::workers::Pacer::new();
@@ -126,19 +251,9 @@ impl<S: Sink> SinkHandler<S> {
         let mut failed = Vec::new();
         let (mut delivered, mut acks) = self.write_all(batch.into_items(), &mut failed).await;
         for failure in failed {
-            let mut delays = self.failures.delays();
-            let mut next = self.failures.settle(failure, 1, &mut delays, &mut tally);
-            while let Next::Retry(item, wait, attempt) = next {
-                tokio::time::sleep(wait).await;
-                let mut again = Vec::new();
-                let (n, more) = self.write_all(vec![item], &mut again).await;
-                delivered += n;
-                acks.append(more);
-                next = match again.pop() {
-                    Some(f) => self.failures.settle(f, attempt, &mut delays, &mut tally),
-                    None => Next::Done,
-                };
-            }
+            let (n, more) = self.settle_failure(failure, 1, &mut tally).await;
+            delivered += n;
+            acks.append(more);
         }
         // Delivered once flushed: a sink that buffers may still fail to write them.
         self.unflushed += delivered;
@@ -189,6 +304,7 @@ impl<S: Sink> Downstream<S::Item> for SinkHandler<S> {
         Box::pin(async move {
             let stats = self.failures.stats.clone();
             stats.set_status(StageStatus::Closing);
+            self.settle_deferred(true).await;
             if !self.failures.failed {
                 if let Err(e) = self.sink.close().await {
                     let mut tally = Tally::default();

@@ -32,11 +32,14 @@
 //! ```
 
 mod closures;
+mod confirm;
 mod context;
 pub mod sinks;
 pub mod sources;
 
 pub use closures::{Filter, FlatMap, Map, TryMap};
+pub use confirm::{Confirmations, Unconfirmed};
+pub(crate) use confirm::{Settled, Shared as ConfirmShared};
 pub use context::StageContext;
 pub use sinks::sink_fn;
 
@@ -107,12 +110,16 @@ impl BatchCounts {
 }
 
 /// How far a sink got through a batch, kept by [`Sink::write_batch`].
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct WriteProgress {
     /// Sequence number of the item being written.
     pub current_seq: u64,
     /// Items delivered so far.
     pub delivered: u64,
+    /// Items handed to [`Confirmations::defer`].
+    pub(crate) deferred: u64,
+    /// Their acks, in order.
+    pub(crate) deferred_acks: Vec<Ack>,
 }
 
 /// Whether a source has more to give.
@@ -402,6 +409,11 @@ pub trait Sink: Send + 'static {
     fn init(&mut self, _ctx: &StageContext) -> impl Future<Output = Result<(), StageError>> + Send {
         async { Ok(()) }
     }
+
+    /// Offered once, before `init`: a sink whose writes are confirmed after `write_batch`
+    /// returns keeps the handle and [defers](Confirmations::defer) such items (see
+    /// [`Confirmations`]). The default ignores it.
+    fn confirm_later(&mut self, _confirmations: Confirmations<Self::Item>) {}
 
     /// Consumes one item. An error hands the item back to the stage's error policy.
     fn write(

@@ -3,14 +3,12 @@
 //! restarting, say) is sent again after a backoff, up to `retries` times, with the same
 //! `Nats-Msg-Id`: the stream keeps it once.
 //!
-//! An item carrying acknowledgements (read by an acknowledging source, such as the JetStream
-//! source) counts as delivered once it is sent, and its acknowledgements are held until the
-//! stream acknowledged it, so the publishes of one batch overlap those of the next while the
-//! source message is still acknowledged only once its output is stored. If every retry fails,
-//! its acknowledgements are told it failed (a JetStream source naks the message, which comes
-//! back) and [`JetStreamSink::failures`] counts it. An item without acknowledgements counts as
-//! delivered only once the stream acknowledged it; if every retry fails, it goes to the
-//! stage's error policy.
+//! An item counts as delivered once the stream acknowledged it, and only then do its
+//! acknowledgements learn so (a JetStream source acknowledges its message only once its output
+//! is stored). The sink does not wait for that before taking the next batch: it
+//! [defers](crate::stage::Confirmations) each item it sent and confirms it in the background,
+//! so the publishes of one batch overlap those of the next, up to `max_in_flight`. A publish
+//! that fails after every retry goes to the stage's error policy (a dead letter, by default).
 //!
 //! `Nats-Msg-Id` is the item's source identity ([`SOURCE_ID_HEADER`]) and a checksum of the
 //! payload, so the several outputs of one source message have distinct ids while the same
@@ -27,7 +25,6 @@
 //! ```
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
@@ -39,10 +36,9 @@ use futures::stream::{FuturesOrdered, FuturesUnordered};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::{Connection, NatsError, SOURCE_ID_HEADER, ensure_stream};
-use crate::ack::{Ack, Outcome};
 use crate::envelope::Envelope;
 use crate::error::{ItemFailure, StageError};
-use crate::stage::{Sink, StageContext, WriteProgress};
+use crate::stage::{Confirmations, Sink, StageContext, Unconfirmed, WriteProgress};
 
 /// How the sink publishes.
 #[derive(Debug, Clone)]
@@ -90,7 +86,7 @@ pub struct JetStreamSink {
     settings: Settings,
     js: Option<jetstream::Context>,
     background: Option<Background>,
-    failures: Arc<AtomicU64>,
+    confirmations: Option<Confirmations<Publish>>,
 }
 
 impl JetStreamSink {
@@ -100,16 +96,8 @@ impl JetStreamSink {
             settings,
             js: None,
             background: None,
-            failures: Arc::new(AtomicU64::new(0)),
+            confirmations: None,
         }
-    }
-}
-
-impl JetStreamSink {
-    /// Publishes of acknowledged items that failed after every retry (their source messages
-    /// were told so, and are delivered again).
-    pub fn failures(&self) -> Arc<AtomicU64> {
-        self.failures.clone()
     }
 }
 
@@ -199,12 +187,12 @@ impl Outgoing {
     }
 }
 
-/// A publish of an acknowledged item, confirmed in the background: its acks are kept (so
-/// they do not resolve) until the stream acknowledged it, and told it failed if it never did.
+/// A publish sent, confirmed in the background: its item is delivered once the stream
+/// acknowledged it, and goes to the error policy if it never does.
 struct Confirming {
     outgoing: Outgoing,
-    first: PublishAckFuture,
-    acks: Vec<Ack>,
+    first: Option<PublishAckFuture>,
+    unconfirmed: Unconfirmed<Publish>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -213,16 +201,14 @@ async fn confirm_in_background(
     js: jetstream::Context,
     settings: Arc<Settings>,
     mut publishes: mpsc::UnboundedReceiver<Confirming>,
-    failures: Arc<AtomicU64>,
 ) {
     let mut pending = FuturesUnordered::new();
     let confirm = |c: Confirming| {
-        let (js, settings, failures) = (js.clone(), settings.clone(), failures.clone());
+        let (js, settings) = (js.clone(), settings.clone());
         async move {
-            if let Err(e) = c.outgoing.confirm(&js, &settings, Some(c.first)).await {
-                tracing::warn!(error = %e, "JetStream publish failed: its source messages will be delivered again");
-                failures.fetch_add(1, Ordering::Relaxed);
-                c.acks.iter().for_each(|a| a.record(Outcome::Failed, 1));
+            match c.outgoing.confirm(&js, &settings, c.first).await {
+                Ok(()) => c.unconfirmed.delivered(),
+                Err(e) => c.unconfirmed.failed(StageError::from_error(e)),
             }
         }
     };
@@ -268,7 +254,6 @@ impl Sink for JetStreamSink {
             js.clone(),
             Arc::new(self.settings.clone()),
             rx,
-            self.failures.clone(),
         ));
         self.background = Some(Background {
             publishes: tx,
@@ -290,73 +275,45 @@ impl Sink for JetStreamSink {
         }
     }
 
+    fn confirm_later(&mut self, confirmations: Confirmations<Publish>) {
+        self.confirmations = Some(confirmations);
+    }
+
     async fn write_batch(
         &mut self,
         items: &mut std::vec::IntoIter<Envelope<Publish>>,
         failed: &mut Vec<ItemFailure<Publish>>,
         progress: &mut WriteProgress,
     ) {
-        let (Some(js), Some(background)) = (self.js.clone(), self.background.as_ref()) else {
+        let Some(js) = self.js.clone() else {
             failed.extend(items.map(not_connected));
             return;
         };
-        let settings = &self.settings;
-        // Items without acks: confirmed before the batch counts them delivered.
-        let mut confirming = FuturesOrdered::new();
+        let (Some(background), Some(confirmations)) = (&self.background, &self.confirmations)
+        else {
+            // Outside an engine: each publish confirmed before the batch returns.
+            write_confirmed(&js, &self.settings, items, failed, progress).await;
+            return;
+        };
         for item in items {
             progress.current_seq = item.seq;
-            let Some(acks) = item.acks().map(<[Ack]>::to_vec) else {
-                let js = js.clone();
-                confirming.push_back(async move {
-                    let outgoing = Outgoing::of(&item);
-                    match outgoing.confirm(&js, settings, None).await {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err(ItemFailure::new(item, StageError::from_error(e))),
-                    }
-                });
-                if confirming.len() >= settings.max_in_flight.max(1) {
-                    settle(confirming.next().await, failed, progress);
-                }
-                continue;
-            };
-            // Acknowledged items: sent now, confirmed in the background while the next ones
-            // go out; their acks resolve only once the stream has them.
             let Ok(permit) = background.permits.clone().acquire_owned().await else {
                 failed.push(not_connected(item));
                 continue;
             };
             let outgoing = Outgoing::of(&item);
-            match outgoing.send(&js).await {
-                Ok(first) => {
-                    let sent = background.publishes.send(Confirming {
-                        outgoing,
-                        first,
-                        acks,
-                        _permit: permit,
-                    });
-                    match sent {
-                        Ok(()) => progress.delivered += 1,
-                        Err(_) => failed.push(not_connected(item)),
-                    }
-                }
-                Err(e) => {
-                    drop(permit);
-                    match outgoing.confirm(&js, settings, None).await {
-                        Ok(()) => progress.delivered += 1,
-                        Err(_) => {
-                            let e = NatsError::Publish {
-                                subject: outgoing.subject.clone(),
-                                attempts: settings.retries + 1,
-                                reason: e.to_string(),
-                            };
-                            failed.push(ItemFailure::new(item, StageError::from_error(e)));
-                        }
-                    }
-                }
+            // A send that fails (the connection down, say) is sent again in the background.
+            let first = outgoing.send(&js).await.ok();
+            let confirming = Confirming {
+                outgoing,
+                first,
+                unconfirmed: confirmations.defer(item, progress),
+                _permit: permit,
+            };
+            if let Err(mpsc::error::SendError(c)) = background.publishes.send(confirming) {
+                c.unconfirmed
+                    .failed(StageError::msg("the JetStream sink is closed"));
             }
-        }
-        while let Some(result) = confirming.next().await {
-            settle(Some(result), failed, progress);
         }
     }
 
@@ -370,15 +327,35 @@ impl Sink for JetStreamSink {
     }
 }
 
-fn settle(
-    result: Option<Result<(), ItemFailure<Publish>>>,
+/// Publishes `items`, up to `max_in_flight` at once, each confirmed before this returns.
+async fn write_confirmed(
+    js: &jetstream::Context,
+    settings: &Settings,
+    items: &mut std::vec::IntoIter<Envelope<Publish>>,
     failed: &mut Vec<ItemFailure<Publish>>,
     progress: &mut WriteProgress,
 ) {
-    match result {
-        Some(Ok(())) => progress.delivered += 1,
-        Some(Err(failure)) => failed.push(failure),
-        None => {}
+    let mut settle = |result: Result<(), ItemFailure<Publish>>| match result {
+        Ok(()) => progress.delivered += 1,
+        Err(failure) => failed.push(failure),
+    };
+    let mut confirming = FuturesOrdered::new();
+    for item in items {
+        confirming.push_back(async move {
+            let outgoing = Outgoing::of(&item);
+            match outgoing.confirm(js, settings, None).await {
+                Ok(()) => Ok(()),
+                Err(e) => Err(ItemFailure::new(item, StageError::from_error(e))),
+            }
+        });
+        if confirming.len() >= settings.max_in_flight.max(1) {
+            if let Some(result) = confirming.next().await {
+                settle(result);
+            }
+        }
+    }
+    while let Some(result) = confirming.next().await {
+        settle(result);
     }
 }
 
