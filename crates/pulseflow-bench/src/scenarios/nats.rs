@@ -6,7 +6,7 @@
 //!
 //! The input stream is filled once; each round reads all of it through a fresh durable
 //! consumer and publishes to an output stream of its own, with `Nats-Msg-Id` from the source
-//! message, and ends when that stream holds every output. Rounds alternate the contenders.
+//! message, and ends once every output is acknowledged by that stream. Rounds alternate the contenders.
 
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -133,7 +133,8 @@ async fn until_full(js: &jetstream::Context, name: &str, n: u64) -> Result<(), B
     }
 }
 
-/// pulseflow: source -> map -> sink, until `OUT_<round>` holds `n` messages.
+/// pulseflow: source -> map -> sink, until its sink delivered `n` messages (each acknowledged
+/// by the stream) and `PF_<round>` holds them.
 async fn pulseflow_round(
     url: &str,
     js: &jetstream::Context,
@@ -173,8 +174,21 @@ async fn pulseflow_round(
     if let Some(b) = opts.batch {
         options = options.with_batch_size(b);
     }
+    let engine = std::sync::Arc::new(ExecutionEngine::new());
     let started = Instant::now();
-    let run = tokio::spawn(async move { ExecutionEngine::new().run(pipeline, options).await });
+    let run = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.run(pipeline, options).await }
+    });
+    // The sink counts an item delivered once the stream acknowledged it: watched in the
+    // process (as the raw loop knows its acks), then the stream checked once, as the raw loop
+    // does; polling the server all along would load it while pulseflow runs.
+    while engine.inspect("out").map_or(0, |s| s.counts.delivered) < n {
+        if run.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     until_full(js, &out, n).await?;
     let elapsed = started.elapsed();
     cancel.cancel();
