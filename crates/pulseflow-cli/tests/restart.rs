@@ -11,11 +11,6 @@ use std::time::{Duration, Instant, SystemTime};
 /// Lines in the input of the restart tests.
 const LINES: u64 = 2_000_000;
 
-/// The duplicates a restart may bring, at most: the lines handled within one
-/// `checkpoint_interval` (50 ms) plus those in the pipeline's buffers, a small fraction of
-/// the file.
-const MAX_DUPLICATES: u64 = LINES / 20;
-
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pulseflow"));
     c.env("NO_COLOR", "1");
@@ -48,9 +43,32 @@ fn random_fraction() -> f64 {
     0.1 + 0.7 * f64::from(nanos % 1000) / 1000.0
 }
 
+/// What a killed run left: the complete lines of its output, and the input line its source's
+/// last checkpoint says every line before is handled (where a rerun resumes).
+struct Killed {
+    written: u64,
+    checkpoint_line: u64,
+}
+
+/// The `handled` line of source `lines` in `state/lines.checkpoint.json` (0 without one).
+fn checkpoint_line(dir: &Path) -> u64 {
+    let Ok(text) = std::fs::read_to_string(dir.join("state/lines.checkpoint.json")) else {
+        return 0;
+    };
+    let saved: serde_json::Value = serde_json::from_str(&text).expect("checkpoint is JSON");
+    saved["files"][0]["handled"]["line"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no handled line in {saved}"))
+}
+
 /// Starts `config`, kills it with SIGKILL once `out` holds `fraction` of `expected_bytes`,
-/// then reruns it to the end. Returns the output's lines.
-fn kill_and_rerun(dir: &Path, config: &str, out: &str, expected_bytes: u64) -> Vec<String> {
+/// then reruns it to the end. Returns the output's lines, and what the killed run left.
+fn kill_and_rerun(
+    dir: &Path,
+    config: &str,
+    out: &str,
+    expected_bytes: u64,
+) -> (Vec<String>, Killed) {
     let fraction = random_fraction();
     let mut child = bin()
         .args(["run", config, "--quiet"])
@@ -78,18 +96,28 @@ fn kill_and_rerun(dir: &Path, config: &str, out: &str, expected_bytes: u64) -> V
     }
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
-    eprintln!("killed at {fraction:.2} of the output");
+    let text = std::fs::read_to_string(dir.join(out)).expect("output");
+    let killed = Killed {
+        // A last line cut short is not complete.
+        written: text.bytes().filter(|b| *b == b'\n').count() as u64,
+        checkpoint_line: checkpoint_line(dir),
+    };
+    eprintln!(
+        "killed at {fraction:.2} of the output: {} lines written, checkpoint at line {}",
+        killed.written, killed.checkpoint_line
+    );
     let rerun = run(dir, config);
     assert!(
         rerun.status.success(),
         "rerun failed: {}",
         String::from_utf8_lossy(&rerun.stderr)
     );
-    std::fs::read_to_string(dir.join(out))
+    let lines = std::fs::read_to_string(dir.join(out))
         .expect("output")
         .lines()
         .map(str::to_owned)
-        .collect()
+        .collect();
+    (lines, killed)
 }
 
 /// Writes the input (`in.ndjson`) and config `name`: a file source `lines` with checkpoints
@@ -138,7 +166,7 @@ fn a_run_killed_with_sigkill_and_rerun_delivers_every_line_at_least_once() {
     let size = std::fs::metadata(dir.path().join("in.ndjson"))
         .expect("input")
         .len();
-    let lines = kill_and_rerun(dir.path(), "copy.toml", "out.ndjson", size);
+    let (lines, killed) = kill_and_rerun(dir.path(), "copy.toml", "out.ndjson", size);
     let values = values(&lines);
     let mut seen = vec![0u32; LINES as usize];
     for v in &values {
@@ -148,9 +176,12 @@ fn a_run_killed_with_sigkill_and_rerun_delivers_every_line_at_least_once() {
     assert_eq!(missing, 0, "lines never delivered");
     let duplicates = values.len() as u64 - LINES;
     eprintln!("{duplicates} duplicates");
+    // The rerun resumed at the checkpoint: only lines written after it come again.
+    assert!(killed.checkpoint_line <= killed.written);
+    let bound = killed.written - killed.checkpoint_line;
     assert!(
-        duplicates <= MAX_DUPLICATES,
-        "{duplicates} duplicates (bound {MAX_DUPLICATES})"
+        duplicates <= bound,
+        "{duplicates} duplicates, but only {bound} lines were written after the checkpoint"
     );
 }
 
@@ -168,7 +199,7 @@ complete_when = { count = 3 }
     restartable(dir.path(), "keys.toml", triples, "triples");
     let keys = LINES.div_ceil(3);
     // About 50 bytes per output line.
-    let lines = kill_and_rerun(dir.path(), "keys.toml", "out.ndjson", keys * 50);
+    let (lines, killed) = kill_and_rerun(dir.path(), "keys.toml", "out.ndjson", keys * 50);
     let mut seen: HashMap<u64, u32> = HashMap::new();
     for v in values(&lines) {
         let k = v["key"].as_u64().expect("a key");
@@ -192,7 +223,14 @@ complete_when = { count = 3 }
     assert_eq!(missing, 0, "complete keys never emitted");
     let duplicates: u64 = seen.values().map(|c| u64::from(c - 1)).sum();
     eprintln!("{duplicates} duplicate keys");
-    assert!(duplicates <= MAX_DUPLICATES / 3);
+    // The rerun resumed at the checkpoint: a key comes again only if its output was written
+    // and one of its lines lies at or after the checkpoint's line.
+    let resumed_key = killed.checkpoint_line / 3;
+    let bound = killed.written.saturating_sub(resumed_key);
+    assert!(
+        duplicates <= bound,
+        "{duplicates} duplicate keys, but only {bound} were written from the checkpoint's key on"
+    );
 }
 
 #[test]
