@@ -191,6 +191,23 @@ pub fn open(
     }))
 }
 
+/// `http://ADDR/tap/STAGE?every=K[&limit=N]`, the stage's name percent-encoded as one path
+/// segment (a name may hold spaces or slashes).
+fn tap_url(addr: std::net::SocketAddr, stage: &str, request: TapRequest) -> Option<reqwest::Url> {
+    let mut url = reqwest::Url::parse(&format!("http://{addr}/")).ok()?;
+    url.path_segments_mut()
+        .ok()?
+        .clear()
+        .push("tap")
+        .push(stage);
+    let mut query = format!("every={}", request.every);
+    if let Some(n) = request.limit {
+        query.push_str(&format!("&limit={n}"));
+    }
+    url.set_query(Some(&query));
+    Some(url)
+}
+
 /// `pulseflow tap`: prints the items of the answer to stdout, one JSON value per line, and
 /// how many the tap missed to stderr. Exit status 0, or 1 when the server cannot be reached or
 /// refuses.
@@ -213,15 +230,11 @@ pub async fn run(addr: &str, stage: &str, request: TapRequest) -> u8 {
             return 2;
         }
     };
-    let mut query = format!("every={}", request.every);
-    if let Some(n) = request.limit {
-        query.push_str(&format!("&limit={n}"));
-    }
-    let mut response = match client
-        .get(format!("http://{addr}/tap/{stage}?{query}"))
-        .send()
-        .await
-    {
+    let Some(url) = tap_url(addr, stage, request) else {
+        eprintln!("error: no tap URL for stage `{stage}` at {addr}");
+        return 2;
+    };
+    let mut response = match client.get(url).send().await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot reach {addr}: {e}");
@@ -270,6 +283,20 @@ pub async fn run(addr: &str, stage: &str, request: TapRequest) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stage_name_is_one_percent_encoded_path_segment() {
+        let request = TapRequest {
+            limit: Some(3),
+            every: 2,
+        };
+        let addr = "127.0.0.1:9000".parse().expect("an address");
+        let url = tap_url(addr, "by user/region #1", request).expect("a URL");
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:9000/tap/by%20user%2Fregion%20%231?every=2&limit=3"
+        );
+    }
 
     #[test]
     fn requests_are_read_from_the_query() {
