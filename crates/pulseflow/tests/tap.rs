@@ -94,3 +94,54 @@ async fn the_end_of_the_run_detaches_its_taps() {
     assert_eq!(Arc::strong_count(&tap), 1);
     drop(handle);
 }
+
+/// Passes items on and, when closed, emits their sum.
+struct Total(u32);
+
+impl Transform for Total {
+    type In = u32;
+    type Out = u32;
+
+    fn process(
+        &mut self,
+        item: Envelope<u32>,
+        out: &mut Vec<Envelope<u32>>,
+    ) -> Result<(), ItemFailure<u32>> {
+        self.0 += item.payload;
+        out.push(item);
+        Ok(())
+    }
+
+    async fn close(&mut self, out: &mut Vec<Envelope<u32>>) -> Result<(), StageError> {
+        out.push(Envelope::new(self.0));
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tap_sees_what_a_transform_emits_when_closed() {
+    let (tx, rx) = tokio::sync::mpsc::channel::<u32>(16);
+    let items = Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|x| (x, rx))
+    }));
+    let mut p = PipelineBuilder::new("closing");
+    p.source("numbers", sources::stream(items))
+        .transform("total", Total(0))
+        .sink("out", sinks::sink_fn(|_: u32| {}));
+    let pipeline = p.build().expect("valid");
+    let engine = ExecutionEngine::new();
+    let running = {
+        let engine = engine.clone();
+        let options = ExecutionOptions::default().with_supervision(Supervision::Off);
+        tokio::spawn(async move { engine.run(pipeline, options).await })
+    };
+    let (tap, seen) = collecting();
+    let _handle = attach(&engine, "total", &tap).await;
+    for x in 1..=4 {
+        tx.send(x).await.expect("send");
+    }
+    drop(tx);
+    let result = running.await.expect("run");
+    assert!(result.success, "{:?}", result.error);
+    assert_eq!(*seen.lock(), [1, 2, 3, 4, 10]);
+}

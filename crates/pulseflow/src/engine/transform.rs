@@ -226,6 +226,7 @@ impl<X: Transform> Downstream<X::In> for TransformHandler<X> {
             tally.emitted = out.len() as u64;
             stats.add(&tally, None);
             if !out.is_empty() {
+                stats.taps.offer(|| TapBatch::of_items(&out));
                 self.next.push(Batch::from_items(out)).await;
             }
             self.next.finish().await;
