@@ -55,7 +55,7 @@ enum Scenario {
     /// against the bound, peak RSS, shaped rate, controller cost per item.
     Backpressure(CommonOpts),
     /// `pulseflow run` on a file of JSON lines (filter + map to a file) against a serde_json
-    /// read-parse-write loop and `jq -c`.
+    /// read-parse-write loop, `jq -c` and `jaq -c` (each when on the PATH).
     Ndjson(CommonOpts),
     /// The `ndjson` pipeline with and without a `data_dir` (checkpoints), and the latency of
     /// one line through a live stdin -> stdout pipeline.

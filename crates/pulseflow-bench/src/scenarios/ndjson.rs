@@ -1,6 +1,6 @@
 //! `ndjson`: the `pulseflow` command on a file of JSON lines (a jq filter and a jq map, written
 //! to a file) against a plain serde_json read-parse-write loop doing the same (the parser's own
-//! limit) and `jq -c` with the same program, when jq is on the PATH.
+//! limit), and `jq -c` and `jaq -c` with the same program and file, each when it is on the PATH.
 //!
 //! The `pulseflow` binary is taken from beside this one: build it first with
 //! `cargo build --release -p pulseflow-cli`.
@@ -118,25 +118,47 @@ fn run_parse_loop(input: &Path, output: &Path) -> Result<Duration, BoxError> {
     Ok(started.elapsed())
 }
 
-fn run_jq(input: &Path, output: &Path) -> Option<Result<Duration, BoxError>> {
-    let probe = Command::new("jq").arg("--version").output().ok()?;
-    if !probe.status.success() {
-        return None;
+/// A jq-like command the scenario compares with: its name on the PATH, and what the report
+/// calls it.
+#[derive(Clone, Copy)]
+struct Contender {
+    command: &'static str,
+    label: &'static str,
+}
+
+const JQ: Contender = Contender {
+    command: "jq",
+    label: "jq -c",
+};
+const JAQ: Contender = Contender {
+    command: "jaq",
+    label: "jaq -c",
+};
+
+impl Contender {
+    /// Its `--version` output, `None` when it is not on the PATH (or does not run).
+    fn version(self) -> Option<String> {
+        let probe = Command::new(self.command).arg("--version").output().ok()?;
+        probe
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&probe.stdout).trim().to_owned())
     }
-    let run = || -> Result<Duration, BoxError> {
+
+    /// Runs it as a user would: `jq -c PROGRAM FILE > output`.
+    fn run(self, input: &Path, output: &Path) -> Result<Duration, BoxError> {
         let started = Instant::now();
-        let status = Command::new("jq")
+        let status = Command::new(self.command)
             .arg("-c")
             .arg(format!("select({FILTER}) | {MAP}"))
-            .stdin(File::open(input)?)
+            .arg(input)
             .stdout(File::create(output)?)
             .status()?;
         if !status.success() {
-            return Err(format!("jq exited with {status}").into());
+            return Err(format!("{} exited with {status}", self.command).into());
         }
         Ok(started.elapsed())
-    };
-    Some(run())
+    }
 }
 
 fn line_count(path: &Path) -> Result<u64, BoxError> {
@@ -144,7 +166,11 @@ fn line_count(path: &Path) -> Result<u64, BoxError> {
 }
 
 /// Every contender wrote the same lines; pulseflow and the parse loop the same bytes.
-fn check_outputs(pf_out: &Path, loop_out: &Path, jq_out: Option<&Path>) -> Result<(), BoxError> {
+fn check_outputs(
+    pf_out: &Path,
+    loop_out: &Path,
+    others: &[(Contender, PathBuf)],
+) -> Result<(), BoxError> {
     let expected = line_count(loop_out)?;
     let got = line_count(pf_out)?;
     if got != expected {
@@ -154,9 +180,14 @@ fn check_outputs(pf_out: &Path, loop_out: &Path, jq_out: Option<&Path>) -> Resul
     if std::fs::read(pf_out)? != std::fs::read(loop_out)? {
         return Err("pulseflow's output differs from the parse loop's".into());
     }
-    if let Some(jq_out) = jq_out {
-        if line_count(jq_out)? != expected {
-            return Err("jq wrote a different number of lines".into());
+    for (contender, out) in others {
+        let theirs = line_count(out)?;
+        if theirs != expected {
+            return Err(format!(
+                "{} wrote {theirs} lines, the parse loop {expected}",
+                contender.command
+            )
+            .into());
         }
     }
     Ok(())
@@ -181,10 +212,18 @@ fn measure(dir: &Path, megabytes: u64, opts: &CommonOpts) -> Result<Report, BoxE
 
     let pf_out = dir.join("pulseflow.ndjson");
     let loop_out = dir.join("loop.ndjson");
-    let jq_out = dir.join("jq.ndjson");
+    // jq and jaq when on the PATH, with their versions.
+    let others: Vec<(Contender, String, PathBuf)> = [JQ, JAQ]
+        .into_iter()
+        .filter_map(|c| {
+            let version = c.version()?;
+            Some((c, version, dir.join(format!("{}.ndjson", c.command))))
+        })
+        .collect();
     // Interleaved rounds, medians: single runs of the same binary vary by up to 2x here.
     let rounds = if opts.quick { 5 } else { 3 };
-    let (mut ours, mut loops, mut jqs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut loops) = (Vec::new(), Vec::new());
+    let mut theirs: Vec<Vec<Duration>> = vec![Vec::new(); others.len()];
     for round in 0..rounds {
         ours.push(run_pulseflow(
             dir,
@@ -195,16 +234,27 @@ fn measure(dir: &Path, megabytes: u64, opts: &CommonOpts) -> Result<Report, BoxE
             "",
         )?);
         loops.push(run_parse_loop(&input, &loop_out)?);
-        if let Some(d) = run_jq(&input, &jq_out).transpose()? {
-            jqs.push(d);
+        for ((contender, _, out), times) in others.iter().zip(&mut theirs) {
+            times.push(contender.run(&input, out)?);
         }
         if round == 0 {
-            check_outputs(&pf_out, &loop_out, (!jqs.is_empty()).then_some(&*jq_out))?;
+            let outs: Vec<(Contender, PathBuf)> =
+                others.iter().map(|(c, _, out)| (*c, out.clone())).collect();
+            check_outputs(&pf_out, &loop_out, &outs)?;
         }
     }
     let pulseflow = median(ours.clone());
     let parse_loop = median(loops.clone());
-    let jq = (!jqs.is_empty()).then(|| median(jqs.clone()));
+    // The median of each contender found, by command name.
+    let median_of = |command: &str| {
+        others
+            .iter()
+            .zip(&theirs)
+            .find(|((c, _, _), _)| c.command == command)
+            .map(|(_, times)| median(times.clone()))
+    };
+    let jq = median_of(JQ.command);
+    let jaq = median_of(JAQ.command);
 
     let rate = |d: Duration| mb / d.as_secs_f64();
     let mut report = Report::new(
@@ -224,9 +274,20 @@ fn measure(dir: &Path, megabytes: u64, opts: &CommonOpts) -> Result<Report, BoxE
     };
     row("pulseflow run (binary, jq via jaq)", pulseflow);
     row("serde_json read-parse-write loop", parse_loop);
-    match jq {
-        Some(d) => row("jq -c", d),
-        None => report.note("jq not on PATH: vs_jq is null"),
+    let mut missing = Vec::new();
+    for contender in [JQ, JAQ] {
+        let found = others
+            .iter()
+            .find(|(c, _, _)| c.command == contender.command);
+        match (found, median_of(contender.command)) {
+            (Some((_, version, _)), Some(d)) => {
+                row(&format!("{} ({version})", contender.label), d);
+            }
+            _ => missing.push(contender.command),
+        }
+    }
+    for command in missing {
+        report.note(format!("{command} not on the PATH: vs_{command} is null"));
     }
     let seconds = |v: &[Duration]| {
         v.iter()
@@ -234,12 +295,15 @@ fn measure(dir: &Path, megabytes: u64, opts: &CommonOpts) -> Result<Report, BoxE
             .collect::<Vec<_>>()
             .join(" ")
     };
-    report.note(format!(
-        "rounds (s): pulseflow {}; parse loop {}; jq {}",
+    let mut rounds_note = format!(
+        "rounds (s): pulseflow {}; parse loop {}",
         seconds(&ours),
-        seconds(&loops),
-        seconds(&jqs)
-    ));
+        seconds(&loops)
+    );
+    for ((contender, _, _), times) in others.iter().zip(&theirs) {
+        rounds_note.push_str(&format!("; {} {}", contender.command, seconds(times)));
+    }
+    report.note(rounds_note);
     let vs = |d: Duration| ((d.as_secs_f64() / pulseflow.as_secs_f64()) * 100.0).round() / 100.0;
     report.summary(json!({
         "scenario": "ndjson",
@@ -248,6 +312,7 @@ fn measure(dir: &Path, megabytes: u64, opts: &CommonOpts) -> Result<Report, BoxE
         "mb_per_sec": (rate(pulseflow) * 10.0).round() / 10.0,
         "vs_parse_loop": vs(parse_loop),
         "vs_jq": jq.map(vs),
+        "vs_jaq": jaq.map(vs),
         "cores": pulseflow::policy::cores(),
         "unsupervised": opts.unsupervised,
         "decode_workers": decode_workers,
