@@ -215,11 +215,10 @@ impl<S: Sink> SinkHandler<S> {
     async fn handle(&mut self, batch: Batch<S::Item>, last: bool) {
         self.settle_deferred(false).await;
         if super::yielding(&self.failures.stats, batch.len()) {
-            let mut rest = batch;
+            let mut chunks = batch.into_chunks(super::YIELD_CHUNK);
             let mut pacer = super::workers::Pacer::new();
-            while !rest.is_empty() {
-                let chunk = rest.split_front(super::YIELD_CHUNK);
-                let end = last && rest.is_empty();
+            while let Some(chunk) = chunks.next() {
+                let end = last && chunks.remaining() == 0;
                 self.handle_chunk(chunk, end).await;
                 pacer.after_batch().await;
             }

@@ -142,11 +142,10 @@ impl<X: Transform> TransformHandler<X> {
     /// that Tokio-Pulse moved to Yield does it in small chunks and gives way between them.
     async fn handle(&mut self, batch: Batch<X::In>, last: bool) {
         if super::yielding(self.stats(), batch.len()) {
-            let mut rest = batch;
+            let mut chunks = batch.into_chunks(super::YIELD_CHUNK);
             let mut pacer = super::workers::Pacer::new();
-            while !rest.is_empty() {
-                let chunk = rest.split_front(super::YIELD_CHUNK);
-                let end = last && rest.is_empty();
+            while let Some(chunk) = chunks.next() {
+                let end = last && chunks.remaining() == 0;
                 self.handle_chunk(chunk, end).await;
                 pacer.after_batch().await;
             }

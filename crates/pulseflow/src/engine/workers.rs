@@ -253,12 +253,16 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
                 let _ = tx.send((index, out)).await;
             }
             Lane::Chained(d, lane) => {
-                let mut rest = batch;
-                while rest.len() > CHAIN_CHUNK {
-                    let chunk = rest.split_front(CHAIN_CHUNK);
-                    d.push_piece(chunk, false).await;
+                // The last piece goes through even when empty: it ends the batch.
+                let mut chunks = batch.into_chunks(CHAIN_CHUNK);
+                loop {
+                    let chunk = chunks.next().unwrap_or_default();
+                    let last = chunks.remaining() == 0;
+                    d.push_piece(chunk, last).await;
+                    if last {
+                        break;
+                    }
                 }
-                d.push_piece(rest, true).await;
                 lane.end(index).await;
             }
         }
