@@ -20,6 +20,9 @@ const AHEAD: usize = 2;
 /// [`ChunkReader::consume`].
 pub struct ChunkReader {
     rx: mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    /// Chunks read, handed back to the thread to fill again: a new chunk would be zeroed, and
+    /// its pages faulted in, every time.
+    spare: std::sync::mpsc::Sender<Vec<u8>>,
     chunk: Vec<u8>,
     pos: usize,
     eof: bool,
@@ -29,11 +32,19 @@ impl ChunkReader {
     /// Starts the thread reading `input` to its end (or to its first error).
     pub fn start(mut input: Box<dyn Read + Send>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(AHEAD);
+        let (spare, spares) = std::sync::mpsc::channel::<Vec<u8>>();
         std::thread::Builder::new()
             .name("pulseflow-reader".into())
             .spawn(move || {
                 loop {
-                    let mut chunk = vec![0; CHUNK];
+                    let mut chunk = match spares.try_recv() {
+                        Ok(mut used) => {
+                            // Only whole chunks come back: nothing is zeroed here.
+                            used.resize(CHUNK, 0);
+                            used
+                        }
+                        Err(_) => vec![0; CHUNK],
+                    };
                     let read = read_some(&mut *input, &mut chunk).map(|n| {
                         chunk.truncate(n);
                         // A short read (a pipe) should not hold a whole chunk of memory.
@@ -51,6 +62,7 @@ impl ChunkReader {
             })?;
         Ok(Self {
             rx,
+            spare,
             chunk: Vec::new(),
             pos: 0,
             eof: false,
@@ -64,7 +76,11 @@ impl ChunkReader {
             match self.rx.recv().await {
                 Some(Ok(chunk)) => {
                     self.eof = chunk.is_empty();
-                    self.chunk = chunk;
+                    let used = std::mem::replace(&mut self.chunk, chunk);
+                    if used.len() == CHUNK {
+                        // The thread may have ended: the chunk is then dropped here.
+                        let _ = self.spare.send(used);
+                    }
                     self.pos = 0;
                 }
                 Some(Err(e)) => {
