@@ -31,6 +31,7 @@ mod downstream;
 mod failure;
 mod guard;
 mod options;
+mod recycle;
 mod result;
 mod run;
 mod sink;
@@ -84,6 +85,32 @@ pub(crate) const YIELD_CHUNK: usize = 64;
 /// demoted back to the shared workers and escalated again, over and over.
 pub(crate) fn yielding(stats: &StageStats, len: usize) -> bool {
     len > YIELD_CHUNK && stats.tier() == Some(Tier::Yield)
+}
+
+/// A batch in pieces of at most `size` items, front first, each with whether it is the last
+/// (a batch that fits, even an empty one, is its own single last piece). Each item is moved
+/// once: taking piece after piece off the front of the batch would move the rest of it every
+/// time.
+pub(crate) fn pieces<T>(
+    batch: crate::envelope::Batch<T>,
+    size: usize,
+) -> impl Iterator<Item = (crate::envelope::Batch<T>, bool)> {
+    let size = size.max(1);
+    let (mut whole, mut items) = if batch.len() <= size {
+        (Some(batch), Vec::new().into_iter())
+    } else {
+        (None, batch.into_items().into_iter())
+    };
+    std::iter::from_fn(move || {
+        if let Some(batch) = whole.take() {
+            return Some((batch, true));
+        }
+        if items.len() == 0 {
+            return None;
+        }
+        let piece: Vec<_> = items.by_ref().take(size).collect();
+        Some((crate::envelope::Batch::from_items(piece), items.len() == 0))
+    })
 }
 
 /// Runs pipelines. Clones share the engine, so one task can `run` while another `inspect`s,

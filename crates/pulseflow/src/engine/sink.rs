@@ -25,12 +25,15 @@ pub(crate) struct SinkHandler<S: Sink> {
     unflushed_acks: AckTally,
     /// Processing time of the batch handled in pieces so far.
     busy: std::time::Duration,
+    /// Where emptied batch buffers go.
+    buffers: std::sync::Arc<super::recycle::Pool<S::Item>>,
 }
 
 impl<S: Sink> SinkHandler<S> {
     pub fn new(sink: S, ctx: StageContext, failures: Failures) -> Self {
         failures.run.gate.register();
         Self {
+            buffers: failures.run.buffers.pool(),
             sink,
             ctx,
             failures,
@@ -73,6 +76,7 @@ impl<S: Sink> SinkHandler<S> {
                 )),
             }
         }
+        self.buffers.reclaim(items);
         if !acks.is_empty() {
             for f in &failed[failed_before..] {
                 match f.item.as_ref().and_then(Envelope::acks) {
@@ -90,12 +94,9 @@ impl<S: Sink> SinkHandler<S> {
     /// Writes a batch (at Yield, in chunks with a `yield_now` between them), then flushes.
     async fn handle(&mut self, batch: Batch<S::Item>, last: bool) {
         if super::yielding(&self.failures.stats, batch.len()) {
-            let mut rest = batch;
             let mut pacer = super::workers::Pacer::new();
-            while !rest.is_empty() {
-                let chunk = rest.split_front(super::YIELD_CHUNK);
-                let end = last && rest.is_empty();
-                self.handle_chunk(chunk, end).await;
+            for (chunk, end) in super::pieces(batch, super::YIELD_CHUNK) {
+                self.handle_chunk(chunk, last && end).await;
                 pacer.after_batch().await;
             }
         } else {

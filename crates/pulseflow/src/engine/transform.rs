@@ -10,6 +10,7 @@ use tracing::Instrument;
 
 use super::downstream::Downstream;
 use super::failure::{Failures, Next};
+use super::recycle::Pool;
 use super::tap::TapBatch;
 use crate::ack::AckTally;
 use crate::envelope::{Batch, Envelope};
@@ -24,6 +25,10 @@ pub(crate) struct TransformHandler<X: Transform> {
     next: Box<dyn Downstream<X::Out>>,
     /// Processing time of the batch handled in pieces so far.
     busy: std::time::Duration,
+    /// Where emptied buffers of input items go.
+    inputs: Arc<Pool<X::In>>,
+    /// Where buffers for output items come from.
+    outputs: Arc<Pool<X::Out>>,
 }
 
 impl<X: Transform> TransformHandler<X> {
@@ -35,6 +40,8 @@ impl<X: Transform> TransformHandler<X> {
     ) -> Self {
         failures.run.gate.register();
         Self {
+            inputs: failures.run.buffers.pool(),
+            outputs: failures.run.buffers.pool(),
             stage,
             ctx,
             failures,
@@ -78,7 +85,11 @@ impl<X: Transform> TransformHandler<X> {
             let run = catch_unwind(AssertUnwindSafe(|| {
                 stage.process_batch(&mut items, out, failed, &mut counts)
             }));
-            let Err(panic) = run else { break };
+            let Err(panic) = run else {
+                // What the stage left of the batch: its buffer, for the next one.
+                self.inputs.reclaim(items);
+                break;
+            };
             let error = StageError::from_panic(&*panic);
             // Which items were lost is not known: every ack of the batch learns of the
             // failure (the source may offer its items again: at least once).
@@ -142,12 +153,9 @@ impl<X: Transform> TransformHandler<X> {
     /// that Tokio-Pulse moved to Yield does it in small chunks and gives way between them.
     async fn handle(&mut self, batch: Batch<X::In>, last: bool) {
         if super::yielding(self.stats(), batch.len()) {
-            let mut rest = batch;
             let mut pacer = super::workers::Pacer::new();
-            while !rest.is_empty() {
-                let chunk = rest.split_front(super::YIELD_CHUNK);
-                let end = last && rest.is_empty();
-                self.handle_chunk(chunk, end).await;
+            for (chunk, end) in super::pieces(batch, super::YIELD_CHUNK) {
+                self.handle_chunk(chunk, last && end).await;
                 pacer.after_batch().await;
             }
         } else {
@@ -170,7 +178,9 @@ impl<X: Transform> TransformHandler<X> {
             self.next.push_piece(Batch::default(), last).await;
             return;
         }
-        let mut out = Vec::with_capacity(n);
+        // A spare buffer if there is one (`filter` hands its input's buffer on instead, and
+        // leaves this one in place of its input for `process_all` to give back).
+        let mut out = self.outputs.take_spare().unwrap_or_default();
         let mut failed = Vec::new();
         self.process_all(batch.into_items(), &mut out, &mut failed, &mut tally);
         if !failed.is_empty() {

@@ -253,12 +253,9 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
                 let _ = tx.send((index, out)).await;
             }
             Lane::Chained(d, lane) => {
-                let mut rest = batch;
-                while rest.len() > CHAIN_CHUNK {
-                    let chunk = rest.split_front(CHAIN_CHUNK);
-                    d.push_piece(chunk, false).await;
+                for (piece, last) in super::pieces(batch, CHAIN_CHUNK) {
+                    d.push_piece(piece, last).await;
                 }
-                d.push_piece(rest, true).await;
                 lane.end(index).await;
             }
         }

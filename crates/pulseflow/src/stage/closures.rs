@@ -142,32 +142,39 @@ where
             counts.current_seq = first.seq;
         }
         let f = &mut self.f;
-        // In place: kept items are swapped to the front. A panic leaves every item where it
-        // is: the one in progress fails alone, payload and all, and the batch goes on after it.
+        // In place: `retain` moves each kept item forward once. A panic in the predicate
+        // leaves the items kept so far followed by the one in progress and those not tested
+        // yet: the one in progress fails alone, payload and all, and the batch goes on after it.
         let mut batch: Vec<Envelope<T>> = std::mem::take(items).collect();
         loop {
-            let (mut kept, mut at) = (0, 0);
+            let (mut kept, mut seq) = (0, counts.current_seq);
             let run = catch_unwind(AssertUnwindSafe(|| {
-                while at < batch.len() {
-                    if f(&batch[at].payload) {
-                        batch.swap(kept, at);
-                        kept += 1;
-                    }
-                    at += 1;
-                }
+                batch.retain(|item| {
+                    seq = item.seq;
+                    let keep = f(&item.payload);
+                    kept += usize::from(keep);
+                    keep
+                })
             }));
             let rest = match run {
                 Ok(()) => None,
                 Err(panic) => {
-                    let mut rest = batch.split_off(at);
-                    let failing = rest.remove(0);
-                    failed.push(ItemFailure::new(failing, StageError::from_panic(&*panic)));
+                    let error = StageError::from_panic(&*panic);
+                    let mut rest = batch.split_off(kept.min(batch.len()));
+                    if rest.first().is_some_and(|item| item.seq == seq) {
+                        let failing = rest.remove(0);
+                        failed.push(ItemFailure::new(failing, error));
+                    } else {
+                        failed.push(ItemFailure::consumed(seq, error));
+                    }
                     Some(rest)
                 }
             };
-            batch.truncate(kept);
             if out.is_empty() {
-                *out = std::mem::take(&mut batch);
+                // The kept items stay in their buffer; the empty one given for the output
+                // takes the input's place, so the engine can use it again.
+                std::mem::swap(out, &mut batch);
+                *items = std::mem::take(&mut batch).into_iter();
             } else {
                 out.append(&mut batch);
             }
