@@ -88,6 +88,7 @@ impl<T> Pool<T> {
     }
 
     /// A spare buffer, if there is one (never allocates).
+    #[cfg(test)]
     pub fn take_spare(&self) -> Option<Vec<Envelope<T>>> {
         if !self.wanted.load(Relaxed) {
             self.wanted.store(true, Relaxed);

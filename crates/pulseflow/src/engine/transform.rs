@@ -27,8 +27,6 @@ pub(crate) struct TransformHandler<X: Transform> {
     busy: std::time::Duration,
     /// Where emptied buffers of input items go.
     inputs: Arc<Pool<X::In>>,
-    /// Where buffers for output items come from.
-    outputs: Arc<Pool<X::Out>>,
 }
 
 impl<X: Transform> TransformHandler<X> {
@@ -41,7 +39,6 @@ impl<X: Transform> TransformHandler<X> {
         failures.run.gate.register();
         Self {
             inputs: failures.run.buffers.pool(),
-            outputs: failures.run.buffers.pool(),
             stage,
             ctx,
             failures,
@@ -178,9 +175,8 @@ impl<X: Transform> TransformHandler<X> {
             self.next.push_piece(Batch::default(), last).await;
             return;
         }
-        // A spare buffer if there is one (`filter` hands its input's buffer on instead, and
-        // leaves this one in place of its input for `process_all` to give back).
-        let mut out = self.outputs.take_spare().unwrap_or_default();
+        // Sized by the stage: `map` and `filter` hand their input's buffer on.
+        let mut out = Vec::new();
         let mut failed = Vec::new();
         self.process_all(batch.into_items(), &mut out, &mut failed, &mut tally);
         if !failed.is_empty() {

@@ -81,8 +81,20 @@ where
         if let Some(first) = items.as_slice().first() {
             counts.current_seq = first.seq;
         }
-        out.reserve(items.len());
         let f = &mut self.f;
+        if out.is_empty() && super::in_place::same_layout::<I, O>() {
+            // The batch's own buffer takes the outputs (`collect` gives the iterator's buffer
+            // back as it is, nothing moved).
+            let batch: Vec<Envelope<I>> = std::mem::take(items).collect();
+            match super::in_place::map_in_place(batch, f, failed) {
+                Ok(mapped) => *out = mapped,
+                Err(batch) => *items = batch.into_iter(),
+            }
+            if items.len() == 0 {
+                return;
+            }
+        }
+        out.reserve(items.len());
         // A panic fails the item in progress alone (its payload went into the closure: its
         // sequence number identifies it); the batch goes on after it.
         loop {
@@ -171,10 +183,7 @@ where
                 }
             };
             if out.is_empty() {
-                // The kept items stay in their buffer; the empty one given for the output
-                // takes the input's place, so the engine can use it again.
-                std::mem::swap(out, &mut batch);
-                *items = std::mem::take(&mut batch).into_iter();
+                *out = std::mem::take(&mut batch);
             } else {
                 out.append(&mut batch);
             }

@@ -33,6 +33,7 @@
 
 mod closures;
 mod context;
+mod in_place;
 pub mod sinks;
 pub mod sources;
 
