@@ -13,6 +13,7 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::thread::ThreadId;
 
 use parking_lot::Mutex;
 
@@ -57,7 +58,8 @@ impl Buffers {
 
 /// Spare buffers of envelopes of `T`.
 pub(crate) struct Pool<T> {
-    spare: Mutex<Vec<Vec<Envelope<T>>>>,
+    /// Most recently given last, each with the thread that gave it.
+    spare: Mutex<Vec<(ThreadId, Vec<Envelope<T>>)>>,
     /// Whether anyone took a buffer yet: until then, buffers given are not kept.
     wanted: AtomicBool,
     capacities: (usize, usize),
@@ -77,7 +79,16 @@ impl<T> Pool<T> {
         if !self.wanted.load(Relaxed) {
             self.wanted.store(true, Relaxed);
         }
-        let spare = self.spare.lock().pop();
+        // Preferably one given on this thread: its cache lines may still be in this core's
+        // cache, where writing them costs no transfer from another core.
+        let here = std::thread::current().id();
+        let spare = {
+            let mut spare = self.spare.lock();
+            match spare.iter().rposition(|(by, _)| *by == here) {
+                Some(at) => Some(spare.remove(at).1),
+                None => spare.pop().map(|(_, buf)| buf),
+            }
+        };
         match spare {
             Some(mut buf) => {
                 buf.reserve(capacity);
@@ -93,7 +104,7 @@ impl<T> Pool<T> {
         if !self.wanted.load(Relaxed) {
             self.wanted.store(true, Relaxed);
         }
-        self.spare.lock().pop()
+        self.spare.lock().pop().map(|(_, buf)| buf)
     }
 
     /// Gives back a buffer (its items, if any, are dropped); kept if someone takes buffers
@@ -104,9 +115,10 @@ impl<T> Pool<T> {
             return;
         }
         buf.clear();
+        let by = std::thread::current().id();
         let mut spare = self.spare.lock();
         if spare.len() < SPARE {
-            spare.push(buf);
+            spare.push((by, buf));
         }
     }
 
