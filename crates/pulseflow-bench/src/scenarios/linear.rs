@@ -5,6 +5,9 @@
 //! `Envelope<u64>` (the same bytes per item as pulseflow moves, without its accounting).
 //! A last contender carries column batches (payloads contiguous, metadata per batch plus a
 //! survivor bitmap): the ceiling of a columnar data model, reported against the bare chain.
+//! Outside Tokio, the same pipeline written with timely dataflow as its users write it
+//! (`to_stream` -> `map` -> `filter` -> a summing `inspect_batch`), with one worker and with
+//! as many workers as pulseflow's runtime has.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use pulseflow::engine::Supervision;
 use pulseflow::prelude::*;
+use pulseflow::stage::WriteProgress;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -43,6 +47,21 @@ impl Sink for SumSink {
     async fn write(&mut self, item: Envelope<u64>) -> Result<(), ItemFailure<u64>> {
         self.sum = self.sum.wrapping_add(item.payload);
         Ok(())
+    }
+
+    /// The whole batch in one loop, as a fast sink is written: each item is still counted as
+    /// delivered and named as the one in progress.
+    async fn write_batch(
+        &mut self,
+        items: &mut std::vec::IntoIter<Envelope<u64>>,
+        _failed: &mut Vec<ItemFailure<u64>>,
+        progress: &mut WriteProgress,
+    ) {
+        for item in items {
+            progress.current_seq = item.seq;
+            self.sum = self.sum.wrapping_add(item.payload);
+            progress.delivered += 1;
+        }
     }
 
     async fn close(&mut self) -> Result<(), StageError> {
@@ -223,21 +242,60 @@ async fn single_task(n: u64) -> (Duration, u64) {
     (started.elapsed(), sum)
 }
 
+/// The pipeline in timely dataflow, on `workers` worker threads: each worker streams its
+/// share of `0..n` through `map` and `filter` into an `inspect_batch` that sums what it sees;
+/// the workers' sums are added up once they are done. Returns the wall time including
+/// starting and joining the worker threads (timely's own `execute`).
+fn timely_run(n: u64, workers: usize) -> Result<(Duration, u64), String> {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use timely::dataflow::operators::{Filter, Inspect, Map, ToStream};
+
+    let config = if workers <= 1 {
+        timely::Config::thread()
+    } else {
+        timely::Config::process(workers)
+    };
+    let started = Instant::now();
+    let guards = timely::execute(config, move |worker| {
+        let (index, peers) = (worker.index() as u64, worker.peers() as u64);
+        let share = (n * index / peers)..(n * (index + 1) / peers);
+        let sum = Rc::new(Cell::new(0u64));
+        let total = sum.clone();
+        worker.dataflow::<u64, _, _>(|scope| {
+            share
+                .to_stream(scope)
+                .map(work)
+                .filter(keep)
+                .inspect_batch(move |_, xs| {
+                    total.set(xs.iter().fold(total.get(), |s, x| s.wrapping_add(*x)));
+                });
+        });
+        while worker.step() {}
+        sum.get()
+    })?;
+    let mut sum = 0u64;
+    for worker in guards.join() {
+        sum = sum.wrapping_add(worker?);
+    }
+    Ok((started.elapsed(), sum))
+}
+
 /// Runs the scenario.
 pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
     let n: u64 = if opts.quick { 2_000_000 } else { 10_000_000 };
     let rounds = if opts.quick { 3 } else { 5 };
+    let workers: usize = std::env::var("PF_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(pulseflow::policy::cores())
+        .max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            std::env::var("PF_WORKERS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(pulseflow::policy::cores()),
-        )
+        .worker_threads(workers)
         .enable_all()
         .build()?;
     let expected: u64 = (0..n).map(work).filter(keep).fold(0u64, u64::wrapping_add);
-    let mut times: [Vec<Duration>; 6] = Default::default();
+    let mut times: [Vec<Duration>; 8] = Default::default();
     if opts.profile {
         let took = rt.block_on(async {
             let mut took = Vec::new();
@@ -272,6 +330,12 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
             let (t, s) = mpsc_batched_columns(n).await;
             check(s, expected, "mpsc batched columns")?;
             times[5].push(t);
+            // timely runs on threads of its own; the Tokio workers are idle meanwhile.
+            for (slot, threads) in [(6, 1), (7, workers)] {
+                let (t, s) = timely_run(n, threads)?;
+                check(s, expected, &format!("timely, {threads} workers"))?;
+                times[slot].push(t);
+            }
         }
         Ok::<(), String>(())
     })?;
@@ -279,6 +343,7 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
         .into_iter()
         .map(|t| n as f64 / median(t).as_secs_f64())
         .collect();
+    let timely_many = format!("timely dataflow, {workers} workers");
     let names = [
         "pulseflow (builder, envelopes, batches)",
         "tokio mpsc, one item per message",
@@ -286,6 +351,8 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
         "single task loop",
         "tokio mpsc, Vec<Envelope<u64>> batches of 1024",
         "tokio mpsc, column batches of 1024 (best case)",
+        "timely dataflow, 1 worker",
+        timely_many.as_str(),
     ];
     let mut report = Report::new(
         format!(
@@ -301,9 +368,9 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
         ]);
     }
     report.note(format!(
-        "runtime: tokio multi-thread, {} workers; ratios are pulseflow's items/s over each contender's",
-        pulseflow::policy::cores()
+        "runtime: tokio multi-thread, {workers} workers; ratios are pulseflow's items/s over each contender's"
     ));
+    let best_timely = rates[6].max(rates[7]);
     report.summary(json!({
         "scenario": "linear",
         "items": n,
@@ -315,6 +382,10 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
         "vs_mpsc_batched_envelopes": round2(rates[0] / rates[4]),
         "vs_mpsc_batched_columns": round2(rates[0] / rates[5]),
         "columns_vs_mpsc_batched": round2(rates[5] / rates[2]),
+        "vs_timely": round2(rates[0] / best_timely),
+        "timely_1_worker_items_per_sec": rates[6].round(),
+        "timely_workers_items_per_sec": rates[7].round(),
+        "timely_workers": workers,
         "cores": pulseflow::policy::cores(),
     }));
     Ok(report)

@@ -31,6 +31,7 @@ mod downstream;
 pub(crate) mod failure;
 mod guard;
 mod options;
+mod recycle;
 mod result;
 mod run;
 mod sink;
@@ -84,6 +85,32 @@ pub(crate) const YIELD_CHUNK: usize = 64;
 /// demoted back to the shared workers and escalated again, over and over.
 pub(crate) fn yielding(stats: &StageStats, len: usize) -> bool {
     len > YIELD_CHUNK && stats.tier() == Some(Tier::Yield)
+}
+
+/// A batch in pieces of at most `size` items, front first, each with whether it is the last
+/// (a batch that fits, even an empty one, is its own single last piece). Each item is moved
+/// once: taking piece after piece off the front of the batch would move the rest of it every
+/// time.
+pub(crate) fn pieces<T>(
+    batch: crate::envelope::Batch<T>,
+    size: usize,
+) -> impl Iterator<Item = (crate::envelope::Batch<T>, bool)> {
+    let size = size.max(1);
+    let (mut whole, mut items) = if batch.len() <= size {
+        (Some(batch), Vec::new().into_iter())
+    } else {
+        (None, batch.into_items().into_iter())
+    };
+    std::iter::from_fn(move || {
+        if let Some(batch) = whole.take() {
+            return Some((batch, true));
+        }
+        if items.len() == 0 {
+            return None;
+        }
+        let piece: Vec<_> = items.by_ref().take(size).collect();
+        Some((crate::envelope::Batch::from_items(piece), items.len() == 0))
+    })
 }
 
 /// Runs pipelines. Clones share the engine, so one task can `run` while another `inspect`s,
@@ -347,6 +374,38 @@ impl ExecutionEngine {
         if let Some(run) = self.control.current.lock().clone() {
             run.abort_all();
             self.control.changed.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::envelope::{Batch, Envelope};
+
+    #[test]
+    fn pieces_hold_every_item_once_in_order_and_mark_the_last() {
+        for (n, size, want) in [
+            (10u64, 3, vec![3, 3, 3, 1]),
+            (9, 3, vec![3, 3, 3]),
+            (2, 5, vec![2]),
+            (0, 4, vec![0]),
+            (3, 0, vec![1, 1, 1]),
+        ] {
+            let batch = Batch::from_items((0..n).map(Envelope::new).collect());
+            let (mut sizes, mut lasts, mut seen) = (Vec::new(), Vec::new(), Vec::new());
+            for (piece, last) in super::pieces(batch, size) {
+                sizes.push(piece.len());
+                lasts.push(last);
+                seen.extend(piece.into_items().into_iter().map(|e| e.payload));
+            }
+            assert_eq!(sizes, want, "{n} by {size}");
+            assert_eq!(seen, (0..n).collect::<Vec<_>>());
+            // Exactly one last piece, at the end (an empty batch is its own last piece).
+            let mut expected = vec![false; want.len()];
+            if let Some(l) = expected.last_mut() {
+                *l = true;
+            }
+            assert_eq!(lasts, expected, "{n} by {size}");
         }
     }
 }

@@ -97,6 +97,8 @@ pub(crate) struct RunShared {
     supervisor: Option<Supervisor>,
     /// Samples of the stages' time totals, for their shares of busy, backpressured and idle.
     pub load: Mutex<crate::metrics::LoadWindow>,
+    /// Emptied batch buffers, for the next batches.
+    pub buffers: super::recycle::Buffers,
 }
 
 impl RunShared {
@@ -112,6 +114,7 @@ impl RunShared {
         let load = crate::metrics::LoadWindow::new(stages.len(), std::time::Instant::now());
         Self {
             load: Mutex::new(load),
+            buffers: super::recycle::Buffers::new(batch_size),
             pipeline_id,
             stop,
             gate: Gate::default(),

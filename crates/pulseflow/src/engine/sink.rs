@@ -34,6 +34,8 @@ pub(crate) struct SinkHandler<S: Sink> {
     outstanding: u64,
     /// What the sink's [`Confirmations`] share with this stage.
     confirm: Arc<ConfirmShared<S::Item>>,
+    /// Where emptied batch buffers go.
+    buffers: Arc<super::recycle::Pool<S::Item>>,
 }
 
 impl<S: Sink> SinkHandler<S> {
@@ -50,6 +52,7 @@ impl<S: Sink> SinkHandler<S> {
         );
         sink.confirm_later(Confirmations::new(confirm.clone()));
         Self {
+            buffers: failures.run.buffers.pool(),
             sink,
             ctx,
             failures,
@@ -96,6 +99,7 @@ impl<S: Sink> SinkHandler<S> {
             }
         }
         self.outstanding += progress.deferred;
+        self.buffers.reclaim(items);
         if !acks.is_empty() {
             // Deferred items' acks learn their outcome when the sink confirms them.
             acks.remove_in_order(&progress.deferred_acks);
@@ -215,11 +219,9 @@ impl<S: Sink> SinkHandler<S> {
     async fn handle(&mut self, batch: Batch<S::Item>, last: bool) {
         self.settle_deferred(false).await;
         if super::yielding(&self.failures.stats, batch.len()) {
-            let mut chunks = batch.into_chunks(super::YIELD_CHUNK);
             let mut pacer = super::workers::Pacer::new();
-            while let Some(chunk) = chunks.next() {
-                let end = last && chunks.remaining() == 0;
-                self.handle_chunk(chunk, end).await;
+            for (chunk, end) in super::pieces(batch, super::YIELD_CHUNK) {
+                self.handle_chunk(chunk, last && end).await;
                 pacer.after_batch().await;
             }
         } else {

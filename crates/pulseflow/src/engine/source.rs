@@ -61,6 +61,11 @@ async fn produce<S: Source>(
     let filled = Arc::new(AtomicUsize::new(0));
     let mut seq = 0u64;
     let mut delays = failures.delays();
+    // A source whose downstream keeps up never waits on its edge: it gives way after each
+    // busy slice, as a stage's worker does, or its poll would run on for as long as the
+    // source has items (and supervision would rightly take it for a hog).
+    let mut pacer = super::workers::Pacer::new();
+    let buffers = failures.run.buffers.pool::<S::Item>();
     loop {
         if stop.is_cancelled() {
             return;
@@ -77,6 +82,7 @@ async fn produce<S: Source>(
         // every later stage's per-batch work).
         let yielding = super::yielding(&stats, limit);
         let mut buf = SourceOutput::new(
+            buffers.take(limit),
             limit,
             seq,
             now_millis(),
@@ -133,11 +139,15 @@ async fn produce<S: Source>(
         };
         stats.add(&tally, Some(busy));
         stats.taps.offer(|| super::TapBatch::of_items(&items));
-        if !items.is_empty() {
+        if items.is_empty() {
+            buffers.give(items);
+        } else {
             out.push(Batch::from_items(items)).await;
         }
         if yielding {
             tokio::task::yield_now().await;
+        } else {
+            pacer.after_batch().await;
         }
         if status != Some(SourceStatus::More) {
             return;

@@ -10,6 +10,7 @@ use tracing::Instrument;
 
 use super::downstream::Downstream;
 use super::failure::{Failures, Next};
+use super::recycle::Pool;
 use super::tap::TapBatch;
 use crate::ack::AckTally;
 use crate::envelope::{Batch, Envelope};
@@ -24,6 +25,8 @@ pub(crate) struct TransformHandler<X: Transform> {
     next: Box<dyn Downstream<X::Out>>,
     /// Processing time of the batch handled in pieces so far.
     busy: std::time::Duration,
+    /// Where emptied buffers of input items go.
+    inputs: Arc<Pool<X::In>>,
 }
 
 impl<X: Transform> TransformHandler<X> {
@@ -35,6 +38,7 @@ impl<X: Transform> TransformHandler<X> {
     ) -> Self {
         failures.run.gate.register();
         Self {
+            inputs: failures.run.buffers.pool(),
             stage,
             ctx,
             failures,
@@ -78,7 +82,11 @@ impl<X: Transform> TransformHandler<X> {
             let run = catch_unwind(AssertUnwindSafe(|| {
                 stage.process_batch(&mut items, out, failed, &mut counts)
             }));
-            let Err(panic) = run else { break };
+            let Err(panic) = run else {
+                // What the stage left of the batch: its buffer, for the next one.
+                self.inputs.reclaim(items);
+                break;
+            };
             let error = StageError::from_panic(&*panic);
             // Which items were lost is not known: every ack of the batch learns of the
             // failure (the source may offer its items again: at least once).
@@ -142,11 +150,9 @@ impl<X: Transform> TransformHandler<X> {
     /// that Tokio-Pulse moved to Yield does it in small chunks and gives way between them.
     async fn handle(&mut self, batch: Batch<X::In>, last: bool) {
         if super::yielding(self.stats(), batch.len()) {
-            let mut chunks = batch.into_chunks(super::YIELD_CHUNK);
             let mut pacer = super::workers::Pacer::new();
-            while let Some(chunk) = chunks.next() {
-                let end = last && chunks.remaining() == 0;
-                self.handle_chunk(chunk, end).await;
+            for (chunk, end) in super::pieces(batch, super::YIELD_CHUNK) {
+                self.handle_chunk(chunk, last && end).await;
                 pacer.after_batch().await;
             }
         } else {
@@ -169,7 +175,8 @@ impl<X: Transform> TransformHandler<X> {
             self.next.push_piece(Batch::default(), last).await;
             return;
         }
-        let mut out = Vec::with_capacity(n);
+        // Sized by the stage: `map` and `filter` hand their input's buffer on.
+        let mut out = Vec::new();
         let mut failed = Vec::new();
         self.process_all(batch.into_items(), &mut out, &mut failed, &mut tally);
         if !failed.is_empty() {

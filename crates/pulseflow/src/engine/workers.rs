@@ -253,15 +253,8 @@ async fn worker<I: Send + 'static, O: Send + 'static>(
                 let _ = tx.send((index, out)).await;
             }
             Lane::Chained(d, lane) => {
-                // The last piece goes through even when empty: it ends the batch.
-                let mut chunks = batch.into_chunks(CHAIN_CHUNK);
-                loop {
-                    let chunk = chunks.next().unwrap_or_default();
-                    let last = chunks.remaining() == 0;
-                    d.push_piece(chunk, last).await;
-                    if last {
-                        break;
-                    }
+                for (piece, last) in super::pieces(batch, CHAIN_CHUNK) {
+                    d.push_piece(piece, last).await;
                 }
                 lane.end(index).await;
             }

@@ -103,16 +103,6 @@ impl<T> Batch<T> {
         }
     }
 
-    /// The envelopes in batches of `n` (the last one may hold fewer), in order. Each envelope
-    /// is moved once, where taking [`Batch::split_front`] over and over moves the rest of the
-    /// batch every time.
-    pub fn into_chunks(self, n: usize) -> Chunks<T> {
-        Chunks {
-            items: self.items.into_iter(),
-            n: n.max(1),
-        }
-    }
-
     /// Removes up to `n` envelopes from the front and returns them as a batch.
     pub fn split_front(&mut self, n: usize) -> Batch<T> {
         let n = n.min(self.items.len());
@@ -124,34 +114,6 @@ impl<T> Batch<T> {
     pub fn split_off(&mut self, n: usize) -> Batch<T> {
         let n = n.min(self.items.len());
         Batch::from_items(self.items.split_off(n))
-    }
-}
-
-/// The batches of [`Batch::into_chunks`].
-#[derive(Debug)]
-pub struct Chunks<T> {
-    items: std::vec::IntoIter<Envelope<T>>,
-    n: usize,
-}
-
-impl<T> Chunks<T> {
-    /// How many envelopes are left for the next chunks.
-    pub fn remaining(&self) -> usize {
-        self.items.len()
-    }
-}
-
-impl<T> Iterator for Chunks<T> {
-    type Item = Batch<T>;
-
-    fn next(&mut self) -> Option<Batch<T>> {
-        let left = self.items.len();
-        if left == 0 {
-            return None;
-        }
-        let mut chunk = Vec::with_capacity(left.min(self.n));
-        chunk.extend(self.items.by_ref().take(self.n));
-        Some(Batch::from_items(chunk))
     }
 }
 
@@ -200,27 +162,5 @@ mod tests {
         joined.append(tail);
         let seqs: Vec<i64> = joined.items().iter().map(|e| e.timestamp).collect();
         assert_eq!(seqs, (3..10).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn chunks_hold_every_envelope_once_in_order() {
-        for (n, size, want) in [
-            (10, 3, vec![3, 3, 3, 1]),
-            (9, 3, vec![3, 3, 3]),
-            (2, 5, vec![2]),
-            (0, 4, vec![]),
-            (3, 0, vec![1, 1, 1]),
-        ] {
-            let mut chunks = batch(n).into_chunks(size);
-            let mut sizes = Vec::new();
-            let mut seen = Vec::new();
-            while let Some(chunk) = chunks.next() {
-                sizes.push(chunk.len());
-                seen.extend(chunk.into_items().into_iter().map(|e| e.payload));
-                assert_eq!(chunks.remaining() as u64, n - seen.len() as u64);
-            }
-            assert_eq!(sizes, want, "{n} by {size}");
-            assert_eq!(seen, (0..n).collect::<Vec<_>>());
-        }
     }
 }

@@ -22,7 +22,7 @@
 mod batch;
 mod trace;
 
-pub use batch::{Batch, Chunks};
+pub use batch::Batch;
 pub use trace::TraceContext;
 
 use std::collections::BTreeMap;

@@ -341,7 +341,10 @@ impl<T> EdgeReceiver<T> {
                     let index = st.popped;
                     st.popped += 1;
                     shared.stats.set_depth(st.items as u64);
-                    let wake = st.tx_waiting > 0;
+                    // A sender waiting for room is woken once the buffer is at most half full:
+                    // it then sends several batches per wake-up instead of one (a wake-up
+                    // across threads costs more than a batch takes to process).
+                    let wake = st.tx_waiting > 0 && st.items <= shared.capacity / 2;
                     drop(st);
                     shared
                         .stats

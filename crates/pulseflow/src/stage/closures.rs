@@ -81,8 +81,20 @@ where
         if let Some(first) = items.as_slice().first() {
             counts.current_seq = first.seq;
         }
-        out.reserve(items.len());
         let f = &mut self.f;
+        if out.is_empty() && super::in_place::same_layout::<I, O>() {
+            // The batch's own buffer takes the outputs (`collect` gives the iterator's buffer
+            // back as it is, nothing moved).
+            let batch: Vec<Envelope<I>> = std::mem::take(items).collect();
+            match super::in_place::map_in_place(batch, f, failed) {
+                Ok(mapped) => *out = mapped,
+                Err(batch) => *items = batch.into_iter(),
+            }
+            if items.len() == 0 {
+                return;
+            }
+        }
+        out.reserve(items.len());
         // A panic fails the item in progress alone (its payload went into the closure: its
         // sequence number identifies it); the batch goes on after it.
         loop {
@@ -142,30 +154,34 @@ where
             counts.current_seq = first.seq;
         }
         let f = &mut self.f;
-        // In place: kept items are swapped to the front. A panic leaves every item where it
-        // is: the one in progress fails alone, payload and all, and the batch goes on after it.
+        // In place: `retain` moves each kept item forward once. A panic in the predicate
+        // leaves the items kept so far followed by the one in progress and those not tested
+        // yet: the one in progress fails alone, payload and all, and the batch goes on after it.
         let mut batch: Vec<Envelope<T>> = std::mem::take(items).collect();
         loop {
-            let (mut kept, mut at) = (0, 0);
+            let (mut kept, mut seq) = (0, counts.current_seq);
             let run = catch_unwind(AssertUnwindSafe(|| {
-                while at < batch.len() {
-                    if f(&batch[at].payload) {
-                        batch.swap(kept, at);
-                        kept += 1;
-                    }
-                    at += 1;
-                }
+                batch.retain(|item| {
+                    seq = item.seq;
+                    let keep = f(&item.payload);
+                    kept += usize::from(keep);
+                    keep
+                })
             }));
             let rest = match run {
                 Ok(()) => None,
                 Err(panic) => {
-                    let mut rest = batch.split_off(at);
-                    let failing = rest.remove(0);
-                    failed.push(ItemFailure::new(failing, StageError::from_panic(&*panic)));
+                    let error = StageError::from_panic(&*panic);
+                    let mut rest = batch.split_off(kept.min(batch.len()));
+                    if rest.first().is_some_and(|item| item.seq == seq) {
+                        let failing = rest.remove(0);
+                        failed.push(ItemFailure::new(failing, error));
+                    } else {
+                        failed.push(ItemFailure::consumed(seq, error));
+                    }
                     Some(rest)
                 }
             };
-            batch.truncate(kept);
             if out.is_empty() {
                 *out = std::mem::take(&mut batch);
             } else {

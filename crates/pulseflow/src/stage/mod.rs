@@ -34,6 +34,7 @@
 mod closures;
 mod confirm;
 mod context;
+mod in_place;
 pub mod sinks;
 pub mod sources;
 
@@ -148,7 +149,9 @@ pub struct SourceOutput<T> {
 }
 
 impl<T> SourceOutput<T> {
+    /// A call filling `items` (an empty buffer) with at most `limit` items.
     pub(crate) fn new(
+        items: Vec<Envelope<T>>,
         limit: usize,
         next_seq: u64,
         now: Timestamp,
@@ -157,7 +160,7 @@ impl<T> SourceOutput<T> {
     ) -> Self {
         filled.store(0, Ordering::Relaxed);
         Self {
-            items: Vec::with_capacity(limit),
+            items,
             limit,
             next_seq,
             now,
@@ -365,6 +368,7 @@ pub trait Transform: Send + 'static {
         failed: &mut Vec<ItemFailure<Self::In>>,
         counts: &mut BatchCounts,
     ) {
+        out.reserve(items.len());
         for item in items {
             counts.current_seq = item.seq;
             let mark = out.len();
