@@ -2,6 +2,7 @@
 //! each item is folded into its key's state, admitting the key (new or reloaded) when it is
 //! not resident, and the key is emitted or flushed as soon as it is done.
 
+use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use tokio::time::Instant;
@@ -55,15 +56,11 @@ impl<A: Accumulator> AccStage<A> {
     fn ingest(
         &mut self,
         item: Envelope<A::In>,
-        key: Result<A::Key, StageError>,
+        key: A::Key,
         now: Instant,
         out: &mut Vec<Envelope<A::Out>>,
         tally: &mut Tally,
     ) {
-        let key = match key {
-            Ok(key) => key,
-            Err(error) => return self.fail(ItemFailure::new(item, error), tally),
-        };
         let slot = match self.table.touch(&key) {
             Some(slot) => slot,
             None => match self.enter(&item, &key, now, tally) {
@@ -310,18 +307,26 @@ impl<A: Accumulator> AccStage<A> {
         let mut items = batch.into_items().into_iter();
         // Keys are taken, and their index entries prefetched, PREFETCH_AHEAD items early
         // (the items stay in the batch: only the keys wait, in a ring where the key of item
-        // `i` sits at `i % PREFETCH_AHEAD`).
-        let mut keys: [Option<Result<A::Key, StageError>>; PREFETCH_AHEAD] =
-            std::array::from_fn(|_| None);
-        let take_key = |stage: &Self, item: &Envelope<A::In>| {
+        // `i` sits at `i % PREFETCH_AHEAD`; a key whose extraction panicked is `None` there
+        // and its error waits in `failed`, so the ring holds bare keys: moving a
+        // `Result<Key, StageError>` in and out of it cost a stalled load per item).
+        let mut keys: [Option<A::Key>; PREFETCH_AHEAD] = std::array::from_fn(|_| None);
+        let mut failed = VecDeque::new();
+        let take_key = |stage: &Self, item: &Envelope<A::In>, failed: &mut VecDeque<_>| {
             let key = stage.key_of(item);
-            if let Ok(k) = &key {
-                stage.table.prefetch(k);
+            match key {
+                Ok(key) => {
+                    stage.table.prefetch(&key);
+                    Some(key)
+                }
+                Err(error) => {
+                    failed.push_back(error);
+                    None
+                }
             }
-            Some(key)
         };
         for (place, item) in keys.iter_mut().zip(items.as_slice()) {
-            *place = take_key(self, item);
+            *place = take_key(self, item, &mut failed);
         }
         let mut at = 0;
         while let Some(item) = items.next() {
@@ -329,13 +334,16 @@ impl<A: Accumulator> AccStage<A> {
             at += 1;
             let key = place.take();
             if let Some(ahead) = items.as_slice().get(PREFETCH_AHEAD - 1) {
-                *place = take_key(self, ahead);
+                *place = take_key(self, ahead, &mut failed);
             }
             let key = match key {
-                Some(key) => key,
-                None => self.key_of(&item),
+                Some(key) => Ok(key),
+                None => failed.pop_front().map_or_else(|| self.key_of(&item), Err),
             };
-            self.ingest(item, key, now, &mut out, &mut tally);
+            match key {
+                Ok(key) => self.ingest(item, key, now, &mut out, &mut tally),
+                Err(error) => self.fail(ItemFailure::new(item, error), &mut tally),
+            }
             if slice.due() {
                 slice.give_way().await;
             }
