@@ -37,7 +37,9 @@ impl<A: Accumulator> AccStage<A> {
             if out.len() >= chunk {
                 self.ship(&mut out, &mut tally, next).await;
             }
-            slice.step().await;
+            if slice.due() {
+                slice.give_way().await;
+            }
         }
         // Spilled keys: the log is read once, block by block in order, and a record is
         // flushed when the index still points at it (older copies of keys reloaded and spilled
@@ -92,7 +94,9 @@ impl<A: Accumulator> AccStage<A> {
                 if out.len() >= chunk {
                     self.ship(&mut out, &mut tally, next).await;
                 }
-                slice.step().await;
+                if slice.due() {
+                    slice.give_way().await;
+                }
             }
         }
         self.buf = block;
@@ -119,7 +123,9 @@ impl<A: Accumulator> AccStage<A> {
                 reason,
             };
             self.lost(&key, sp.items, sp.last_seq, None, error, &mut tally);
-            slice.step().await;
+            if slice.due() {
+                slice.give_way().await;
+            }
         }
         self.ship(&mut out, &mut tally, next).await;
         self.reservation.resize(0);

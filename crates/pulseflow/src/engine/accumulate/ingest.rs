@@ -2,6 +2,7 @@
 //! each item is folded into its key's state, admitting the key (new or reloaded) when it is
 //! not resident, and the key is emitted or flushed as soon as it is done.
 
+use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use tokio::time::Instant;
@@ -48,36 +49,24 @@ impl<A: Accumulator> AccStage<A> {
     }
 
     /// Folds one item into its key's state (`key`: the item's key, from [`Self::key_of`]) and
-    /// emits the key if it is done.
+    /// emits the key if it is done. The common case (a resident key that stays) runs here;
+    /// admitting a key, a panic in user code and a key that leaves are out of line, so the
+    /// per-item path stays small.
+    #[inline]
     fn ingest(
         &mut self,
         item: Envelope<A::In>,
-        key: Result<A::Key, StageError>,
+        key: A::Key,
         now: Instant,
         out: &mut Vec<Envelope<A::Out>>,
         tally: &mut Tally,
     ) {
-        let key = match key {
-            Ok(key) => key,
-            Err(error) => {
-                self.fail(ItemFailure::new(item, error), tally);
-                return;
-            }
-        };
         let slot = match self.table.touch(&key) {
             Some(slot) => slot,
-            // A key that completed left the table: a closed one is never resident.
-            None if self.policy.closed_ttl.is_some() && self.is_closed(&key, now) => {
-                crate::ack::record_all([&item], Outcome::Dropped);
-                tally.count_drop(DropReason::Discarded, 1);
-                return;
-            }
-            None => match self.admit(key.clone(), now, tally) {
+            None => match self.enter(&item, &key, now, tally) {
                 Ok(slot) => slot,
-                Err(error) => {
-                    self.fail(ItemFailure::new(item, error), tally);
-                    return;
-                }
+                Err(Some(error)) => return self.fail(ItemFailure::new(item, error), tally),
+                Err(None) => return,
             },
         };
         let Some(r) = self.table.get_mut(slot) else {
@@ -108,33 +97,85 @@ impl<A: Accumulator> AccStage<A> {
             let after = user.state_size(&a.state) as u64;
             (after, before, user.check(a))
         }));
-        let verdict = match run {
-            Ok((after, before, verdict)) => {
-                self.resident_bytes = (self.resident_bytes + after).saturating_sub(before);
-                verdict
-            }
-            Err(panic) => {
-                let outcome = self.failures.outcome();
-                acks.iter().flatten().for_each(|a| a.record(outcome, 1));
-                self.poisoned(&key, slot, seq, StageError::from_panic(&*panic), tally);
-                return;
-            }
+        let (after, before, verdict) = match run {
+            Ok(done) => done,
+            Err(panic) => return self.panicked(&key, slot, seq, acks, panic, tally),
         };
+        self.resident_bytes = (self.resident_bytes + after).saturating_sub(before);
+        let over = self.policy.max_items.is_some_and(|m| a.items >= m)
+            || self.policy.max_bytes.is_some_and(|m| a.bytes >= m);
+        let stays = matches!(verdict, CompletenessResult::Incomplete) && !over;
+        if stays && acks.is_none() {
+            // The key stays: the table finds the state by the key it holds.
+            if a.key != key {
+                a.key = key;
+            }
+            return;
+        }
         if let Some(acks) = acks {
             self.hold(&key, &acks);
         }
-        let Some(a) = self.table.get_mut(slot).map(|r| &mut r.acc) else {
-            return;
-        };
-        let over = self.policy.max_items.is_some_and(|m| a.items >= m)
-            || self.policy.max_bytes.is_some_and(|m| a.bytes >= m);
-        match verdict {
-            CompletenessResult::Incomplete if !over => {
-                // The key stays: the table finds the state by the key it holds.
-                if a.key != key {
-                    a.key = key;
+        if stays {
+            if let Some(r) = self.table.get_mut(slot) {
+                if r.acc.key != key {
+                    r.acc.key = key;
                 }
             }
+            return;
+        }
+        self.leave(key, slot, verdict, now, out, tally);
+    }
+
+    /// A key not resident: dropped if it is closed, otherwise admitted (reloaded or new).
+    /// Its slot; `Err(None)` when the item was dropped here, the error of the accumulator's
+    /// `create` when it panicked.
+    #[inline(never)]
+    fn enter(
+        &mut self,
+        item: &Envelope<A::In>,
+        key: &A::Key,
+        now: Instant,
+        tally: &mut Tally,
+    ) -> Result<u32, Option<StageError>> {
+        // A key that completed left the table: a closed one is never resident.
+        if self.policy.closed_ttl.is_some() && self.is_closed(key, now) {
+            crate::ack::record_all([item], Outcome::Dropped);
+            tally.count_drop(DropReason::Discarded, 1);
+            return Err(None);
+        }
+        self.admit(key.clone(), now, tally).map_err(Some)
+    }
+
+    /// User code panicked on an item: its acks learn the failure and the key is poisoned.
+    #[cold]
+    #[inline(never)]
+    fn panicked(
+        &mut self,
+        key: &A::Key,
+        slot: u32,
+        seq: u64,
+        acks: Option<Vec<crate::ack::Ack>>,
+        panic: Box<dyn std::any::Any + Send>,
+        tally: &mut Tally,
+    ) {
+        let outcome = self.failures.outcome();
+        acks.iter().flatten().for_each(|a| a.record(outcome, 1));
+        self.poisoned(key, slot, seq, StageError::from_panic(&*panic), tally);
+    }
+
+    /// A key that is done after an update (complete, expired, or over the policy's limits)
+    /// leaves the table, with an output or discarded.
+    #[inline(never)]
+    fn leave(
+        &mut self,
+        key: A::Key,
+        slot: u32,
+        verdict: CompletenessResult<A::Out>,
+        now: Instant,
+        out: &mut Vec<Envelope<A::Out>>,
+        tally: &mut Tally,
+    ) {
+        match verdict {
             CompletenessResult::Incomplete => {
                 if let Some(r) = self.take_slot(&key, slot) {
                     self.flush_entry(r, Action::PartialFlush, out, tally);
@@ -265,28 +306,47 @@ impl<A: Accumulator> AccStage<A> {
         let mut slice = Slice::new();
         let mut items = batch.into_items().into_iter();
         // Keys are taken, and their index entries prefetched, PREFETCH_AHEAD items early
-        // (the items stay in the batch: only the keys wait in the ring).
-        let mut keys = std::collections::VecDeque::with_capacity(PREFETCH_AHEAD);
-        let take_key = |stage: &Self, item: &Envelope<A::In>| {
+        // (the items stay in the batch: only the keys wait, in a ring where the key of item
+        // `i` sits at `i % PREFETCH_AHEAD`; a key whose extraction panicked is `None` there
+        // and its error waits in `failed`, so the ring holds bare keys: moving a
+        // `Result<Key, StageError>` in and out of it cost a stalled load per item).
+        let mut keys: [Option<A::Key>; PREFETCH_AHEAD] = std::array::from_fn(|_| None);
+        let mut failed = VecDeque::new();
+        let take_key = |stage: &Self, item: &Envelope<A::In>, failed: &mut VecDeque<_>| {
             let key = stage.key_of(item);
-            if let Ok(k) = &key {
-                stage.table.prefetch(k);
+            match key {
+                Ok(key) => {
+                    stage.table.prefetch(&key);
+                    Some(key)
+                }
+                Err(error) => {
+                    failed.push_back(error);
+                    None
+                }
             }
-            key
         };
-        for item in items.as_slice().iter().take(PREFETCH_AHEAD) {
-            keys.push_back(take_key(self, item));
+        for (place, item) in keys.iter_mut().zip(items.as_slice()) {
+            *place = take_key(self, item, &mut failed);
         }
+        let mut at = 0;
         while let Some(item) = items.next() {
+            let place = &mut keys[at % PREFETCH_AHEAD];
+            at += 1;
+            let key = place.take();
             if let Some(ahead) = items.as_slice().get(PREFETCH_AHEAD - 1) {
-                keys.push_back(take_key(self, ahead));
+                *place = take_key(self, ahead, &mut failed);
             }
-            let key = match keys.pop_front() {
-                Some(key) => key,
-                None => self.key_of(&item),
+            let key = match key {
+                Some(key) => Ok(key),
+                None => failed.pop_front().map_or_else(|| self.key_of(&item), Err),
             };
-            self.ingest(item, key, now, &mut out, &mut tally);
-            slice.step().await;
+            match key {
+                Ok(key) => self.ingest(item, key, now, &mut out, &mut tally),
+                Err(error) => self.fail(ItemFailure::new(item, error), &mut tally),
+            }
+            if slice.due() {
+                slice.give_way().await;
+            }
         }
         if self.closed.len() > 1024 && self.closed.len() > 2 * self.table.len() {
             // Keys closed long ago and never seen again: forgotten.

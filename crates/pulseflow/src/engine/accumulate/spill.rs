@@ -157,7 +157,9 @@ impl<A: Accumulator> AccStage<A> {
                     break;
                 }
             }
-            slice.step().await;
+            if slice.due() {
+                slice.give_way().await;
+            }
         }
         if let Some(Err(e)) = self.store.as_mut().map(SpillStore::flush) {
             self.failures.stage_error(StageError::from_error(e), tally);
@@ -225,7 +227,9 @@ impl<A: Accumulator> AccStage<A> {
                 if let (Some(sp), Some(store)) = (live, self.store.as_mut()) {
                     sp.at = store.append(bytes)?;
                 }
-                slice.step().await;
+                if slice.due() {
+                    slice.give_way().await;
+                }
             }
         }
         Ok(true)

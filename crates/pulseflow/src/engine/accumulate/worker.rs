@@ -33,13 +33,20 @@ impl Slice {
         }
     }
 
-    /// Called after each unit of work; reads the clock every 64 units.
-    pub(super) async fn step(&mut self) {
+    /// Counts a unit of work (called after each): whether the slice is over (the clock is
+    /// read every 64 units). Loops test this inline and await [`Slice::give_way`] only when
+    /// it says so: awaiting an async step after each item polled a future each time (about
+    /// 35 instructions an item, a tenth of the stage's per-item work).
+    #[inline]
+    pub(super) fn due(&mut self) -> bool {
         self.steps = self.steps.wrapping_add(1);
-        if self.steps % 64 == 0 && self.since.elapsed() >= BUSY_SLICE {
-            tokio::task::yield_now().await;
-            self.since = std::time::Instant::now();
-        }
+        self.steps % 64 == 0 && self.since.elapsed() >= BUSY_SLICE
+    }
+
+    /// Gives way to the runtime and starts a new slice.
+    pub(super) async fn give_way(&mut self) {
+        tokio::task::yield_now().await;
+        self.since = std::time::Instant::now();
     }
 }
 
