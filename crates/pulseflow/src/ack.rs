@@ -308,6 +308,9 @@ impl AckTally {
     /// Takes out the acks of items that left another way, given in the order the items were
     /// added (a subsequence of them): one pass over both.
     pub fn remove_in_order(&mut self, acks: &[Ack]) {
+        if acks.is_empty() {
+            return;
+        }
         let mut at = 0;
         for ack in acks {
             while at < self.entries.len() && self.entries[at].0 != *ack {

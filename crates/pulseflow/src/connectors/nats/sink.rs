@@ -32,7 +32,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
 use futures::StreamExt;
-use futures::stream::{FuturesOrdered, FuturesUnordered};
+use futures::stream::FuturesUnordered;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::{Connection, NatsError, SOURCE_ID_HEADER, ensure_stream};
@@ -291,8 +291,14 @@ impl Sink for JetStreamSink {
         };
         let (Some(background), Some(confirmations)) = (&self.background, &self.confirmations)
         else {
-            // Outside an engine: each publish confirmed before the batch returns.
-            write_confirmed(&js, &self.settings, items, failed, progress).await;
+            // Outside an engine (no confirmations offered): each publish confirmed in turn.
+            for item in items {
+                progress.current_seq = item.seq;
+                match self.write(item).await {
+                    Ok(()) => progress.delivered += 1,
+                    Err(failure) => failed.push(failure),
+                }
+            }
             return;
         };
         for item in items {
@@ -324,38 +330,6 @@ impl Sink for JetStreamSink {
             let _ = background.task.await;
         }
         Ok(())
-    }
-}
-
-/// Publishes `items`, up to `max_in_flight` at once, each confirmed before this returns.
-async fn write_confirmed(
-    js: &jetstream::Context,
-    settings: &Settings,
-    items: &mut std::vec::IntoIter<Envelope<Publish>>,
-    failed: &mut Vec<ItemFailure<Publish>>,
-    progress: &mut WriteProgress,
-) {
-    let mut settle = |result: Result<(), ItemFailure<Publish>>| match result {
-        Ok(()) => progress.delivered += 1,
-        Err(failure) => failed.push(failure),
-    };
-    let mut confirming = FuturesOrdered::new();
-    for item in items {
-        confirming.push_back(async move {
-            let outgoing = Outgoing::of(&item);
-            match outgoing.confirm(js, settings, None).await {
-                Ok(()) => Ok(()),
-                Err(e) => Err(ItemFailure::new(item, StageError::from_error(e))),
-            }
-        });
-        if confirming.len() >= settings.max_in_flight.max(1) {
-            if let Some(result) = confirming.next().await {
-                settle(result);
-            }
-        }
-    }
-    while let Some(result) = confirming.next().await {
-        settle(result);
     }
 }
 
