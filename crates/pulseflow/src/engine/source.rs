@@ -5,7 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use quanta::Instant;
 
 use tokio::time::Sleep;
 use tracing::Instrument;
@@ -78,8 +80,8 @@ async fn produce<S: Source>(
         };
         let limit = batch_size.min(demand);
         // A source that Tokio-Pulse moved to Yield fills its batch in small steps and gives
-        // way between them (every 250 µs of work); downstream still gets whole batches (small ones would multiply
-        // every later stage's per-batch work).
+        // way between them (after each busy slice); downstream still gets whole batches
+        // (small ones would multiply every later stage's per-batch work).
         let yielding = super::yielding(&stats, limit);
         let mut buf = SourceOutput::new(
             buffers.take(limit),
@@ -145,7 +147,7 @@ async fn produce<S: Source>(
             out.push(Batch::from_items(items)).await;
         }
         if yielding {
-            tokio::task::yield_now().await;
+            super::workers::give_way().await;
         } else {
             pacer.after_batch().await;
         }

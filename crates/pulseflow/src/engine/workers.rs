@@ -17,26 +17,67 @@ use crate::policy::{BufferPolicy, ParallelismHint};
 
 /// How long a busy task works through its queue before it gives way to the other tasks of
 /// its worker thread (a busy stage never waits on its input, so it would not otherwise).
-pub(crate) const BUSY_SLICE: Duration = Duration::from_micros(250);
+pub(crate) const BUSY_SLICE: Duration = Duration::from_micros(50);
 
 /// Yields once a task has worked for a [`BUSY_SLICE`] without giving way.
 pub(crate) struct Pacer {
-    since: std::time::Instant,
+    since: quanta::Instant,
 }
 
 impl Pacer {
     pub fn new() -> Self {
         Self {
-            since: std::time::Instant::now(),
+            since: quanta::Instant::now(),
         }
     }
 
     /// Called after each batch.
     pub async fn after_batch(&mut self) {
         if self.since.elapsed() >= BUSY_SLICE {
-            tokio::task::yield_now().await;
-            self.since = std::time::Instant::now();
+            give_way().await;
+            self.since = quanta::Instant::now();
         }
+    }
+}
+
+/// Gives way to the other tasks of this worker thread, in a way another worker may take this
+/// task over: on a multi-thread runtime the task wakes itself and returns `Pending` once, so
+/// the runtime queues it where idle workers steal from and wakes one of them.
+///
+/// `tokio::task::yield_now` defers the wake-up until the worker has nothing else to run, and
+/// a deferred task cannot be stolen: a busy stage giving way like that stays on its thread,
+/// and the stages of a pipeline end up taking turns on one core while the other is idle. On a
+/// current-thread runtime there is no other worker, and `yield_now` is the better way: it
+/// lets the runtime poll its timers and I/O before the task runs again.
+pub(crate) async fn give_way() {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let stealable = Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == RuntimeFlavor::MultiThread);
+    if stealable {
+        SelfWake { yielded: false }.await
+    } else {
+        tokio::task::yield_now().await
+    }
+}
+
+/// Pending once, waking its task during that poll.
+struct SelfWake {
+    yielded: bool,
+}
+
+impl std::future::Future for SelfWake {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.yielded {
+            return std::task::Poll::Ready(());
+        }
+        self.yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
     }
 }
 
@@ -325,5 +366,38 @@ impl<T> EdgeReceiver<T> {
     /// Whether every sender is gone and nothing is queued.
     pub(crate) fn is_drained(&self) -> bool {
         self.depth() == 0 && self.sender_count() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll, Wake, Waker};
+
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn giving_way_wakes_the_task_itself_and_is_pending_once() {
+        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut way = std::pin::pin!(super::SelfWake { yielded: false });
+        assert!(way.as_mut().poll(&mut cx).is_pending());
+        // Woken during its own poll: the runtime queues the task again at once, where any
+        // worker may take it (a deferred wake-up would leave the count at 0 here).
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        assert_eq!(way.as_mut().poll(&mut cx), Poll::Ready(()));
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
     }
 }
