@@ -13,7 +13,9 @@ use crate::error::StageError;
 
 /// A source over an iterator, e.g. a range or a `Vec`.
 pub struct IterSource<I> {
-    iter: I,
+    /// `None` once exhausted. Taken out while a batch is filled: a local iterator keeps its
+    /// state in registers, where one behind a reference is written back after every item.
+    iter: Option<I>,
 }
 
 /// Makes a source from anything iterable.
@@ -24,7 +26,7 @@ where
     I::Item: Send + 'static,
 {
     IterSource {
-        iter: items.into_iter(),
+        iter: Some(items.into_iter()),
     }
 }
 
@@ -39,8 +41,12 @@ where
         &mut self,
         out: &mut SourceOutput<I::Item>,
     ) -> Result<SourceStatus, StageError> {
-        out.extend_from(&mut self.iter);
+        let Some(mut iter) = self.iter.take() else {
+            return Ok(SourceStatus::Done);
+        };
+        out.extend_from(&mut iter);
         if out.is_full() {
+            self.iter = Some(iter);
             Ok(SourceStatus::More)
         } else {
             Ok(SourceStatus::Done)
