@@ -2,8 +2,8 @@
 //! policy, a flush after each batch. Items the sink [defers](crate::stage::Confirmations) are
 //! settled as their confirmations come: between batches, and all of them before `close`.
 
-use quanta::Instant;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;

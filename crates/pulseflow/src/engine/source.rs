@@ -5,9 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
-
-use quanta::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::time::Sleep;
 use tracing::Instrument;

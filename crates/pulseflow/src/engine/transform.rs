@@ -1,9 +1,9 @@
 //! Runs a [`Transform`] on batches: per-item processing inside one `catch_unwind` per batch,
 //! failures handed to the error policy, counts added once per batch.
 
-use quanta::Instant;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::future::BoxFuture;
 use tracing::Instrument;

@@ -21,13 +21,13 @@ pub(crate) const BUSY_SLICE: Duration = Duration::from_micros(50);
 
 /// Yields once a task has worked for a [`BUSY_SLICE`] without giving way.
 pub(crate) struct Pacer {
-    since: quanta::Instant,
+    since: std::time::Instant,
 }
 
 impl Pacer {
     pub fn new() -> Self {
         Self {
-            since: quanta::Instant::now(),
+            since: std::time::Instant::now(),
         }
     }
 
@@ -35,7 +35,7 @@ impl Pacer {
     pub async fn after_batch(&mut self) {
         if self.since.elapsed() >= BUSY_SLICE {
             give_way().await;
-            self.since = quanta::Instant::now();
+            self.since = std::time::Instant::now();
         }
     }
 }
