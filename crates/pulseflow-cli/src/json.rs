@@ -44,34 +44,29 @@ struct Projected<'f> {
     fields: &'f [Bytes],
 }
 
-/// An object key: `Some` (interned) when it is one of the wanted fields.
+/// An object key: `Some(i)` when it is `fields[i]`.
 #[derive(Clone, Copy)]
 struct WantedKey<'f> {
     fields: &'f [Bytes],
-    slot: Option<usize>,
 }
 
 impl<'de> DeserializeSeed<'de> for WantedKey<'_> {
-    type Value = Option<Val>;
+    type Value = Option<usize>;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Val>, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
         d.deserialize_str(self)
     }
 }
 
 impl<'de> Visitor<'de> for WantedKey<'_> {
-    type Value = Option<Val>;
+    type Value = Option<usize>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an object key")
     }
 
-    fn visit_str<E>(self, s: &str) -> Result<Option<Val>, E> {
-        Ok(self
-            .fields
-            .iter()
-            .any(|f| f[..] == *s.as_bytes())
-            .then(|| Val::utf8_str(intern_at(self.slot, s))))
+    fn visit_str<E>(self, s: &str) -> Result<Option<usize>, E> {
+        Ok(self.fields.iter().position(|f| f[..] == *s.as_bytes()))
     }
 }
 
@@ -131,26 +126,111 @@ impl<'de> Visitor<'de> for Projected<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Val, A::Error> {
-        let mut map = Map::with_capacity_and_hasher(self.fields.len(), Default::default());
         let inner = ValSeed { depth: 1 };
-        for position in 0.. {
-            let slot = (position < RECENT_POSITIONS).then_some(position);
-            let key = WantedKey {
-                fields: self.fields,
-                slot,
-            };
+        let mut kept = Kept::default();
+        let key = WantedKey {
+            fields: self.fields,
+        };
+        loop {
             match entries.next_key_seed(key)? {
                 None => break,
-                Some(Some(k)) => {
+                Some(Some(i)) => {
                     let v = entries.next_value_seed(inner)?;
-                    map.insert(k, v);
+                    kept.push(self.fields, i, v);
                 }
                 Some(None) => {
                     entries.next_value::<serde::de::IgnoredAny>()?;
                 }
             }
         }
-        Ok(Val::obj(map))
+        Ok(Val::obj(kept.into_map(self.fields)))
+    }
+}
+
+/// Wanted entries of a projected object at most held before its map is built.
+const KEPT_MAX: usize = 8;
+
+/// The wanted entries of a projected object as read (the index of their key in the fields,
+/// their value), turned into its map at the end: by copying the map of an earlier object that
+/// had the same keys in the same order (its hash table included, so no key is hashed) when
+/// there is one, by inserting them otherwise.
+#[derive(Default)]
+struct Kept {
+    entries: [Option<(usize, Val)>; KEPT_MAX],
+    len: usize,
+    /// The map, once more entries came than are held.
+    map: Option<Map>,
+}
+
+thread_local! {
+    /// The keys of the last projected object whose map was built by inserting, with `null`
+    /// values: the objects of a file mostly have the same keys in the same order.
+    static SHAPE: RefCell<Map> = RefCell::new(Map::default());
+}
+
+/// The key `fields[i]`, interned.
+fn field_key(fields: &[Bytes], i: usize) -> Val {
+    let bytes = fields.get(i).map_or(&[][..], |f| &f[..]);
+    Val::utf8_str(match interned(bytes) {
+        Some(k) => Bytes::from_static(k),
+        None => Bytes::copy_from_slice(bytes),
+    })
+}
+
+impl Kept {
+    fn push(&mut self, fields: &[Bytes], i: usize, v: Val) {
+        if let Some(map) = &mut self.map {
+            map.insert(field_key(fields, i), v);
+        } else if let Some(free) = self.entries.get_mut(self.len) {
+            *free = Some((i, v));
+            self.len += 1;
+        } else {
+            let mut map = self.insert_all(fields);
+            map.insert(field_key(fields, i), v);
+            self.map = Some(map);
+        }
+    }
+
+    /// The held entries, inserted in order (the later of two equal keys wins).
+    fn insert_all(&mut self, fields: &[Bytes]) -> Map {
+        let mut map = Map::with_capacity_and_hasher(fields.len(), Default::default());
+        for (i, v) in self.entries.iter_mut().filter_map(Option::take) {
+            map.insert(field_key(fields, i), v);
+        }
+        map
+    }
+
+    fn into_map(mut self, fields: &[Bytes]) -> Map {
+        if let Some(map) = self.map.take() {
+            return map;
+        }
+        let held = &self.entries[..self.len];
+        let copied = SHAPE.with(|shape| {
+            let shape = shape.try_borrow().ok()?;
+            let same = shape.len() == held.len()
+                && shape.keys().zip(held).all(|(s, e)| match (s, e) {
+                    (Val::TStr(s), Some((i, _))) => fields.get(*i).is_some_and(|f| f[..] == s[..]),
+                    _ => false,
+                });
+            same.then(|| shape.clone())
+        });
+        if let Some(mut map) = copied {
+            // Distinct keys in the order of `map`: entry `n` is at index `n`.
+            for (n, (_, v)) in self.entries.iter_mut().filter_map(Option::take).enumerate() {
+                if let Some((_, slot)) = map.get_index_mut(n) {
+                    *slot = v;
+                }
+            }
+            return map;
+        }
+        let map = self.insert_all(fields);
+        SHAPE.with(|shape| {
+            if let Ok(mut shape) = shape.try_borrow_mut() {
+                shape.clone_from(&map);
+                shape.values_mut().for_each(|v| *v = Val::Null);
+            }
+        });
+        map
     }
 }
 
@@ -389,8 +469,13 @@ const SMALL: usize = 16;
 /// A jq value serialised as serde_json would serialise its `serde_json::Value` form.
 pub struct Json<'a>(pub &'a Val);
 
+/// `bytes` as text, invalid UTF-8 replaced (borrowed when valid: the check is cheaper than
+/// `from_utf8_lossy`'s).
 fn text(bytes: &[u8]) -> Cow<'_, str> {
-    String::from_utf8_lossy(bytes)
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 /// An object key as `from_val` turns it into a string.
@@ -420,30 +505,35 @@ impl Serialize for Json<'_> {
             }
             Val::Obj(o) => {
                 // `serde_json::Map` is a `BTreeMap`: keys sorted by their bytes, the later of
-                // two equal keys wins. Objects whose text keys are already in order (and so
-                // distinct) are written without sorting.
-                let text_key =
-                    |k: &Val| matches!(k, Val::TStr(b) if std::str::from_utf8(b).is_ok());
-                if o.len() <= SMALL && o.keys().all(text_key) {
-                    // Distinct valid UTF-8 keys: their order as text is their bytes' order, so
-                    // a few positions sorted on the stack do.
-                    let mut order = [0usize; SMALL];
-                    let order = &mut order[..o.len()];
-                    for (i, slot) in order.iter_mut().enumerate() {
-                        *slot = i;
-                    }
-                    let bytes = |i: usize| match o.get_index(i) {
-                        Some((Val::TStr(b), _)) => &b[..],
-                        _ => &[][..],
-                    };
-                    order.sort_unstable_by(|a, b| bytes(*a).cmp(bytes(*b)));
-                    let mut map = s.serialize_map(Some(o.len()))?;
-                    for i in order.iter() {
-                        if let Some((k, v)) = o.get_index(*i) {
-                            map.serialize_entry(&key_text(k), &Json(v))?;
+                // two equal keys wins. Objects whose keys are all valid UTF-8 text (and so
+                // distinct) are sorted on the stack, their text checked once.
+                if o.len() <= SMALL {
+                    let mut order = [("", 0usize); SMALL];
+                    let mut all_text = true;
+                    for ((k, _), slot) in o.iter().zip(order.iter_mut()) {
+                        match k {
+                            Val::TStr(b) => match std::str::from_utf8(b) {
+                                Ok(t) => slot.0 = t,
+                                Err(_) => all_text = false,
+                            },
+                            _ => all_text = false,
                         }
                     }
-                    return map.end();
+                    if all_text {
+                        let order = &mut order[..o.len()];
+                        for (i, slot) in order.iter_mut().enumerate() {
+                            slot.1 = i;
+                        }
+                        // The order of `str`s is their bytes' order.
+                        order.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                        let mut map = s.serialize_map(Some(o.len()))?;
+                        for (k, i) in order.iter() {
+                            if let Some((_, v)) = o.get_index(*i) {
+                                map.serialize_entry(k, &Json(v))?;
+                            }
+                        }
+                        return map.end();
+                    }
                 }
                 let mut entries: Vec<(Cow<'_, str>, &Val)> =
                     o.iter().map(|(k, v)| (key_text(k), v)).collect();
@@ -557,6 +647,72 @@ mod tests {
                 assert_eq!(parse_projected(text, &fields).expect(text), want, "{text}");
             }
         }
+    }
+
+    /// `text` parsed whole, then reduced to the top-level `fields` (the later of two equal
+    /// keys wins, as in a full parse).
+    fn reduced(text: &str, fields: &[Bytes]) -> Val {
+        match parse(text).expect(text) {
+            Val::Obj(o) => Val::obj(
+                o.iter()
+                    .filter(
+                        |(k, _)| matches!(k, Val::TStr(b) if fields.iter().any(|f| f[..] == b[..])),
+                    )
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
+
+    #[test]
+    fn projected_objects_of_changing_shapes_hold_their_own_entries() {
+        let fields: Vec<Bytes> = ["id", "user", "amount", "ok", "n", "s", "a", "b", "c", "d"]
+            .iter()
+            .map(|f| Bytes::copy_from_slice(f.as_bytes()))
+            .collect();
+        let lines = [
+            r#"{"id":1,"user":"u\"1\\","amount":1e3,"ok":true,"note":"x"}"#,
+            r#"{"id":2,"user":"\u00e9\ud83d\ude00 é ☃","amount":-0,"ok":false,"note":"y"}"#,
+            r#"{"id":18446744073709551615,"user":null,"amount":-9223372036854775808,"ok":1}"#,
+            r#"{"id":123456789012345678901234567890,"amount":1.5e-7,"ok":true}"#,
+            r#"{"ok":true,"id":3,"user":"reordered","amount":2}"#,
+            r#"{"id":4,"user":"dup","amount":1,"ok":true,"id":5}"#,
+            r#"{"id":{"nested":[1,{"id":2}],"user":"inner"},"ok":[],"user":{}}"#,
+            r#"{"tags":[1,2],"note":"nothing wanted"}"#,
+            r#"{}"#,
+            r#"{"id":6,"user":"u6","amount":6,"ok":true,"n":1,"s":"s","a":1,"b":2,"c":3,"d":4}"#,
+            r#"{"d":4,"c":3,"b":2,"a":1,"s":"s","n":1,"ok":true,"amount":6,"user":"u6","id":6,"a":9}"#,
+            r#"{"id":7,"user":"u7","amount":7,"ok":true,"note":"back to the first shape"}"#,
+            r#"[{"id":1}]"#,
+            r#""id""#,
+            "-0.0",
+            "null",
+        ];
+        // Twice, so that each shape also follows itself and every other one.
+        for round in 0..2 {
+            for text in lines {
+                let got = parse_projected(text, &fields).expect(text);
+                assert_eq!(got, reduced(text, &fields), "round {round}: {text}");
+                let (mut ours, mut full) = (Vec::new(), Vec::new());
+                write_line(&mut ours, &got);
+                write_line(&mut full, &reduced(text, &fields));
+                assert_eq!(ours, full, "{text}");
+            }
+        }
+        // The same keys in the same order as the last object, but other fields wanted.
+        let other = [Bytes::from_static(b"id"), Bytes::from_static(b"ok")];
+        let text = r#"{"id":1,"ok":true,"user":"u"}"#;
+        let _ = parse_projected(r#"{"id":0,"ok":false}"#, &fields).expect("json");
+        assert_eq!(
+            parse_projected(text, &other).expect(text),
+            reduced(text, &other)
+        );
+        let shifted = [Bytes::from_static(b"ok"), Bytes::from_static(b"id")];
+        assert_eq!(
+            parse_projected(text, &shifted).expect(text),
+            reduced(text, &shifted)
+        );
     }
 
     #[test]
