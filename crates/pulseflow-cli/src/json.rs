@@ -66,7 +66,12 @@ impl<'de> Visitor<'de> for WantedKey<'_> {
     }
 
     fn visit_str<E>(self, s: &str) -> Result<Option<usize>, E> {
-        Ok(self.fields.iter().position(|f| f[..] == *s.as_bytes()))
+        let s = s.as_bytes();
+        // Keys are short: most differ in length or first byte, without a call to `memcmp`.
+        Ok(self
+            .fields
+            .iter()
+            .position(|f| f.len() == s.len() && f.first() == s.first() && f[..] == *s))
     }
 }
 
@@ -200,28 +205,46 @@ impl Kept {
         map
     }
 
+    /// Whether `map` has the keys of the held entries, in their order.
+    fn same_keys(&self, map: &Map, fields: &[Bytes]) -> bool {
+        let held = &self.entries[..self.len];
+        map.len() == held.len()
+            && map.keys().zip(held).all(|(k, e)| match (k, e) {
+                (Val::TStr(k), Some((i, _))) => fields.get(*i).is_some_and(|f| {
+                    // The fields are interned keys (see `build::projection`), as are the
+                    // keys of maps built here.
+                    (f.as_ptr() == k.as_ptr() && f.len() == k.len()) || f[..] == k[..]
+                }),
+                _ => false,
+            })
+    }
+
+    /// `map` (whose keys are those of the held entries, in order) with their values.
+    fn fill(&mut self, mut map: Map) -> Map {
+        // Distinct keys in the order of `map`: entry `n` is at index `n`.
+        for (n, (_, v)) in self.entries.iter_mut().filter_map(Option::take).enumerate() {
+            if let Some((_, slot)) = map.get_index_mut(n) {
+                *slot = v;
+            }
+        }
+        map
+    }
+
     fn into_map(mut self, fields: &[Bytes]) -> Map {
         if let Some(map) = self.map.take() {
             return map;
         }
-        let held = &self.entries[..self.len];
+        // A map given back by `recycle`, when it has these keys (the last one given back
+        // mostly has: the objects of a file mostly have the same keys in the same order).
+        if let Some(map) = pooled(|m| self.same_keys(m, fields)) {
+            return self.fill(map);
+        }
         let copied = SHAPE.with(|shape| {
             let shape = shape.try_borrow().ok()?;
-            let same = shape.len() == held.len()
-                && shape.keys().zip(held).all(|(s, e)| match (s, e) {
-                    (Val::TStr(s), Some((i, _))) => fields.get(*i).is_some_and(|f| f[..] == s[..]),
-                    _ => false,
-                });
-            same.then(|| shape.clone())
+            self.same_keys(&shape, fields).then(|| shape.clone())
         });
-        if let Some(mut map) = copied {
-            // Distinct keys in the order of `map`: entry `n` is at index `n`.
-            for (n, (_, v)) in self.entries.iter_mut().filter_map(Option::take).enumerate() {
-                if let Some((_, slot)) = map.get_index_mut(n) {
-                    *slot = v;
-                }
-            }
-            return map;
+        if let Some(map) = copied {
+            return self.fill(map);
         }
         let map = self.insert_all(fields);
         SHAPE.with(|shape| {
@@ -231,6 +254,90 @@ impl Kept {
             }
         });
         map
+    }
+}
+
+/// Shapes (key sequences) of maps kept for reuse per thread, at most.
+const SHELVES: usize = 4;
+
+/// Maps of one shape kept for reuse per thread, at most.
+const SHELF_MAX: usize = 64;
+
+/// Maps of one shape kept for reuse.
+struct Shelf {
+    /// The keys, values `null`.
+    shape: Map,
+    maps: Vec<Map>,
+}
+
+thread_local! {
+    /// Maps of objects that were dropped, their values emptied, by shape (see [`recycle`]);
+    /// the shape seen last is at the end.
+    static POOL: RefCell<Vec<Shelf>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether two maps have the same keys in the same order.
+fn same_shape(a: &Map, b: &Map) -> bool {
+    a.len() == b.len() && a.keys().zip(b.keys()).all(|(x, y)| same_key(x, y))
+}
+
+/// Drops `value`. When it is an object that nothing else holds, with at most as many entries
+/// as a projected object is built from on the stack, its map (keys, hash table and
+/// allocations) is kept on this thread, values emptied, for the next object built here with
+/// the same keys in the same order ([`pooled`]): no key is then allocated, hashed or freed.
+/// For the stages that drop objects right after reading them: a `map` evaluated directly,
+/// a `filter` refusing an item, the encoding in front of a sink.
+pub fn recycle(value: Val) {
+    let Val::Obj(o) = value else { return };
+    let Ok(mut map) = jaq_json::Rc::try_unwrap(o) else {
+        return;
+    };
+    if map.is_empty() || map.len() > KEPT_MAX {
+        return;
+    }
+    map.values_mut().for_each(|v| *v = Val::Null);
+    POOL.with(|pool| {
+        let Ok(mut pool) = pool.try_borrow_mut() else {
+            return;
+        };
+        match pool.iter_mut().rev().find(|s| same_shape(&s.shape, &map)) {
+            Some(shelf) => {
+                if shelf.maps.len() < SHELF_MAX {
+                    shelf.maps.push(map);
+                }
+            }
+            None => {
+                // A new shape takes the place of the one that came first.
+                if pool.len() >= SHELVES {
+                    pool.remove(0);
+                }
+                let shape = map.clone();
+                pool.push(Shelf {
+                    shape,
+                    maps: vec![map],
+                });
+            }
+        }
+    });
+}
+
+/// A map given back by [`recycle`] on this thread (values all `null`) for which `fits`
+/// holds, when one of the shapes kept has it.
+pub fn pooled(fits: impl Fn(&Map) -> bool) -> Option<Map> {
+    POOL.with(|pool| {
+        let mut pool = pool.try_borrow_mut().ok()?;
+        let shelf = pool.iter_mut().rev().find(|s| fits(&s.shape))?;
+        shelf.maps.pop()
+    })
+}
+
+/// Whether two object keys are the same: the same interned text, or equal values.
+fn same_key(a: &Val, b: &Val) -> bool {
+    match (a, b) {
+        (Val::TStr(x), Val::TStr(y)) => {
+            (x.as_ptr() == y.as_ptr() && x.len() == y.len()) || x[..] == y[..]
+        }
+        _ => a == b,
     }
 }
 
@@ -713,6 +820,47 @@ mod tests {
             parse_projected(text, &shifted).expect(text),
             reduced(text, &shifted)
         );
+    }
+
+    #[test]
+    fn recycled_maps_serve_objects_of_their_shape_only() {
+        let fields: Vec<Bytes> = ["id", "user", "ok"].iter().map(|f| intern(f)).collect();
+        let lines = [
+            r#"{"id":1,"user":"a","ok":true}"#,
+            r#"{"id":2,"user":"b","ok":false,"x":0}"#,
+            r#"{"user":"c","id":3,"ok":true}"#,
+            r#"{"id":4,"ok":true}"#,
+            r#"{"id":5,"user":{"id":6,"user":"nested","ok":null},"ok":true}"#,
+            r#"{"id":7,"id":8,"user":"dup","ok":true}"#,
+            r#"{"ok":1,"user":"d","id":9}"#,
+        ];
+        let mut kept = Vec::new();
+        for round in 0..3 {
+            for (n, text) in lines.iter().enumerate() {
+                let got = parse_projected(text, &fields).expect(text);
+                assert_eq!(got, reduced(text, &fields), "round {round}: {text}");
+                // Some are dropped for reuse, some kept (shared: not reused), some dropped.
+                match n % 3 {
+                    0 => recycle(got),
+                    1 => {
+                        kept.push((got.clone(), reduced(text, &fields)));
+                        recycle(got);
+                    }
+                    _ => drop(got),
+                }
+            }
+            // Objects built by jq and maps of other shapes are given back too.
+            recycle(parse(r#"{"a":1,"b":[1,2],"c":{"d":null}}"#).expect("json"));
+            recycle(parse(r#"{"ok":true,"user":"x","id":1,"more":2}"#).expect("json"));
+        }
+        // What other holders kept is untouched.
+        for (held, want) in kept {
+            assert_eq!(held, want);
+        }
+        // A pooled map has `null` values only.
+        recycle(parse_projected(lines[0], &fields).expect("json"));
+        let any = pooled(|m| m.len() == 3).expect("a map of three keys");
+        assert!(any.values().all(|v| *v == Val::Null), "{any:?}");
     }
 
     #[test]
