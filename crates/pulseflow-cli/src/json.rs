@@ -563,11 +563,81 @@ impl<'de> Visitor<'de> for ValSeed {
     }
 }
 
-/// Appends `value` as one line of compact JSON to `buf`.
+/// Appends `value` as one line of compact JSON to `buf`: the text of [`Json`].
 pub fn write_line(buf: &mut Vec<u8>, value: &Val) {
-    // Writing into a `Vec` cannot fail, and `Json` raises no errors of its own.
-    let _ = serde_json::to_writer(&mut *buf, &Json(value));
+    write_value(buf, value);
     buf.push(b'\n');
+}
+
+/// Appends `value` as compact JSON, as [`Json`] writes it. The usual values are laid out here
+/// (objects of at most [`SMALL`] text keys, arrays, text, integers, floats), each string and
+/// number written by serde_json's serializer; the rest goes through [`Json`].
+fn write_value(buf: &mut Vec<u8>, value: &Val) {
+    // Writing into a `Vec` cannot fail, and `Json` raises no errors of its own.
+    match value {
+        Val::Null => buf.extend_from_slice(b"null"),
+        Val::Bool(true) => buf.extend_from_slice(b"true"),
+        Val::Bool(false) => buf.extend_from_slice(b"false"),
+        Val::Num(Num::Int(i)) => {
+            let _ = serde_json::Serializer::new(&mut *buf).serialize_i64(*i as i64);
+        }
+        Val::Num(Num::Float(f)) => {
+            let _ = serde_json::Serializer::new(&mut *buf).serialize_f64(*f);
+        }
+        Val::TStr(b) => match std::str::from_utf8(b) {
+            Ok(t) => write_str(buf, t),
+            Err(_) => write_json(buf, value),
+        },
+        Val::Arr(a) => {
+            buf.push(b'[');
+            for (n, v) in a.iter().enumerate() {
+                if n > 0 {
+                    buf.push(b',');
+                }
+                write_value(buf, v);
+            }
+            buf.push(b']');
+        }
+        Val::Obj(o) if o.len() <= SMALL => {
+            // Keys sorted by their bytes, as in `Json`; distinct valid UTF-8 keys (all text)
+            // are sorted on the stack.
+            let mut order = [("", &NULL); SMALL];
+            for ((k, v), slot) in o.iter().zip(order.iter_mut()) {
+                match k {
+                    Val::TStr(b) => match std::str::from_utf8(b) {
+                        Ok(t) => *slot = (t, v),
+                        Err(_) => return write_json(buf, value),
+                    },
+                    _ => return write_json(buf, value),
+                }
+            }
+            let order = &mut order[..o.len()];
+            order.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            buf.push(b'{');
+            for (n, (k, v)) in order.iter().enumerate() {
+                if n > 0 {
+                    buf.push(b',');
+                }
+                write_str(buf, k);
+                buf.push(b':');
+                write_value(buf, v);
+            }
+            buf.push(b'}');
+        }
+        _ => write_json(buf, value),
+    }
+}
+
+static NULL: Val = Val::Null;
+
+/// Appends `text` as a JSON string, escaped by serde_json.
+fn write_str(buf: &mut Vec<u8>, text: &str) {
+    let _ = serde_json::Serializer::new(&mut *buf).serialize_str(text);
+}
+
+/// Appends `value` through [`Json`].
+fn write_json(buf: &mut Vec<u8>, value: &Val) {
+    let _ = serde_json::to_writer(&mut *buf, &Json(value));
 }
 
 /// Objects with at most this many keys are sorted without allocating.
@@ -896,6 +966,40 @@ mod tests {
                 .map(|e| e.to_string());
             assert!(ours.is_some(), "{text} accepted");
             assert_eq!(ours, theirs, "{text}");
+        }
+    }
+
+    #[test]
+    fn lines_are_the_text_of_json() {
+        let bad = || Val::utf8_str(b"a\xffb".to_vec());
+        let mut values: Vec<Val> = [
+            r#"{"b":1,"a":[1.0,2.5,-0.0,1e20,12345678901234567890,-9223372036854775808],"c":{"z":null,"y":true}}"#,
+            r#"{"s":"tab\t quote\" back\\ nl\n \u0001 del\u007f é ☃","e":"","n":-7}"#,
+            r#"[[],{},[{}],"x",null,false,3.0e-7,1E+300]"#,
+        ]
+        .iter()
+        .map(|t| parse(t).expect("json"))
+        .collect();
+        values.push(bad());
+        values.push(Val::byte_str(b"bytes".to_vec()));
+        values.push(Val::obj(
+            [(bad(), Val::Null), (Val::utf8_str(b"k".to_vec()), bad())]
+                .into_iter()
+                .collect(),
+        ));
+        values.push(Val::obj(
+            [(Val::Num(Num::from_integral(1)), Val::Bool(true))]
+                .into_iter()
+                .collect(),
+        ));
+        values.push(Val::Arr(vec![bad(), Val::Num(Num::Float(f64::NAN))].into()));
+        let many: Vec<String> = (0..40).map(|i| format!("\"k{}\":{i}", 39 - i)).collect();
+        values.push(parse(&format!("{{{}}}", many.join(","))).expect("json"));
+        for v in values {
+            let mut ours = Vec::new();
+            write_line(&mut ours, &v);
+            let theirs = serde_json::to_string(&Json(&v)).expect("print") + "\n";
+            assert_eq!(String::from_utf8_lossy(&ours), theirs, "{v:?}");
         }
     }
 
