@@ -238,28 +238,29 @@ impl Fast {
         // The keys are distinct (`movable`), so entry `i` is at index `i` of `map`. A map
         // given back by a stage that dropped an object with these keys has them already
         // (values `null`): no key is allocated or hashed then.
-        let pooled = crate::json::pooled(|m| {
+        let mut out = crate::json::pooled(|m| {
             m.len() == entries.len() && m.keys().zip(entries).all(|(a, (b, _))| same_key(a, b))
+        })
+        .unwrap_or_else(|| {
+            Rc::new(Map::with_capacity_and_hasher(
+                entries.len(),
+                Default::default(),
+            ))
         });
-        let map = match pooled {
-            Some(mut map) => {
-                for (((_, f), moved), slot) in entries.iter().zip(moves).zip(map.values_mut()) {
-                    if !*moved {
-                        *slot = f.eval(input)?;
-                    }
+        // Nothing else holds a pooled map, nor a new one.
+        let map = Rc::get_mut(&mut out)?;
+        if map.len() == entries.len() {
+            for (((_, f), moved), slot) in entries.iter().zip(moves).zip(map.values_mut()) {
+                if !*moved {
+                    *slot = f.eval(input)?;
                 }
-                map
             }
-            None => {
-                let mut map = Map::with_capacity_and_hasher(entries.len(), Default::default());
-                for ((k, f), moved) in entries.iter().zip(moves) {
-                    let v = if *moved { Val::Null } else { f.eval(input)? };
-                    map.insert(k.clone(), v);
-                }
-                map
+        } else {
+            for ((k, f), moved) in entries.iter().zip(moves) {
+                let v = if *moved { Val::Null } else { f.eval(input)? };
+                map.insert(k.clone(), v);
             }
-        };
-        let mut map = map;
+        }
         let moved_keys =
             entries
                 .iter()
@@ -298,7 +299,7 @@ impl Fast {
             }
             _ => return None,
         }
-        Some(Val::obj(map))
+        Some(Val::Obj(out))
     }
 
     /// The one value the expression yields for `input`, or `None` when a primitive fails (run

@@ -148,7 +148,7 @@ impl<'de> Visitor<'de> for Projected<'_> {
                 }
             }
         }
-        Ok(Val::obj(kept.into_map(self.fields)))
+        Ok(kept.into_val(self.fields))
     }
 }
 
@@ -219,32 +219,35 @@ impl Kept {
             })
     }
 
-    /// `map` (whose keys are those of the held entries, in order) with their values.
-    fn fill(&mut self, mut map: Map) -> Map {
+    /// Gives `map` (whose keys are those of the held entries, in order) their values.
+    fn fill(&mut self, map: &mut Map) {
         // Distinct keys in the order of `map`: entry `n` is at index `n`.
         for (n, (_, v)) in self.entries.iter_mut().filter_map(Option::take).enumerate() {
             if let Some((_, slot)) = map.get_index_mut(n) {
                 *slot = v;
             }
         }
-        map
     }
 
-    fn into_map(mut self, fields: &[Bytes]) -> Map {
+    fn into_val(mut self, fields: &[Bytes]) -> Val {
         if let Some(map) = self.map.take() {
-            return map;
+            return Val::obj(map);
         }
-        // A map given back by `recycle`, when it has these keys (the last one given back
-        // mostly has: the objects of a file mostly have the same keys in the same order).
-        if let Some(map) = pooled(|m| self.same_keys(m, fields)) {
-            return self.fill(map);
+        // A map given back by `recycle`, when it has these keys (the objects of a file mostly
+        // have the same keys in the same order).
+        if let Some(mut pooled) = pooled(|m| self.same_keys(m, fields)) {
+            if let Some(map) = jaq_json::Rc::get_mut(&mut pooled) {
+                self.fill(map);
+                return Val::Obj(pooled);
+            }
         }
         let copied = SHAPE.with(|shape| {
             let shape = shape.try_borrow().ok()?;
             self.same_keys(&shape, fields).then(|| shape.clone())
         });
-        if let Some(map) = copied {
-            return self.fill(map);
+        if let Some(mut map) = copied {
+            self.fill(&mut map);
+            return Val::obj(map);
         }
         let map = self.insert_all(fields);
         SHAPE.with(|shape| {
@@ -253,7 +256,7 @@ impl Kept {
                 shape.values_mut().for_each(|v| *v = Val::Null);
             }
         });
-        map
+        Val::obj(map)
     }
 }
 
@@ -267,7 +270,8 @@ const SHELF_MAX: usize = 64;
 struct Shelf {
     /// The keys, values `null`.
     shape: Map,
-    maps: Vec<Map>,
+    /// Maps nothing else holds.
+    maps: Vec<jaq_json::Rc<Map>>,
 }
 
 thread_local! {
@@ -282,14 +286,14 @@ fn same_shape(a: &Map, b: &Map) -> bool {
 }
 
 /// Drops `value`. When it is an object that nothing else holds, with at most as many entries
-/// as a projected object is built from on the stack, its map (keys, hash table and
-/// allocations) is kept on this thread, values emptied, for the next object built here with
-/// the same keys in the same order ([`pooled`]): no key is then allocated, hashed or freed.
-/// For the stages that drop objects right after reading them: a `map` evaluated directly,
-/// a `filter` refusing an item, the encoding in front of a sink.
+/// as a projected object is built from on the stack, its map (its allocation, keys and hash
+/// table) is kept on this thread, values emptied, for the next object built here with the
+/// same keys in the same order ([`pooled`]): nothing is then allocated, hashed or freed for
+/// its keys. For the stages that drop objects right after reading them: a `map` evaluated
+/// directly, a `filter` refusing an item, the encoding in front of a sink.
 pub fn recycle(value: Val) {
-    let Val::Obj(o) = value else { return };
-    let Ok(mut map) = jaq_json::Rc::try_unwrap(o) else {
+    let Val::Obj(mut o) = value else { return };
+    let Some(map) = jaq_json::Rc::get_mut(&mut o) else {
         return;
     };
     if map.is_empty() || map.len() > KEPT_MAX {
@@ -300,10 +304,10 @@ pub fn recycle(value: Val) {
         let Ok(mut pool) = pool.try_borrow_mut() else {
             return;
         };
-        match pool.iter_mut().rev().find(|s| same_shape(&s.shape, &map)) {
+        match pool.iter_mut().rev().find(|s| same_shape(&s.shape, &o)) {
             Some(shelf) => {
                 if shelf.maps.len() < SHELF_MAX {
-                    shelf.maps.push(map);
+                    shelf.maps.push(o);
                 }
             }
             None => {
@@ -311,19 +315,19 @@ pub fn recycle(value: Val) {
                 if pool.len() >= SHELVES {
                     pool.remove(0);
                 }
-                let shape = map.clone();
+                let shape = (*o).clone();
                 pool.push(Shelf {
                     shape,
-                    maps: vec![map],
+                    maps: vec![o],
                 });
             }
         }
     });
 }
 
-/// A map given back by [`recycle`] on this thread (values all `null`) for which `fits`
-/// holds, when one of the shapes kept has it.
-pub fn pooled(fits: impl Fn(&Map) -> bool) -> Option<Map> {
+/// A map given back by [`recycle`] on this thread, that nothing else holds (values all
+/// `null`), for which `fits` holds, when one of the shapes kept has it.
+pub fn pooled(fits: impl Fn(&Map) -> bool) -> Option<jaq_json::Rc<Map>> {
     POOL.with(|pool| {
         let mut pool = pool.try_borrow_mut().ok()?;
         let shelf = pool.iter_mut().rev().find(|s| fits(&s.shape))?;
