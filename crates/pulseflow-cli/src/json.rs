@@ -7,7 +7,15 @@
 //! and numbers are read as serde_json reads them. Writing prints what serde_json would print
 //! for the value converted to a `serde_json::Value` ([`crate::jq::from_val`]): object keys
 //! sorted, numbers in serde_json's form (`17.0`, `1e20`), non-finite numbers as `null`,
-//! invalid UTF-8 replaced. Only the conversion is skipped.
+//! invalid UTF-8 replaced. Only the conversion is skipped: the usual values are laid out
+//! directly, each string and number written by serde_json's serializer.
+//!
+//! Objects are the costly part of a jq value (a shared map, a hash table, a key per entry),
+//! so their maps are reused on the thread that drops them: the stages that drop an object
+//! right after reading it hand it to [`recycle`], and an object built later on that thread
+//! with the same keys in the same order (a projected line, a direct jq object construction)
+//! takes its map over, values emptied ([`pooled`]), without allocating, hashing or freeing
+//! a key.
 
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
