@@ -7,7 +7,15 @@
 //! and numbers are read as serde_json reads them. Writing prints what serde_json would print
 //! for the value converted to a `serde_json::Value` ([`crate::jq::from_val`]): object keys
 //! sorted, numbers in serde_json's form (`17.0`, `1e20`), non-finite numbers as `null`,
-//! invalid UTF-8 replaced. Only the conversion is skipped.
+//! invalid UTF-8 replaced. Only the conversion is skipped: the usual values are laid out
+//! directly, each string and number written by serde_json's serializer.
+//!
+//! Objects are the costly part of a jq value (a shared map, a hash table, a key per entry),
+//! so their maps are reused on the thread that drops them: the stages that drop an object
+//! right after reading it hand it to [`recycle`], and an object built later on that thread
+//! with the same keys in the same order (a projected line, a direct jq object construction)
+//! takes its map over, values emptied ([`pooled`]), without allocating, hashing or freeing
+//! a key.
 
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
@@ -44,34 +52,34 @@ struct Projected<'f> {
     fields: &'f [Bytes],
 }
 
-/// An object key: `Some` (interned) when it is one of the wanted fields.
+/// An object key: `Some(i)` when it is `fields[i]`.
 #[derive(Clone, Copy)]
 struct WantedKey<'f> {
     fields: &'f [Bytes],
-    slot: Option<usize>,
 }
 
 impl<'de> DeserializeSeed<'de> for WantedKey<'_> {
-    type Value = Option<Val>;
+    type Value = Option<usize>;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Val>, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
         d.deserialize_str(self)
     }
 }
 
 impl<'de> Visitor<'de> for WantedKey<'_> {
-    type Value = Option<Val>;
+    type Value = Option<usize>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an object key")
     }
 
-    fn visit_str<E>(self, s: &str) -> Result<Option<Val>, E> {
+    fn visit_str<E>(self, s: &str) -> Result<Option<usize>, E> {
+        let s = s.as_bytes();
+        // Keys are short: most differ in length or first byte, without a call to `memcmp`.
         Ok(self
             .fields
             .iter()
-            .any(|f| f[..] == *s.as_bytes())
-            .then(|| Val::utf8_str(intern_at(self.slot, s))))
+            .position(|f| f.len() == s.len() && f.first() == s.first() && f[..] == *s))
     }
 }
 
@@ -131,26 +139,217 @@ impl<'de> Visitor<'de> for Projected<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<Val, A::Error> {
-        let mut map = Map::with_capacity_and_hasher(self.fields.len(), Default::default());
         let inner = ValSeed { depth: 1 };
-        for position in 0.. {
-            let slot = (position < RECENT_POSITIONS).then_some(position);
-            let key = WantedKey {
-                fields: self.fields,
-                slot,
-            };
+        let mut kept = Kept::default();
+        let key = WantedKey {
+            fields: self.fields,
+        };
+        loop {
             match entries.next_key_seed(key)? {
                 None => break,
-                Some(Some(k)) => {
+                Some(Some(i)) => {
                     let v = entries.next_value_seed(inner)?;
-                    map.insert(k, v);
+                    kept.push(self.fields, i, v);
                 }
                 Some(None) => {
                     entries.next_value::<serde::de::IgnoredAny>()?;
                 }
             }
         }
-        Ok(Val::obj(map))
+        Ok(kept.into_val(self.fields))
+    }
+}
+
+/// Wanted entries of a projected object at most held before its map is built.
+const KEPT_MAX: usize = 8;
+
+/// The wanted entries of a projected object as read (the index of their key in the fields,
+/// their value), turned into its map at the end: by copying the map of an earlier object that
+/// had the same keys in the same order (its hash table included, so no key is hashed) when
+/// there is one, by inserting them otherwise.
+#[derive(Default)]
+struct Kept {
+    entries: [Option<(usize, Val)>; KEPT_MAX],
+    len: usize,
+    /// The map, once more entries came than are held.
+    map: Option<Map>,
+}
+
+thread_local! {
+    /// The keys of the last projected object whose map was built by inserting, with `null`
+    /// values: the objects of a file mostly have the same keys in the same order.
+    static SHAPE: RefCell<Map> = RefCell::new(Map::default());
+}
+
+/// The key `fields[i]`, interned.
+fn field_key(fields: &[Bytes], i: usize) -> Val {
+    let bytes = fields.get(i).map_or(&[][..], |f| &f[..]);
+    Val::utf8_str(match interned(bytes) {
+        Some(k) => Bytes::from_static(k),
+        None => Bytes::copy_from_slice(bytes),
+    })
+}
+
+impl Kept {
+    fn push(&mut self, fields: &[Bytes], i: usize, v: Val) {
+        if let Some(map) = &mut self.map {
+            map.insert(field_key(fields, i), v);
+        } else if let Some(free) = self.entries.get_mut(self.len) {
+            *free = Some((i, v));
+            self.len += 1;
+        } else {
+            let mut map = self.insert_all(fields);
+            map.insert(field_key(fields, i), v);
+            self.map = Some(map);
+        }
+    }
+
+    /// The held entries, inserted in order (the later of two equal keys wins).
+    fn insert_all(&mut self, fields: &[Bytes]) -> Map {
+        let mut map = Map::with_capacity_and_hasher(fields.len(), Default::default());
+        for (i, v) in self.entries.iter_mut().filter_map(Option::take) {
+            map.insert(field_key(fields, i), v);
+        }
+        map
+    }
+
+    /// Whether `map` has the keys of the held entries, in their order.
+    fn same_keys(&self, map: &Map, fields: &[Bytes]) -> bool {
+        let held = &self.entries[..self.len];
+        map.len() == held.len()
+            && map.keys().zip(held).all(|(k, e)| match (k, e) {
+                (Val::TStr(k), Some((i, _))) => fields.get(*i).is_some_and(|f| {
+                    // The fields are interned keys (see `build::projection`), as are the
+                    // keys of maps built here.
+                    (f.as_ptr() == k.as_ptr() && f.len() == k.len()) || f[..] == k[..]
+                }),
+                _ => false,
+            })
+    }
+
+    /// Gives `map` (whose keys are those of the held entries, in order) their values.
+    fn fill(&mut self, map: &mut Map) {
+        // Distinct keys in the order of `map`: entry `n` is at index `n`.
+        for (n, (_, v)) in self.entries.iter_mut().filter_map(Option::take).enumerate() {
+            if let Some((_, slot)) = map.get_index_mut(n) {
+                *slot = v;
+            }
+        }
+    }
+
+    fn into_val(mut self, fields: &[Bytes]) -> Val {
+        if let Some(map) = self.map.take() {
+            return Val::obj(map);
+        }
+        // A map given back by `recycle`, when it has these keys (the objects of a file mostly
+        // have the same keys in the same order).
+        if let Some(mut pooled) = pooled(|m| self.same_keys(m, fields)) {
+            if let Some(map) = jaq_json::Rc::get_mut(&mut pooled) {
+                self.fill(map);
+                return Val::Obj(pooled);
+            }
+        }
+        let copied = SHAPE.with(|shape| {
+            let shape = shape.try_borrow().ok()?;
+            self.same_keys(&shape, fields).then(|| shape.clone())
+        });
+        if let Some(mut map) = copied {
+            self.fill(&mut map);
+            return Val::obj(map);
+        }
+        let map = self.insert_all(fields);
+        SHAPE.with(|shape| {
+            if let Ok(mut shape) = shape.try_borrow_mut() {
+                shape.clone_from(&map);
+                shape.values_mut().for_each(|v| *v = Val::Null);
+            }
+        });
+        Val::obj(map)
+    }
+}
+
+/// Shapes (key sequences) of maps kept for reuse per thread, at most.
+const SHELVES: usize = 4;
+
+/// Maps of one shape kept for reuse per thread, at most.
+const SHELF_MAX: usize = 64;
+
+/// Maps of one shape kept for reuse.
+struct Shelf {
+    /// The keys, values `null`.
+    shape: Map,
+    /// Maps nothing else holds.
+    maps: Vec<jaq_json::Rc<Map>>,
+}
+
+thread_local! {
+    /// Maps of objects that were dropped, their values emptied, by shape (see [`recycle`]);
+    /// the shape seen last is at the end.
+    static POOL: RefCell<Vec<Shelf>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether two maps have the same keys in the same order.
+fn same_shape(a: &Map, b: &Map) -> bool {
+    a.len() == b.len() && a.keys().zip(b.keys()).all(|(x, y)| same_key(x, y))
+}
+
+/// Drops `value`. When it is an object that nothing else holds, with at most as many entries
+/// as a projected object is built from on the stack, its map (its allocation, keys and hash
+/// table) is kept on this thread, values emptied, for the next object built here with the
+/// same keys in the same order ([`pooled`]): nothing is then allocated, hashed or freed for
+/// its keys. For the stages that drop objects right after reading them: a `map` evaluated
+/// directly, a `filter` refusing an item, the encoding in front of a sink.
+pub fn recycle(value: Val) {
+    let Val::Obj(mut o) = value else { return };
+    let Some(map) = jaq_json::Rc::get_mut(&mut o) else {
+        return;
+    };
+    if map.is_empty() || map.len() > KEPT_MAX {
+        return;
+    }
+    map.values_mut().for_each(|v| *v = Val::Null);
+    POOL.with(|pool| {
+        let Ok(mut pool) = pool.try_borrow_mut() else {
+            return;
+        };
+        match pool.iter_mut().rev().find(|s| same_shape(&s.shape, &o)) {
+            Some(shelf) => {
+                if shelf.maps.len() < SHELF_MAX {
+                    shelf.maps.push(o);
+                }
+            }
+            None => {
+                // A new shape takes the place of the one that came first.
+                if pool.len() >= SHELVES {
+                    pool.remove(0);
+                }
+                let shape = (*o).clone();
+                pool.push(Shelf {
+                    shape,
+                    maps: vec![o],
+                });
+            }
+        }
+    });
+}
+
+/// A map given back by [`recycle`] on this thread, that nothing else holds (values all
+/// `null`), for which `fits` holds, when one of the shapes kept has it.
+pub fn pooled(fits: impl Fn(&Map) -> bool) -> Option<jaq_json::Rc<Map>> {
+    POOL.with(|pool| {
+        let mut pool = pool.try_borrow_mut().ok()?;
+        let shelf = pool.iter_mut().rev().find(|s| fits(&s.shape))?;
+        shelf.maps.pop()
+    })
+}
+
+/// Whether two object keys are the same: the same interned text, or equal values.
+fn same_key(a: &Val, b: &Val) -> bool {
+    match (a, b) {
+        (Val::TStr(x), Val::TStr(y)) => {
+            (x.as_ptr() == y.as_ptr() && x.len() == y.len()) || x[..] == y[..]
+        }
+        _ => a == b,
     }
 }
 
@@ -376,11 +575,81 @@ impl<'de> Visitor<'de> for ValSeed {
     }
 }
 
-/// Appends `value` as one line of compact JSON to `buf`.
+/// Appends `value` as one line of compact JSON to `buf`: the text of [`Json`].
 pub fn write_line(buf: &mut Vec<u8>, value: &Val) {
-    // Writing into a `Vec` cannot fail, and `Json` raises no errors of its own.
-    let _ = serde_json::to_writer(&mut *buf, &Json(value));
+    write_value(buf, value);
     buf.push(b'\n');
+}
+
+/// Appends `value` as compact JSON, as [`Json`] writes it. The usual values are laid out here
+/// (objects of at most [`SMALL`] text keys, arrays, text, integers, floats), each string and
+/// number written by serde_json's serializer; the rest goes through [`Json`].
+fn write_value(buf: &mut Vec<u8>, value: &Val) {
+    // Writing into a `Vec` cannot fail, and `Json` raises no errors of its own.
+    match value {
+        Val::Null => buf.extend_from_slice(b"null"),
+        Val::Bool(true) => buf.extend_from_slice(b"true"),
+        Val::Bool(false) => buf.extend_from_slice(b"false"),
+        Val::Num(Num::Int(i)) => {
+            let _ = serde_json::Serializer::new(&mut *buf).serialize_i64(*i as i64);
+        }
+        Val::Num(Num::Float(f)) => {
+            let _ = serde_json::Serializer::new(&mut *buf).serialize_f64(*f);
+        }
+        Val::TStr(b) => match std::str::from_utf8(b) {
+            Ok(t) => write_str(buf, t),
+            Err(_) => write_json(buf, value),
+        },
+        Val::Arr(a) => {
+            buf.push(b'[');
+            for (n, v) in a.iter().enumerate() {
+                if n > 0 {
+                    buf.push(b',');
+                }
+                write_value(buf, v);
+            }
+            buf.push(b']');
+        }
+        Val::Obj(o) if o.len() <= SMALL => {
+            // Keys sorted by their bytes, as in `Json`; distinct valid UTF-8 keys (all text)
+            // are sorted on the stack.
+            let mut order = [("", &NULL); SMALL];
+            for ((k, v), slot) in o.iter().zip(order.iter_mut()) {
+                match k {
+                    Val::TStr(b) => match std::str::from_utf8(b) {
+                        Ok(t) => *slot = (t, v),
+                        Err(_) => return write_json(buf, value),
+                    },
+                    _ => return write_json(buf, value),
+                }
+            }
+            let order = &mut order[..o.len()];
+            order.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            buf.push(b'{');
+            for (n, (k, v)) in order.iter().enumerate() {
+                if n > 0 {
+                    buf.push(b',');
+                }
+                write_str(buf, k);
+                buf.push(b':');
+                write_value(buf, v);
+            }
+            buf.push(b'}');
+        }
+        _ => write_json(buf, value),
+    }
+}
+
+static NULL: Val = Val::Null;
+
+/// Appends `text` as a JSON string, escaped by serde_json.
+fn write_str(buf: &mut Vec<u8>, text: &str) {
+    let _ = serde_json::Serializer::new(&mut *buf).serialize_str(text);
+}
+
+/// Appends `value` through [`Json`].
+fn write_json(buf: &mut Vec<u8>, value: &Val) {
+    let _ = serde_json::to_writer(&mut *buf, &Json(value));
 }
 
 /// Objects with at most this many keys are sorted without allocating.
@@ -389,8 +658,13 @@ const SMALL: usize = 16;
 /// A jq value serialised as serde_json would serialise its `serde_json::Value` form.
 pub struct Json<'a>(pub &'a Val);
 
+/// `bytes` as text, invalid UTF-8 replaced (borrowed when valid: the check is cheaper than
+/// `from_utf8_lossy`'s).
 fn text(bytes: &[u8]) -> Cow<'_, str> {
-    String::from_utf8_lossy(bytes)
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 /// An object key as `from_val` turns it into a string.
@@ -420,30 +694,35 @@ impl Serialize for Json<'_> {
             }
             Val::Obj(o) => {
                 // `serde_json::Map` is a `BTreeMap`: keys sorted by their bytes, the later of
-                // two equal keys wins. Objects whose text keys are already in order (and so
-                // distinct) are written without sorting.
-                let text_key =
-                    |k: &Val| matches!(k, Val::TStr(b) if std::str::from_utf8(b).is_ok());
-                if o.len() <= SMALL && o.keys().all(text_key) {
-                    // Distinct valid UTF-8 keys: their order as text is their bytes' order, so
-                    // a few positions sorted on the stack do.
-                    let mut order = [0usize; SMALL];
-                    let order = &mut order[..o.len()];
-                    for (i, slot) in order.iter_mut().enumerate() {
-                        *slot = i;
-                    }
-                    let bytes = |i: usize| match o.get_index(i) {
-                        Some((Val::TStr(b), _)) => &b[..],
-                        _ => &[][..],
-                    };
-                    order.sort_unstable_by(|a, b| bytes(*a).cmp(bytes(*b)));
-                    let mut map = s.serialize_map(Some(o.len()))?;
-                    for i in order.iter() {
-                        if let Some((k, v)) = o.get_index(*i) {
-                            map.serialize_entry(&key_text(k), &Json(v))?;
+                // two equal keys wins. Objects whose keys are all valid UTF-8 text (and so
+                // distinct) are sorted on the stack, their text checked once.
+                if o.len() <= SMALL {
+                    let mut order = [("", 0usize); SMALL];
+                    let mut all_text = true;
+                    for ((k, _), slot) in o.iter().zip(order.iter_mut()) {
+                        match k {
+                            Val::TStr(b) => match std::str::from_utf8(b) {
+                                Ok(t) => slot.0 = t,
+                                Err(_) => all_text = false,
+                            },
+                            _ => all_text = false,
                         }
                     }
-                    return map.end();
+                    if all_text {
+                        let order = &mut order[..o.len()];
+                        for (i, slot) in order.iter_mut().enumerate() {
+                            slot.1 = i;
+                        }
+                        // The order of `str`s is their bytes' order.
+                        order.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                        let mut map = s.serialize_map(Some(o.len()))?;
+                        for (k, i) in order.iter() {
+                            if let Some((_, v)) = o.get_index(*i) {
+                                map.serialize_entry(k, &Json(v))?;
+                            }
+                        }
+                        return map.end();
+                    }
                 }
                 let mut entries: Vec<(Cow<'_, str>, &Val)> =
                     o.iter().map(|(k, v)| (key_text(k), v)).collect();
@@ -559,6 +838,113 @@ mod tests {
         }
     }
 
+    /// `text` parsed whole, then reduced to the top-level `fields` (the later of two equal
+    /// keys wins, as in a full parse).
+    fn reduced(text: &str, fields: &[Bytes]) -> Val {
+        match parse(text).expect(text) {
+            Val::Obj(o) => Val::obj(
+                o.iter()
+                    .filter(
+                        |(k, _)| matches!(k, Val::TStr(b) if fields.iter().any(|f| f[..] == b[..])),
+                    )
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
+
+    #[test]
+    fn projected_objects_of_changing_shapes_hold_their_own_entries() {
+        let fields: Vec<Bytes> = ["id", "user", "amount", "ok", "n", "s", "a", "b", "c", "d"]
+            .iter()
+            .map(|f| Bytes::copy_from_slice(f.as_bytes()))
+            .collect();
+        let lines = [
+            r#"{"id":1,"user":"u\"1\\","amount":1e3,"ok":true,"note":"x"}"#,
+            r#"{"id":2,"user":"\u00e9\ud83d\ude00 é ☃","amount":-0,"ok":false,"note":"y"}"#,
+            r#"{"id":18446744073709551615,"user":null,"amount":-9223372036854775808,"ok":1}"#,
+            r#"{"id":123456789012345678901234567890,"amount":1.5e-7,"ok":true}"#,
+            r#"{"ok":true,"id":3,"user":"reordered","amount":2}"#,
+            r#"{"id":4,"user":"dup","amount":1,"ok":true,"id":5}"#,
+            r#"{"id":{"nested":[1,{"id":2}],"user":"inner"},"ok":[],"user":{}}"#,
+            r#"{"tags":[1,2],"note":"nothing wanted"}"#,
+            r#"{}"#,
+            r#"{"id":6,"user":"u6","amount":6,"ok":true,"n":1,"s":"s","a":1,"b":2,"c":3,"d":4}"#,
+            r#"{"d":4,"c":3,"b":2,"a":1,"s":"s","n":1,"ok":true,"amount":6,"user":"u6","id":6,"a":9}"#,
+            r#"{"id":7,"user":"u7","amount":7,"ok":true,"note":"back to the first shape"}"#,
+            r#"[{"id":1}]"#,
+            r#""id""#,
+            "-0.0",
+            "null",
+        ];
+        // Twice, so that each shape also follows itself and every other one.
+        for round in 0..2 {
+            for text in lines {
+                let got = parse_projected(text, &fields).expect(text);
+                assert_eq!(got, reduced(text, &fields), "round {round}: {text}");
+                let (mut ours, mut full) = (Vec::new(), Vec::new());
+                write_line(&mut ours, &got);
+                write_line(&mut full, &reduced(text, &fields));
+                assert_eq!(ours, full, "{text}");
+            }
+        }
+        // The same keys in the same order as the last object, but other fields wanted.
+        let other = [Bytes::from_static(b"id"), Bytes::from_static(b"ok")];
+        let text = r#"{"id":1,"ok":true,"user":"u"}"#;
+        let _ = parse_projected(r#"{"id":0,"ok":false}"#, &fields).expect("json");
+        assert_eq!(
+            parse_projected(text, &other).expect(text),
+            reduced(text, &other)
+        );
+        let shifted = [Bytes::from_static(b"ok"), Bytes::from_static(b"id")];
+        assert_eq!(
+            parse_projected(text, &shifted).expect(text),
+            reduced(text, &shifted)
+        );
+    }
+
+    #[test]
+    fn recycled_maps_serve_objects_of_their_shape_only() {
+        let fields: Vec<Bytes> = ["id", "user", "ok"].iter().map(|f| intern(f)).collect();
+        let lines = [
+            r#"{"id":1,"user":"a","ok":true}"#,
+            r#"{"id":2,"user":"b","ok":false,"x":0}"#,
+            r#"{"user":"c","id":3,"ok":true}"#,
+            r#"{"id":4,"ok":true}"#,
+            r#"{"id":5,"user":{"id":6,"user":"nested","ok":null},"ok":true}"#,
+            r#"{"id":7,"id":8,"user":"dup","ok":true}"#,
+            r#"{"ok":1,"user":"d","id":9}"#,
+        ];
+        let mut kept = Vec::new();
+        for round in 0..3 {
+            for (n, text) in lines.iter().enumerate() {
+                let got = parse_projected(text, &fields).expect(text);
+                assert_eq!(got, reduced(text, &fields), "round {round}: {text}");
+                // Some are dropped for reuse, some kept (shared: not reused), some dropped.
+                match n % 3 {
+                    0 => recycle(got),
+                    1 => {
+                        kept.push((got.clone(), reduced(text, &fields)));
+                        recycle(got);
+                    }
+                    _ => drop(got),
+                }
+            }
+            // Objects built by jq and maps of other shapes are given back too.
+            recycle(parse(r#"{"a":1,"b":[1,2],"c":{"d":null}}"#).expect("json"));
+            recycle(parse(r#"{"ok":true,"user":"x","id":1,"more":2}"#).expect("json"));
+        }
+        // What other holders kept is untouched.
+        for (held, want) in kept {
+            assert_eq!(held, want);
+        }
+        // A pooled map has `null` values only.
+        recycle(parse_projected(lines[0], &fields).expect("json"));
+        let any = pooled(|m| m.len() == 3).expect("a map of three keys");
+        assert!(any.values().all(|v| *v == Val::Null), "{any:?}");
+    }
+
     #[test]
     fn projection_refuses_what_a_full_parse_refuses() {
         let fields = [Bytes::from_static(b"a")];
@@ -592,6 +978,40 @@ mod tests {
                 .map(|e| e.to_string());
             assert!(ours.is_some(), "{text} accepted");
             assert_eq!(ours, theirs, "{text}");
+        }
+    }
+
+    #[test]
+    fn lines_are_the_text_of_json() {
+        let bad = || Val::utf8_str(b"a\xffb".to_vec());
+        let mut values: Vec<Val> = [
+            r#"{"b":1,"a":[1.0,2.5,-0.0,1e20,12345678901234567890,-9223372036854775808],"c":{"z":null,"y":true}}"#,
+            r#"{"s":"tab\t quote\" back\\ nl\n \u0001 del\u007f é ☃","e":"","n":-7}"#,
+            r#"[[],{},[{}],"x",null,false,3.0e-7,1E+300]"#,
+        ]
+        .iter()
+        .map(|t| parse(t).expect("json"))
+        .collect();
+        values.push(bad());
+        values.push(Val::byte_str(b"bytes".to_vec()));
+        values.push(Val::obj(
+            [(bad(), Val::Null), (Val::utf8_str(b"k".to_vec()), bad())]
+                .into_iter()
+                .collect(),
+        ));
+        values.push(Val::obj(
+            [(Val::Num(Num::from_integral(1)), Val::Bool(true))]
+                .into_iter()
+                .collect(),
+        ));
+        values.push(Val::Arr(vec![bad(), Val::Num(Num::Float(f64::NAN))].into()));
+        let many: Vec<String> = (0..40).map(|i| format!("\"k{}\":{i}", 39 - i)).collect();
+        values.push(parse(&format!("{{{}}}", many.join(","))).expect("json"));
+        for v in values {
+            let mut ours = Vec::new();
+            write_line(&mut ours, &v);
+            let theirs = serde_json::to_string(&Json(&v)).expect("print") + "\n";
+            assert_eq!(String::from_utf8_lossy(&ours), theirs, "{v:?}");
         }
     }
 

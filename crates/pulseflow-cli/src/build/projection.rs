@@ -36,7 +36,9 @@ pub fn projection(config: &Config, source: &Component) -> Option<Projection> {
         for k in read {
             let Val::TStr(b) = k else { return false };
             if !fields.iter().any(|f| f[..] == b[..]) {
-                fields.push(Bytes::copy_from_slice(&b));
+                // The key as the jq stage holds it: interned, so the objects decoded with it
+                // and the stage share its bytes.
+                fields.push(*b);
             }
         }
         true

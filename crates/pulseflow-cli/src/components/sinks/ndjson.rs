@@ -173,7 +173,11 @@ impl Transform for Encode {
     ) -> Result<(), ItemFailure<Val>> {
         let mut text = Vec::with_capacity(64);
         crate::json::write_line(&mut text, &item.payload);
-        out.push(item.map(|_| Line(text)));
+        out.push(item.map(|value| {
+            // Its map may serve the next object built on this worker.
+            crate::json::recycle(value);
+            Line(text)
+        }));
         Ok(())
     }
 

@@ -100,14 +100,22 @@ impl Transform for JqTransform {
         match self.mode {
             Mode::Filter => match self.program.test(&item.payload) {
                 Ok(true) => out.push(item),
-                Ok(false) => {}
+                Ok(false) => {
+                    // Its map may serve the next object read on this worker.
+                    let (payload, rest) = item.into_parts();
+                    crate::json::recycle(payload);
+                    drop(rest);
+                }
                 Err(e) => return Err(ItemFailure::new(item, StageError::from_error(e))),
             },
             Mode::Map => {
                 let mut item = item;
                 // The item is dropped after this stage: its values may move into the output.
                 if let Some(v) = self.program.direct_consuming(&mut item.payload) {
-                    out.push(item.map(|_| v));
+                    out.push(item.map(|input| {
+                        crate::json::recycle(input);
+                        v
+                    }));
                     return Ok(());
                 }
                 if let Err(e) = self
