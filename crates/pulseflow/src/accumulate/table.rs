@@ -334,6 +334,7 @@ impl<K: Hash + Eq, V: Keyed<K>> ClockTable<K, V> {
     }
 
     /// The key's slot, marked used.
+    #[cfg(test)]
     #[inline]
     pub fn touch(&mut self, key: &K) -> Option<u32> {
         let (_, _, slot) = self.locate(key)?;
@@ -341,6 +342,16 @@ impl<K: Hash + Eq, V: Keyed<K>> ClockTable<K, V> {
             s.referenced = true;
         }
         Some(slot)
+    }
+
+    /// The key's slot and value, marked used: [`Self::touch`] and [`Self::get_mut`] in one
+    /// lookup of the slab (the per-item path).
+    #[inline]
+    pub fn touch_mut(&mut self, key: &K) -> Option<(u32, &mut V)> {
+        let (_, _, slot) = self.locate(key)?;
+        let s = self.slot_mut(slot)?;
+        s.referenced = true;
+        Some((slot, s.value.as_mut()?))
     }
 
     /// Inserts a value whose key is not in the table, marked used.
@@ -619,5 +630,24 @@ mod tests {
         }
         let per_shard: usize = t.index.shards.iter().map(|s| s.len).sum();
         assert_eq!(per_shard, model.len());
+    }
+
+    #[test]
+    fn touch_mut_finds_the_value_and_spares_it_from_eviction() {
+        let mut t: ClockTable<u32, u32> = ClockTable::new();
+        for k in 0..4u32 {
+            t.insert(k);
+        }
+        // The hand clears every bit on its first turn and takes key 0.
+        assert_eq!(t.evict(), Some(0));
+        let (slot, v) = t.touch_mut(&2).expect("resident");
+        assert_eq!(*v, 2);
+        assert_eq!(t.get_mut(slot).copied(), Some(2));
+        assert!(t.touch_mut(&0).is_none());
+        // Keys 1 and 3 were not used since the hand passed; 2 was.
+        assert_eq!(t.evict(), Some(1));
+        assert_eq!(t.evict(), Some(3));
+        assert_eq!(t.evict(), Some(2));
+        assert!(t.touch_mut(&2).is_none());
     }
 }

@@ -61,16 +61,19 @@ impl<A: Accumulator> AccStage<A> {
         out: &mut Vec<Envelope<A::Out>>,
         tally: &mut Tally,
     ) {
-        let slot = match self.table.touch(&key) {
-            Some(slot) => slot,
-            None => match self.enter(&item, &key, now, tally) {
-                Ok(slot) => slot,
-                Err(Some(error)) => return self.fail(ItemFailure::new(item, error), tally),
-                Err(None) => return,
-            },
-        };
-        let Some(r) = self.table.get_mut(slot) else {
-            return;
+        let (slot, r) = match self.table.touch_mut(&key) {
+            Some(found) => found,
+            None => {
+                let slot = match self.enter(&item, &key, now, tally) {
+                    Ok(slot) => slot,
+                    Err(Some(error)) => return self.fail(ItemFailure::new(item, error), tally),
+                    Err(None) => return,
+                };
+                let Some(r) = self.table.get_mut(slot) else {
+                    return;
+                };
+                (slot, r)
+            }
         };
         let a = &mut r.acc;
         if a.items == 0 {
