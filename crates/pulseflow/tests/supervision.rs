@@ -245,9 +245,14 @@ async fn a_source_at_yield_still_sends_whole_batches_and_a_sink_flushes_once_per
     );
     let r = run_in_batches_of_256(p, supervisor).await;
     assert_eq!(items.load(Ordering::Relaxed), 20_480);
-    assert_eq!(r.stage("src").and_then(|s| s.tier), Some(Tier::Yield));
+    // Both hogs reach Yield (the sink writes in chunks, below). Where each ends depends on how
+    // much of the shared clock the other's polls used up between its last polls, which the
+    // real-time busy slices decide: Yield, or Warn after one step of demotion.
+    let hogging = |tier: Option<Tier>| matches!(tier, Some(Tier::Yield | Tier::Warn));
+    let src = r.stage("src").and_then(|s| s.tier);
+    assert!(hogging(src), "{src:?}");
     let out = r.stage("out").expect("stage");
-    assert_eq!(out.tier, Some(Tier::Yield));
+    assert!(hogging(out.tier), "{:?}", out.tier);
     // Eighty batches of 256 items, whatever the tiers: the source filled each batch in steps
     // of 64, and the sink wrote each in chunks of 64 but flushed it once and counts it as one
     // batch.
