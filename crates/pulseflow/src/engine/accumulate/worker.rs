@@ -45,7 +45,7 @@ impl Slice {
 
     /// Gives way to the runtime and starts a new slice.
     pub(super) async fn give_way(&mut self) {
-        tokio::task::yield_now().await;
+        crate::engine::workers::give_way().await;
         self.since = std::time::Instant::now();
     }
 }
