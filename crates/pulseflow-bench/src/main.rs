@@ -45,6 +45,10 @@ pub struct CommonOpts {
     /// `ndjson`: workers decoding the file source's lines (its `parallelism`; default 1).
     #[arg(long)]
     pub decode_workers: Option<usize>,
+    /// `accumulate`: workers of the accumulator stage, keys partitioned by hash (its
+    /// `parallelism`; default 1).
+    #[arg(long)]
+    pub acc_workers: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]

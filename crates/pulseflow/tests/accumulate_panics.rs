@@ -16,6 +16,9 @@ enum Site {
     Key,
     Create,
     Update,
+    /// `state_size` of the bad key's state after its first item, the second time it is
+    /// asked: that is before the key's second update, which has not taken its item yet.
+    StateSize,
     Check,
     Flush,
     Encode,
@@ -29,6 +32,19 @@ struct Panicky {
     site: Site,
     bad: u32,
     at: u64,
+    /// Times `state_size` saw the bad key's state after its first item.
+    sized: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Default for Panicky {
+    fn default() -> Self {
+        Self {
+            site: Site::Key,
+            bad: u32::MAX,
+            at: u64::MAX,
+            sized: Default::default(),
+        }
+    }
 }
 
 impl Panicky {
@@ -63,6 +79,19 @@ impl Accumulator for Panicky {
         if item.payload.1 == self.at {
             self.boom(Site::Update, item.payload.0);
         }
+    }
+
+    fn state_size(&self, state: &(u64, u64)) -> usize {
+        if self.site == Site::StateSize
+            && *state == (1, u64::from(self.bad))
+            && self
+                .sized
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                == 1
+        {
+            panic!("StateSize of key {}", self.bad);
+        }
+        std::mem::size_of::<(u64, u64)>()
     }
 
     fn check(
@@ -183,6 +212,7 @@ fn panic_in_update_is_dead_lettered_and_drops_the_key() {
             site: Site::Update,
             bad: 3,
             at: 13,
+            ..Default::default()
         },
         ErrorPolicy::DeadLetter,
         None,
@@ -208,29 +238,59 @@ fn panic_in_update_is_dead_lettered_and_drops_the_key() {
     assert!(dl[0].payload.is_none(), "update consumed the item");
 }
 
+/// Runs `acc` (failing on key `acc.bad`) under `DeadLetter` with one and two workers: every
+/// other key emits as usual, the bad key emits `(items, sum)`, and exactly one item is
+/// dead-lettered: it is returned, of each run.
+fn one_dead_letter(acc: Panicky, bad_out: (u64, u64)) -> Vec<pulseflow::DeadLetter> {
+    [1, 2]
+        .into_iter()
+        .map(|workers| {
+            let bad = acc.bad;
+            let acc = Panicky {
+                sized: Default::default(),
+                ..acc.clone()
+            };
+            let o = run(acc, ErrorPolicy::DeadLetter, None, workers);
+            assert!(o.result.success, "{:?}", o.result.error);
+            checked(&o.result);
+            let mut expected = all_but(bad);
+            expected.push((bad, bad_out.0, bad_out.1));
+            expected.sort_unstable();
+            assert_eq!(o.out, expected, "{workers} workers");
+            let mut dl = o.result.dead_letters;
+            assert_eq!(dl.len(), 1, "{workers} workers");
+            dl.remove(0)
+        })
+        .collect()
+}
+
+#[test]
+fn panic_in_state_size_before_update_fails_the_item_it_was_about_to_take() {
+    // Sizing key 3's state before item 13 went in panicked: item 13 fails (once: the stage
+    // goes on with item 14, not with 13 again), the key is dropped with item 3 absorbed, and
+    // items 23 and 33 start a new state.
+    let acc = Panicky {
+        site: Site::StateSize,
+        bad: 3,
+        ..Default::default()
+    };
+    for dl in one_dead_letter(acc, (2, 23 + 33)) {
+        assert_eq!(dl.seq, 13);
+        assert!(dl.error.contains("StateSize of key 3"), "{}", dl.error);
+    }
+}
+
 #[test]
 fn panic_in_key_is_dead_lettered_with_its_payload() {
-    for workers in [1, 2] {
-        let o = run(
-            Panicky {
-                site: Site::Key,
-                bad: 5,
-                at: 25,
-            },
-            ErrorPolicy::DeadLetter,
-            None,
-            workers,
-        );
-        assert!(o.result.success, "{:?}", o.result.error);
-        checked(&o.result);
-        let mut expected = all_but(5);
-        expected.push((5, 3, 5 + 15 + 35));
-        expected.sort_unstable();
-        assert_eq!(o.out, expected, "{workers} workers");
-        let dl = &o.result.dead_letters;
-        assert_eq!(dl.len(), 1);
-        assert_eq!(dl[0].payload::<(u32, u64)>(), Some(&(5, 25)));
-        assert!(dl[0].error.contains("Key of key 5"), "{}", dl[0].error);
+    let acc = Panicky {
+        site: Site::Key,
+        bad: 5,
+        at: 25,
+        ..Default::default()
+    };
+    for dl in one_dead_letter(acc, (3, 5 + 15 + 35)) {
+        assert_eq!(dl.payload::<(u32, u64)>(), Some(&(5, 25)));
+        assert!(dl.error.contains("Key of key 5"), "{}", dl.error);
     }
 }
 
@@ -241,6 +301,7 @@ fn panic_in_create_fails_the_item_only() {
             site: Site::Create,
             bad: 7,
             at: u64::MAX,
+            ..Default::default()
         },
         ErrorPolicy::DeadLetter,
         None,
@@ -265,6 +326,7 @@ fn panic_in_check_under_fail_ends_the_run_with_the_stage() {
             site: Site::Check,
             bad: 2,
             at: 12,
+            ..Default::default()
         },
         ErrorPolicy::Fail,
         None,
@@ -290,6 +352,7 @@ fn panic_in_flush_under_ignore_is_counted() {
             site: Site::Flush,
             bad: 10,
             at: u64::MAX,
+            ..Default::default()
         },
         ErrorPolicy::Ignore,
         None,
@@ -314,6 +377,7 @@ fn panics_in_spill_encoding_and_decoding_lose_only_that_key() {
                 site,
                 bad: 1,
                 at: 0,
+                ..Default::default()
             },
             ErrorPolicy::DeadLetter,
             Some(256),

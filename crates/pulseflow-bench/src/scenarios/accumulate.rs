@@ -110,13 +110,14 @@ fn pipeline(
             "updates",
             sources::iter((0..n).map(move |i| (key_of(i, n, keys), i))),
         )
-        .accumulate(
+        .accumulate_with(
             "count-sum",
-            CountSum,
+            || CountSum,
             AccumulatorPolicy::default()
                 .with_partial_flush(true)
                 .with_spill(spill),
         )
+        .parallelism(ParallelismHint::Fixed(opts.acc_workers.unwrap_or(1)))
         .sink(
             "out",
             sink_fn(move |(k, c, s): (u32, u64, u64)| {
@@ -405,14 +406,20 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
     // The spill run goes first, so its peak RSS is its own and not what the allocator kept
     // from the in-memory run (glibc keeps freed memory of other threads' arenas). Its budget
     // is a tenth of the in-memory state, sized from a small run (the state per key is fixed)
-    // and checked against the full in-memory run afterwards.
+    // and checked against the full in-memory run afterwards. The sample runs on one worker:
+    // with several, each holds its keys until its own end of input, so the peak of a run
+    // that short may miss some.
     let sample_keys = 1000;
+    let one_worker = CommonOpts {
+        acc_workers: None,
+        ..opts.clone()
+    };
     let sample = pipeline(
         sample_keys * 10,
         sample_keys,
         MemoryBudget::unlimited(),
         false,
-        opts,
+        &one_worker,
     )?;
     let per_key = sample.state_peak / sample_keys;
     let budget = (per_key * keys / 10).max(1);
@@ -438,9 +445,11 @@ pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
         if mem.check != base_check {
             return Err("in-memory outputs differ from the baseline".into());
         }
-        if mem.state_peak / 10 != budget {
+        // Exactly ten times on one worker; with several, within 5 % (their tables grow
+        // apart).
+        if (mem.state_peak / 10).abs_diff(budget) > budget / 20 {
             return Err(format!(
-                "in-memory state {} B is not ten times the spill budget {budget} B",
+                "in-memory state {} B is not about ten times the spill budget {budget} B",
                 mem.state_peak
             )
             .into());
