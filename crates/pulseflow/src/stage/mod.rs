@@ -221,13 +221,20 @@ impl<T> SourceOutput<T> {
     pub fn extend_from<I: Iterator<Item = T>>(&mut self, iter: &mut I) -> usize {
         let room = self.remaining();
         let before = self.items.len();
+        self.items.reserve(room);
+        // A plain loop over locals: through `extend` and `map`, the sequence number and the
+        // count taken lived behind the adapters' references and went to memory and back for
+        // every item.
         let mut seq = self.next_seq;
         let now = self.now;
-        self.items.extend(iter.take(room).map(|payload| {
-            let env = Envelope::new(payload).with_seq(seq).with_timestamp(now);
+        for _ in 0..room {
+            let Some(payload) = iter.next() else {
+                break;
+            };
+            self.items
+                .push(Envelope::new(payload).with_seq(seq).with_timestamp(now));
             seq += 1;
-            env
-        }));
+        }
         self.next_seq = seq;
         self.filled.store(self.items.len(), Ordering::Relaxed);
         self.items.len() - before
