@@ -375,7 +375,7 @@ fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
 }
 
 /// In-memory runs, each paired with a baseline run just before it.
-const MEM_ROUNDS: usize = 3;
+const MEM_ROUNDS: usize = 7;
 
 pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
     let (n, keys) = if opts.quick {

@@ -284,7 +284,7 @@ fn timely_run(n: u64, workers: usize) -> Result<(Duration, u64), String> {
 /// Runs the scenario.
 pub fn run(opts: &CommonOpts) -> Result<Report, Box<dyn std::error::Error>> {
     let n: u64 = if opts.quick { 2_000_000 } else { 10_000_000 };
-    let rounds = if opts.quick { 3 } else { 5 };
+    let rounds = 5;
     let workers: usize = std::env::var("PF_WORKERS")
         .ok()
         .and_then(|v| v.parse().ok())
